@@ -1,0 +1,24 @@
+"""Seeded random baseline."""
+
+import torch
+from einops import repeat
+from torch import Tensor
+
+from tokenprune.registry import register
+from tokenprune.strategy import ScoringContext, ScoringStrategy
+
+
+@register("random")
+class RandomScores(ScoringStrategy):
+    """Seeded random baseline: one random ranking of patch positions, the same for every image.
+
+    The same ranking for every image keeps results independent of batching and reproducible from
+    `seed`; vary `seed` to average over draws.
+    """
+
+    seed: int = 0
+
+    def score(self, ctx: ScoringContext) -> Tensor:
+        b, n = ctx.tokens.shape[:2]
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(self.seed))
+        return repeat(scores.to(ctx.tokens.device), "n -> b n", b=b)

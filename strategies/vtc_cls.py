@@ -1,0 +1,48 @@
+"""VTC-CLS, single layer (arXiv 2412.05819)."""
+
+from torch import Tensor
+
+from tokenprune.errors import SignalError
+from tokenprune.registry import register
+from tokenprune.signals import ClsAttention, Signal
+from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy
+
+
+def require_cls(name: str, info: ModelInfo) -> None:
+    """Refuse clearly on encoders without a [CLS] token (no silent fallback)."""
+    if not info.has_cls:
+        raise SignalError(
+            f"{name!r} scores tokens by [CLS] attention, but this model's vision encoder has no "
+            "[CLS] token; use a scorer that needs none (e.g. random) or a score-free selector "
+            "(e.g. uniform)"
+        )
+
+
+@register("vtc-cls")
+class VTCCLS(ScoringStrategy):
+    """VTC-CLS (arXiv 2412.05819): keep the tokens the [CLS] query attends to most, one layer.
+
+    Score of a patch = post-softmax attention of [CLS] on it, mean over heads, in vision block
+    `layer` (Python index; default `None`: the block whose output the projector uses, the
+    penultimate for LLaVA-1.5). Paired with `topk`; kept tokens return to raster order.
+    """
+
+    layer: int | None = None
+
+    def block(self, info: ModelInfo) -> int:
+        """The non-negative vision block this scorer reads."""
+        require_cls(self.name, info)
+        if self.layer is not None:
+            return info.vision_block(self.layer)
+        if info.feature_layer is None:
+            raise SignalError(
+                "the projector reads the patch embeddings, which no attention block produced; "
+                "give vtc-cls an explicit layer, e.g. vtc-cls(layer=-1)"
+            )
+        return info.feature_layer
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        return (ClsAttention(layer=self.block(info)),)
+
+    def score(self, ctx: ScoringContext) -> Tensor:
+        return ctx[ClsAttention(layer=self.block(ctx.info))]

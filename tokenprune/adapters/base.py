@@ -1,0 +1,82 @@
+"""The adapter contract: everything model-specific lives behind it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import PlaceError, UnsupportedModelError
+from ..execute import required_signals
+from ..pipeline import Pipeline
+from ..registry import list_adapters
+from ..strategy import ModelInfo
+
+if TYPE_CHECKING:
+    from ..apply import Run
+
+
+class ModelAdapter(ABC):
+    """Applies a pipeline to one family of Hugging Face models.
+
+    An adapter knows where the vision tower, projector and LLM layers are, how image tokens sit in
+    the inputs, how to rebuild embeddings, masks, positions and the KV cache after a stage, and how
+    to compute the signals scorers ask for cheaply. It installs only removable hooks.
+
+    Class attributes:
+        model_class: the model class name(s) it supports, for messages.
+        places: the place kinds it can run stages at.
+    """
+
+    name: ClassVar[str] = ""
+    model_class: ClassVar[str] = ""
+    places: ClassVar[tuple[str, ...]] = ("projector",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this adapter can drive `model`."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Model facts strategies may use (depths, feature layer, [CLS], patch grid)."""
+
+    @abstractmethod
+    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+        """Install the hooks that run `pipeline`, recording into `run`; return their handles."""
+
+    def check(self, pipeline: Pipeline) -> None:
+        """Refuse, before any forward, a pipeline this adapter cannot run.
+
+        Raises:
+            PlaceError: a stage at a place this adapter does not support.
+            SignalError: a scorer needs a signal this model cannot provide.
+        """
+        for stage in pipeline.stages:
+            if stage.place.kind not in self.places:
+                raise PlaceError(
+                    f"stage {stage.to_spec()!r} runs at {stage.at}, which the {self.name!r} adapter "
+                    f"does not support; supported places: {', '.join(self.places)}"
+                )
+        required_signals(list(pipeline.stages), self.info())
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter:
+    """The registered adapter for `model`.
+
+    Raises:
+        UnsupportedModelError: no adapter supports it (the message lists the supported classes).
+    """
+    adapters = list_adapters()
+    for entry in adapters.values():
+        if entry.cls.supports(model):
+            return entry.cls(model)
+    supported = ", ".join(f"{e.cls.model_class} ({name})" for name, e in adapters.items())
+    raise UnsupportedModelError(
+        f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}"
+    )

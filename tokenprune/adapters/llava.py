@@ -1,0 +1,251 @@
+"""LLaVA-1.5 adapter (`LlavaForConditionalGeneration`): CLIP-style tower with [CLS], MLP projector,
+decoder-only LLM; each image is a block of placeholder tokens in `input_ids`."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import InputError, SignalError
+from ..execute import required_signals, run_stage
+from ..pipeline import Pipeline
+from ..registry import register_adapter
+from ..signals import ClsAttention
+from ..strategy import ModelInfo
+from ..trace import ForwardRecord, StageRecord
+from .base import ModelAdapter
+from .sequence import POSITION_MODES, Compaction, compact
+from .vision import ClsAttentionProbe
+
+if TYPE_CHECKING:
+    from ..apply import Run
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    """What later forwards of the same generation need to know about a compressed prefill."""
+
+    compaction: Compaction
+    attention_mask: Tensor | None  # [B, P'] as given to the LLM
+    position_shift: Tensor  # [B]
+
+
+def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    return getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+
+
+def _has_cls(vision_tower: nn.Module) -> bool:
+    embeddings = getattr(vision_tower, "vision_model", vision_tower).embeddings
+    return getattr(embeddings, "class_embedding", None) is not None
+
+
+@register_adapter("llava")
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes the tower's features before the projector."""
+
+    model_class: ClassVar[str] = "LlavaForConditionalGeneration"
+    places: ClassVar[tuple[str, ...]] = ("projector",)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        from transformers import LlavaForConditionalGeneration
+
+        return isinstance(model, LlavaForConditionalGeneration)
+
+    def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
+        super().__init__(model)
+        if positions not in POSITION_MODES:
+            raise InputError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
+        self.positions = positions
+        self.core = model.model
+        self.config = model.config
+        self._forward_params = list(inspect.signature(self.core.forward).parameters)
+        self._prefill: _Prefill | None = None
+        self._pipeline: Pipeline | None = None
+        self._run: Run | None = None
+
+    def info(self, vision_feature_layer: int | list[int] | None = None) -> ModelInfo:
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        depth = len(_encoder_layers(self.core.vision_tower))
+        # hidden_states[h] is the output of block h - 1 (hidden_states[0]: the embeddings)
+        blocks = [(h % (depth + 1)) - 1 for h in ([layer] if isinstance(layer, int) else layer)]
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return ModelInfo(
+            vision_layers=depth,
+            feature_layer=max(blocks) if max(blocks) >= 0 else None,
+            has_cls=_has_cls(self.core.vision_tower),
+            grid=(side, side),
+            llm_layers=self.config.text_config.num_hidden_layers,
+        )
+
+    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+        self._pipeline, self._run, self._prefill = pipeline, run, None
+        return [
+            self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+            self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
+        ]
+
+    @staticmethod
+    def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
+            raise InputError(
+                "labels are not supported inside tokenprune.apply: the LLM sees a shorter sequence "
+                "than the labels describe; compute losses outside the context"
+            )
+
+    def _before_core(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        kw = dict(zip(self._forward_params, args)) | kwargs
+        cache = kw.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if kw.get("pixel_values") is not None:
+            if kw.get("input_ids") is None:
+                raise InputError(
+                    "with images, tokenprune needs input_ids holding the image placeholder tokens "
+                    "(as the processor builds them), not inputs_embeds"
+                )
+            if past:
+                raise InputError("images after the first chunk of a cached prompt are not supported")
+            return (), self._compress_prefill(kw)
+        if self._prefill is not None and past > 0:
+            return (), self._continue(kw, past)
+        self._prefill = None
+        return None
+
+    @contextmanager
+    def _pruning_projector_input(self, info: ModelInfo, probe: ClsAttentionProbe, strategy: str,
+                                 out: dict[str, Any]):
+        """While active, the projector receives pruned features; provenance goes to `out`."""
+
+        def prune(module: nn.Module, args: tuple) -> tuple:
+            features = args[0]  # [I, N(+1), D]
+            cls_token = features[:, :1] if strategy == "full" else None
+            tokens = features[:, 1:] if strategy == "full" else features
+            signals = {ClsAttention(layer=layer): row for layer, row in probe.rows.items()}
+            origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            records = []
+            for stage in self._pipeline.stages:
+                n_in = tokens.shape[1]
+                reduction = run_stage(stage, tokens, info, signals)
+                origin = origin.gather(1, reduction.index)
+                weights = reduction.weights
+                records.append((stage, n_in, reduction.k, origin, weights))
+                tokens = reduction.tokens
+            slots = origin
+            if cls_token is not None:
+                tokens = torch.cat([cls_token, tokens], dim=1)
+                slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
+            out.update(records=records, slots=slots, block=features.shape[1])
+            return (tokens,) + tuple(args[1:])
+
+        handle = self.core.multi_modal_projector.register_forward_pre_hook(prune)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _compress_prefill(self, kw: dict[str, Any]) -> dict[str, Any]:
+        input_ids: Tensor = kw["input_ids"]
+        layer = kw.get("vision_feature_layer")
+        layer = self.config.vision_feature_layer if layer is None else layer
+        strategy = kw.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        info = self.info(layer)
+        signals = required_signals(list(self._pipeline.stages), info)
+        unknown = [s for s in signals if not isinstance(s, ClsAttention)]
+        if unknown:
+            raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
+        encoder = _encoder_layers(self.core.vision_tower)
+        probe = ClsAttentionProbe({s.layer: encoder[s.layer].self_attn for s in signals})
+        extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
+        pruned: dict[str, Any] = {}
+        with probe, self._pruning_projector_input(info, probe, strategy, pruned):
+            outputs = self.core.get_image_features(
+                pixel_values=kw["pixel_values"], vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, return_dict=True, **extra,
+            )
+        features = getattr(outputs, "pooler_output", outputs)
+        features = torch.cat(list(features), dim=0) if isinstance(features, list | tuple) else features
+        features = features.reshape(-1, features.shape[-1])
+
+        slots, block = pruned["slots"], pruned["block"]
+        image_mask = input_ids == self.config.image_token_id
+        n_images = slots.shape[0]
+        if int(image_mask.sum()) != n_images * block:
+            raise InputError(
+                f"the prompt holds {int(image_mask.sum())} image tokens but {n_images} image(s) need "
+                f"{n_images * block} ({block} each); build inputs with the model's processor"
+            )
+        slot_keep = torch.zeros(n_images, block, dtype=torch.bool, device=input_ids.device)
+        slot_keep.scatter_(1, slots.to(input_ids.device), True)
+        keep = ~image_mask
+        keep[image_mask] = slot_keep.flatten()
+        comp = compact(keep)
+
+        new_ids = comp.gather(input_ids)
+        embeds = self.core.get_input_embeddings()(new_ids)
+        new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
+        features = features.to(embeds.device, embeds.dtype)
+        embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
+        mask = comp.attention_mask(kw.get("attention_mask"))
+        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
+
+        image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
+        self._run.record(ForwardRecord(
+            stages=[
+                StageRecord(
+                    stage=stage.to_spec(), at=stage.at, tokens_in=n_in, tokens_out=k,
+                    kept=[row.cpu() for row in origin],
+                    weights=None if weights is None else [w.cpu() for w in weights],
+                    image_sample=image_sample,
+                )
+                for stage, n_in, k, origin, weights in pruned["records"]
+            ],
+            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+        ))
+
+        kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
+                  position_ids=comp.positions(kw.get("position_ids"), self.positions))
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
+        return kw
+
+    def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
+        """Map a later forward of the same generation (original frame) onto the compressed cache."""
+        state = self._prefill
+        comp = state.compaction
+        step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
+        batch = comp.source.shape[0]
+        generated = past - comp.length_out
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise InputError("tokenprune needs 2D attention masks (static/compiled caches are not supported yet)")
+            expected = comp.length_in + generated + step
+            if mask.shape[1] != expected:
+                raise InputError(
+                    f"this forward continues a cache of {past} tokens, but its attention mask has "
+                    f"{mask.shape[1]} columns where {expected} were expected: continue a compressed "
+                    "prefill with the original prompt's mask extended by the new tokens"
+                )
+            prefix = state.attention_mask if state.attention_mask is not None else mask.new_ones(batch, comp.length_out)
+            kw["attention_mask"] = torch.cat([prefix.to(mask.dtype), mask[:, comp.length_in:]], dim=1)
+        elif state.attention_mask is not None:
+            tail = state.attention_mask.new_ones(batch, generated + step)
+            kw["attention_mask"] = torch.cat([state.attention_mask, tail], dim=1)
+        position_ids = kw.get("position_ids")
+        if position_ids is not None:
+            kw["position_ids"] = position_ids - state.position_shift.to(position_ids.device)[:, None]
+        elif self.positions == "original":
+            offset = past + comp.length_in - comp.length_out
+            kw["position_ids"] = (torch.arange(step, device=comp.source.device) + offset).expand(batch, -1)
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = kw["cache_position"] - (comp.length_in - comp.length_out)
+        return kw

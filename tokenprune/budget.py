@@ -1,0 +1,56 @@
+"""Budgets: how many tokens a stage keeps, as a count `k` or a ratio of the tokens reaching it."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import BudgetError
+
+Budget = int | float
+
+
+def check_budget(budget: object) -> Budget:
+    """Validate a budget's form: an int `k >= 1`, or a float ratio in `(0, 1]`.
+
+    Raises:
+        BudgetError: for booleans, non-numbers, `k < 1`, or a ratio outside `(0, 1]`.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise BudgetError(
+            f"budget must be an int k >= 1 or a float ratio in (0, 1], got {budget!r}"
+        )
+    if isinstance(budget, int):
+        if budget < 1:
+            raise BudgetError(
+                f"budget {budget} keeps no tokens; use an int k >= 1 or a float ratio in (0, 1]"
+            )
+        return budget
+    if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise BudgetError(
+            f"budget ratio {budget!r} is outside (0, 1]; use a ratio such as 0.25, or an int k >= 1"
+        )
+    return budget
+
+
+def resolve_budget(budget: Budget, n: int, where: str = "stage") -> int:
+    """The number of tokens to keep out of `n`.
+
+    A ratio keeps `round(ratio * n)` tokens (halves rounded up), at least 1.
+
+    Raises:
+        BudgetError: an int `k` larger than `n`.
+    """
+    check_budget(budget)
+    if isinstance(budget, int):
+        if budget > n:
+            raise BudgetError(
+                f"budget {budget} exceeds the {n} tokens that reach {where}; "
+                f"use an int k <= {n} or a ratio in (0, 1]"
+            )
+        return budget
+    return max(1, min(n, math.floor(budget * n + 0.5)))
+
+
+def format_budget(budget: Budget) -> str:
+    """The spec form of a budget: `64` or `0.25` (a ratio always shows its decimal point)."""
+    return str(budget) if isinstance(budget, int) else repr(float(budget))

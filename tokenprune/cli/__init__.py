@@ -1,0 +1,1 @@
+"""The `tokenprune` command line."""

@@ -1,0 +1,41 @@
+"""Running one stage on a batch of visual tokens: score, then select. Model-agnostic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from .budget import resolve_budget
+from .errors import ScoreError
+from .pipeline import Stage
+from .reduction import Reduction
+from .signals import Signal
+from .strategy import ModelInfo, ScoringContext
+
+
+def run_stage(
+    stage: Stage, tokens: Tensor, info: ModelInfo, signals: Mapping[Signal, Tensor]
+) -> Reduction:
+    """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance.
+
+    Raises:
+        BudgetError: the budget does not fit the `N` tokens reaching the stage.
+        ScoreError: the scorer returned scores of the wrong shape or with NaN.
+    """
+    n = tokens.shape[1]
+    k = resolve_budget(stage.budget, n, where=f"stage {stage.to_spec()!r} at {stage.at}")
+    scores = None
+    if stage.scorer is not None:
+        scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))
+        if scores.shape != tokens.shape[:2]:
+            raise ScoreError(
+                f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
+                f"expected [B, N] = {list(tokens.shape[:2])}"
+            )
+    return stage.selector.reduce(tokens, scores, k, info.grid)
+
+
+def required_signals(stages: list[Stage], info: ModelInfo) -> set[Signal]:
+    """Every signal the scorers of `stages` ask for."""
+    return {sig for s in stages if s.scorer is not None for sig in s.scorer.signals(info)}

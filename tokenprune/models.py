@@ -1,0 +1,57 @@
+"""Loading models and processors by path or hub id, and building prompts for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TokenpruneError
+
+DEMO = "demo"
+
+
+class ModelLoadError(TokenpruneError):
+    """A model or processor that could not be loaded."""
+
+
+def demo_path() -> Path:
+    """Directory of the demo checkpoint shipped inside the package."""
+    return Path(__file__).parent / "demo" / "checkpoint"
+
+
+def resolve(model: str) -> str:
+    """`"demo"` becomes the bundled checkpoint's path; anything else is a path or hub id."""
+    return str(demo_path()) if model == DEMO else model
+
+
+def load(model: str, device: str = "cpu", dtype: str | None = None) -> tuple[nn.Module, Any]:
+    """Load `(model, processor)` with plain `transformers` (`from_pretrained`), in eval mode.
+
+    Raises:
+        ModelLoadError: the path or id does not hold a loadable image-text model and processor.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = resolve(model)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else "auto")
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {model!r} ({source}): {first}") from None
+    return loaded.to(device).eval(), processor
+
+
+def build_prompt(processor: Any, question: str, n_images: int = 1) -> str:
+    """The model's chat prompt for `question` about `n_images` images (LLaVA-1.5 style fallback)."""
+    if "<image>" in question:
+        return question
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return "USER: " + "<image>\n" * n_images + f"{question} ASSISTANT:"

@@ -1,0 +1,43 @@
+"""The result of a selector: fewer tokens and where each came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """`k` output tokens per image and their provenance.
+
+    Attributes:
+        tokens: `[B, k, D]` the output tokens.
+        index: `[B, k]` long, ascending per row: each output's representative input token (the kept
+            token itself for a drop; for a merge, the input token whose position the output takes).
+        weights: `[B, k, N]` provenance weights, each row summing to 1, or `None` for a pure drop
+            (one-hot at `index`).
+    """
+
+    tokens: Tensor
+    index: Tensor
+    weights: Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        """Number of output tokens per image."""
+        return self.index.shape[1]
+
+    def dense_weights(self, n: int) -> Tensor:
+        """Provenance as `[B, k, N]` weights (one-hot rows for a pure drop)."""
+        if self.weights is not None:
+            return self.weights
+        one_hot = torch.zeros(*self.index.shape, n, dtype=torch.float32, device=self.index.device)
+        return one_hot.scatter_(-1, self.index.unsqueeze(-1), 1.0)
+
+    @staticmethod
+    def drop(tokens: Tensor, index: Tensor) -> Reduction:
+        """Keep the tokens at `index` (`[B, k]`, ascending) of `tokens` (`[B, N, D]`)."""
+        gathered = torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return Reduction(tokens=gathered, index=index)

@@ -1,0 +1,36 @@
+"""Signals: the inputs a scorer asks an adapter to compute during the forward.
+
+A signal is a small frozen pydantic model, hashable, so a scorer's request and the adapter's answer
+meet in a dict. Adapters compute only the signals the pipeline asks for, and say clearly which ones
+they cannot provide.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Signal(BaseModel):
+    """Base of every signal; subclasses are frozen value objects."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClsAttention(Signal):
+    """Post-softmax attention of the [CLS] query on each patch key in one vision-encoder block.
+
+    Averaged over heads (unweighted); the [CLS]->[CLS] entry is excluded, so the value is `[B, N]`
+    over the `N` patch tokens (softmax taken over all `N + 1` keys). `layer` is a non-negative block
+    index into the encoder's layers.
+    """
+
+    layer: int = Field(ge=0)
+
+
+class TextAttention(Signal):
+    """Attention that visual tokens receive inside the LLM at decoder layer `layer`.
+
+    `query="last"`: the row of the last prompt token; `query="mean"`: mean over every query token.
+    Averaged over heads; value `[B, N]` over the visual tokens reaching the stage.
+    """
+
+    layer: int = Field(ge=0)
+    query: str = "last"

@@ -1,0 +1,149 @@
+"""The spec string grammar, the CLI's short form of a pipeline.
+
+```
+pipeline := stage (">" stage)*
+stage    := strategy ["+" strategy] "@" budget ["@" place]
+strategy := NAME ["(" key=value ("," key=value)* ")"]
+budget   := INT | FLOAT           # 64 keeps 64 tokens, 0.25 keeps a quarter, 1.0 keeps all
+place    := "projector" | "llm:" INT | "vision:" INT
+```
+Values are Python literals (`3`, `-0.5`, `'last'`, `[-2, -6, -10]`, `True`). Examples:
+`vtc-cls@64`, `vtc-cls-ensemble(layers=[-2,-6,-10])@0.25`, `vtc-cls+topk@192 > fastv@64@llm:2`.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+
+_NAME = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(?:\((.*)\))?$", re.DOTALL)
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One `name(params)` term."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One parsed stage: its strategy terms, budget and optional place."""
+
+    strategies: tuple[StrategySpec, ...]
+    budget: int | float
+    at: str | None = None
+
+
+def split_top_level(text: str, sep: str) -> list[str]:
+    """Split `text` on `sep` outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"unbalanced {ch!r} at position {i} in spec {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise SpecError(f"unclosed bracket or quote in spec {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def parse_strategy(text: str) -> StrategySpec:
+    """Parse `name` or `name(key=value, ...)`."""
+    m = _NAME.match(text.strip())
+    if m is None:
+        raise SpecError(
+            f"malformed strategy {text.strip()!r}; expected NAME or NAME(key=value, ...), "
+            "e.g. vtc-cls or vtc-cls-ensemble(start_layer=12)"
+        )
+    name, body = m.group(1), m.group(2)
+    if not body or not body.strip():
+        return StrategySpec(name=name)
+    try:
+        call = ast.parse(f"_({body})", mode="eval").body
+    except SyntaxError:
+        raise SpecError(f"malformed parameters {body!r} of strategy {name!r}") from None
+    if not isinstance(call, ast.Call) or call.args:
+        raise SpecError(
+            f"parameters of {name!r} must be key=value pairs, got {body!r}"
+        )
+    params = {}
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise SpecError(f"'**' is not allowed in the parameters of {name!r}")
+        try:
+            params[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise SpecError(
+                f"parameter {kw.arg!r} of {name!r} must be a literal (number, string, list, bool)"
+            ) from None
+    return StrategySpec(name=name, params=params)
+
+
+def parse_budget(text: str) -> int | float:
+    """`64` -> 64 (a count), `0.25` / `1.0` -> a ratio."""
+    text = text.strip()
+    try:
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    except ValueError:
+        raise SpecError(
+            f"malformed budget {text!r}; use an int count (64) or a ratio in (0, 1] (0.25)"
+        ) from None
+
+
+def parse_stage(text: str) -> StageSpec:
+    """Parse one stage `strategy[+strategy]@budget[@place]`."""
+    parts = split_top_level(text.strip(), "@")
+    if len(parts) not in (2, 3) or not parts[0].strip():
+        raise SpecError(
+            f"malformed stage {text.strip()!r}; expected STRATEGY[+SELECTOR]@BUDGET[@PLACE], "
+            "e.g. vtc-cls@64 or fastv@0.5@llm:2"
+        )
+    terms = split_top_level(parts[0], "+")
+    if len(terms) > 2 or any(not t.strip() for t in terms):
+        raise SpecError(
+            f"malformed stage {text.strip()!r}: at most one scorer and one selector, joined by '+'"
+        )
+    at = parts[2].strip() if len(parts) == 3 else None
+    return StageSpec(
+        strategies=tuple(parse_strategy(t) for t in terms), budget=parse_budget(parts[1]), at=at
+    )
+
+
+def parse_pipeline(text: str) -> list[StageSpec]:
+    """Parse a whole spec string into its stages."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError("empty pipeline spec; expected e.g. 'vtc-cls@64'")
+    return [parse_stage(part) for part in split_top_level(text, ">")]
+
+
+def format_value(value: Any) -> str:
+    """A parameter value in spec form, parseable back by `ast.literal_eval`."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{format_value(k)}:{format_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def format_strategy(name: str, params: dict[str, Any]) -> str:
+    """`name` or `name(key=value,...)` in spec form."""
+    if not params:
+        return name
+    return f"{name}(" + ",".join(f"{k}={format_value(v)}" for k, v in params.items()) + ")"

@@ -1,0 +1,161 @@
+"""The two roles every strategy plays: `ScoringStrategy` and `Selector`.
+
+Both are pydantic models (validated, serialisable parameters), registered by name, and know nothing
+of model families: what they need from the model they ask for as signals, answered by an adapter.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from .errors import BudgetError, ScoreError, SignalError
+from .reduction import Reduction
+from .signals import Signal
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a strategy may know about the model, with no model family in it.
+
+    Attributes:
+        vision_layers: number of blocks in the vision encoder.
+        feature_layer: the block whose output the projector uses (non-negative index), or `None`
+            when the features are the embeddings.
+        has_cls: whether the vision encoder has a [CLS] token.
+        grid: `(rows, cols)` of the patch grid of the tokens reaching a stage, or `None`.
+        llm_layers: number of decoder layers in the LLM.
+    """
+
+    vision_layers: int | None = None
+    feature_layer: int | None = None
+    has_cls: bool = False
+    grid: tuple[int, int] | None = None
+    llm_layers: int | None = None
+
+    def vision_block(self, index: int) -> int:
+        """A vision-encoder block index, Python-style (`-2` is the penultimate), made non-negative.
+
+        Raises:
+            SignalError: the model has no vision encoder blocks, or `index` is out of range.
+        """
+        depth = self.vision_layers or 0
+        if not -depth <= index < depth:
+            raise SignalError(
+                f"vision block {index} is out of range for an encoder of {depth} blocks; "
+                f"use an index in [{-depth}, {depth - 1}]"
+            )
+        return index % depth
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything a scorer sees at one stage for one batch of images.
+
+    Attributes:
+        tokens: `[B, N, D]` the visual tokens reaching the stage.
+        info: model facts (depth, feature layer, patch grid).
+        signals: the values of the signals the scorer asked for, each `[B, N]`.
+    """
+
+    tokens: Tensor
+    info: ModelInfo
+    signals: Mapping[Signal, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, signal: Signal) -> Tensor:
+        try:
+            return self.signals[signal]
+        except KeyError:
+            raise SignalError(
+                f"signal {signal!r} was not computed; a scorer must list it in signals()"
+            ) from None
+
+
+class Strategy(BaseModel):
+    """Common base: a frozen pydantic model with a registered `name` and a `role`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ClassVar[str] = ""
+    role: ClassVar[str] = ""
+
+    def params(self) -> dict[str, Any]:
+        """Parameters that differ from the defaults, JSON-compatible."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+
+class ScoringStrategy(Strategy):
+    """Per-token importance: `score(ctx) -> [B, N]`, higher means keep.
+
+    Class attributes a subclass may set:
+        places: place kinds where it can run (`"vision"`, `"projector"`, `"llm"`).
+        default_place: where a spec without `@place` puts it, e.g. `"projector"` or `"llm:2"`.
+        default_selector: the selector a spec without `+selector` pairs it with.
+    """
+
+    role: ClassVar[str] = "scorer"
+    places: ClassVar[tuple[str, ...]] = ("projector",)
+    default_place: ClassVar[str] = "projector"
+    default_selector: ClassVar[str] = "topk"
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        """The signals `score` reads from its context; none by default."""
+        return ()
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext) -> Tensor:
+        """Importance `[B, N]` of each visual token in `ctx.tokens`."""
+
+
+class Selector(Strategy):
+    """Turns tokens `[B, N, D]` (and scores `[B, N]`) into `k` tokens with provenance.
+
+    Call `reduce` (it validates `k` and the scores, then calls `select`); subclasses implement
+    `select`.
+    """
+
+    role: ClassVar[str] = "selector"
+    needs_scores: ClassVar[bool] = True
+
+    def reduce(
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
+    ) -> Reduction:
+        """Validate the inputs, select, and check that exactly `k` tokens come out per image.
+
+        Raises:
+            BudgetError: `k` outside `[1, N]`.
+            ScoreError: scores missing when needed, of the wrong shape, or containing NaN.
+        """
+        b, n = tokens.shape[:2]
+        if not 1 <= k <= n:
+            raise BudgetError(f"selector {self.name!r} asked for k={k} of {n} tokens; k must be in [1, {n}]")
+        if scores is None and self.needs_scores:
+            raise ScoreError(f"selector {self.name!r} needs scores; pair it with a scorer")
+        if scores is not None:
+            if scores.shape != (b, n):
+                raise ScoreError(
+                    f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]"
+                )
+            if torch.isnan(scores).any():
+                bad = torch.isnan(scores).any(dim=1).nonzero().flatten().tolist()
+                raise ScoreError(
+                    f"scores contain NaN (images {bad}); a scorer must return finite values or ±inf"
+                )
+        reduction = self.select(tokens, scores, k, grid)
+        if reduction.index.shape != (b, k) or reduction.tokens.shape[:2] != (b, k):
+            raise ScoreError(
+                f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {k})"
+            )
+        return reduction
+
+    @abstractmethod
+    def select(
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
+    ) -> Reduction:
+        """Reduce `tokens` `[B, N, D]` to `k` per image; `grid` is the patch grid, if known."""

@@ -1,0 +1,58 @@
+"""What `apply` records: per forward and stage, tokens in and out and their provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class StageRecord:
+    """One stage in one forward.
+
+    Attributes:
+        stage: the stage's spec, e.g. `vtc-cls@64`.
+        at: its place.
+        tokens_in: visual tokens per image reaching the stage (`N`).
+        tokens_out: tokens per image leaving it (`k`).
+        kept: per image, `[k]` long: the encoder patch index each output stands for, ascending.
+        weights: per image, `[k, N]` provenance weights for merges; `None` for pure drops.
+        image_sample: per image, the batch row whose prompt holds it.
+    """
+
+    stage: str
+    at: str
+    tokens_in: int
+    tokens_out: int
+    kept: list[Tensor]
+    weights: list[Tensor] | None = None
+    image_sample: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-compatible summary (kept indices as lists)."""
+        return {
+            "name": self.stage,
+            "at": self.at,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "kept": [idx.tolist() for idx in self.kept],
+            "image_sample": list(self.image_sample),
+        }
+
+
+@dataclass
+class ForwardRecord:
+    """One compressed forward (a prefill): its stages and the LLM sequence lengths."""
+
+    stages: list[StageRecord]
+    seq_len_in: int
+    seq_len_out: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq_len_in": self.seq_len_in,
+            "seq_len_out": self.seq_len_out,
+            "stages": [s.to_json() for s in self.stages],
+        }
