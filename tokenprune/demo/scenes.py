@@ -165,8 +165,16 @@ def vocabulary() -> list[str]:
 
 
 def presence_labels(scene: Scene) -> np.ndarray:
-    """`[len(SHAPES) * len(COLOURS)]` float32 multi-hot of the (shape, colour) pairs present."""
-    labels = np.zeros(len(SHAPES) * len(COLOURS), dtype=np.float32)
+    """`[3 * len(SHAPES) * len(COLOURS)]` float32 multi-hot for the [CLS] pre-training objective.
+
+    Three blocks over the (shape, colour) pairs: present anywhere; present in the right half;
+    present in the bottom half. The position blocks make the encoder keep where things are.
+    """
+    pairs = len(SHAPES) * len(COLOURS)
+    labels = np.zeros(3 * pairs, dtype=np.float32)
     for o in scene.objects:
-        labels[SHAPES.index(o.shape) * len(COLOURS) + list(COLOURS).index(o.colour)] = 1.0
+        pair = SHAPES.index(o.shape) * len(COLOURS) + list(COLOURS).index(o.colour)
+        labels[pair] = 1.0
+        labels[pairs + pair] = float(o.cx >= SIZE / 2)
+        labels[2 * pairs + pair] = float(o.cy >= SIZE / 2)
     return labels

@@ -3,8 +3,8 @@
 `python -m tokenprune.demo.train --out DIR [--device cuda]`
 
 Stage 1 pre-trains a small CLIP-style ViT (with [CLS]) on a [CLS] objective: a multi-label head on
-the pooled [CLS] predicts which (shape, colour) pairs the scene holds, so [CLS] attention carries
-the meaning VTC-CLS relies on. Stage 2 freezes the ViT and trains the projector and a small Llama
+the pooled [CLS] predicts which (shape, colour) pairs the scene holds and in which half, so [CLS]
+attention carries the meaning VTC-CLS relies on. Stage 2 freezes the ViT and trains the projector and a small Llama
 from scratch on single-word visual questions, reading the ViT's block-1 output
 (`vision_feature_layer=2`): early features stay local, so which tokens are kept matters.
 """
@@ -67,8 +67,6 @@ def pretrain_vision(images: torch.Tensor, labels: torch.Tensor, steps: int, batc
     for step in range(steps):
         idx = torch.randint(len(images), (batch,), generator=gen).to(images.device)
         x = normalise(images[idx].to(device))
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)  # presence is invariant to mirroring
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
             logits = head(vit(pixel_values=x).pooler_output)
         loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels[idx.cpu()].to(device))
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "eval_accuracy_1000": eval_accuracy,
         "log": log,
-        "classes": [f"{c} {s}" for s in SHAPES for c in COLOURS],
+        "classes": [f"{where}{c} {s}" for where in ("", "right: ", "bottom: ") for s in SHAPES for c in COLOURS],
     }
     (args.out / "training.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info["seconds"]), flush=True)
