@@ -4,7 +4,6 @@ decoder-only LLM; each image is a block of placeholder tokens in `input_ids`."""
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -67,8 +66,11 @@ class LlavaAdapter(ModelAdapter):
         self.config = model.config
         self._forward_params = list(inspect.signature(self.core.forward).parameters)
         self._prefill: _Prefill | None = None
+        self._encoded: dict[str, Any] | None = None
         self._pipeline: Pipeline | None = None
         self._run: Run | None = None
+        self._probe: ClsAttentionProbe | None = None
+        self._info: ModelInfo | None = None
 
     def info(self, vision_feature_layer: int | list[int] | None = None) -> ModelInfo:
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
@@ -86,8 +88,19 @@ class LlavaAdapter(ModelAdapter):
         )
 
     def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
-        self._pipeline, self._run, self._prefill = pipeline, run, None
-        return [
+        """Hooks: the [CLS] probe on the blocks scorers read, pruning before the projector (so any
+        image encoding inside the context is compressed), and the sequence rewrite before the LLM."""
+        self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
+        info = self.info()
+        signals = required_signals(list(pipeline.stages), info)
+        unknown = [s for s in signals if not isinstance(s, ClsAttention)]
+        if unknown:
+            raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
+        encoder = _encoder_layers(self.core.vision_tower)
+        self._probe = ClsAttentionProbe({s.layer: encoder[s.layer].self_attn for s in signals})
+        self._info = info
+        return self._probe.attach() + [
+            self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
             self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
             self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
         ]
@@ -100,13 +113,35 @@ class LlavaAdapter(ModelAdapter):
                 "than the labels describe; compute losses outside the context"
             )
 
+    def _prune_features(self, module: nn.Module, args: tuple) -> tuple:
+        """Projector pre-hook: run the stages on the tower's features `[I, N(+1), D]`."""
+        features = args[0]
+        full = self.config.vision_feature_select_strategy == "full"
+        tokens = features[:, 1:] if full else features
+        signals = {ClsAttention(layer=layer): row for layer, row in self._probe.rows.items()}
+        origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        records = []
+        for stage in self._pipeline.stages:
+            n_in = tokens.shape[1]
+            reduction = run_stage(stage, tokens, self._info, signals)
+            origin = origin.gather(1, reduction.index)
+            records.append((stage, n_in, reduction.k, origin, reduction.weights))
+            tokens = reduction.tokens
+        slots = origin
+        if full:
+            tokens = torch.cat([features[:, :1], tokens], dim=1)
+            slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
+        self._encoded = {"records": records, "slots": slots, "block": features.shape[1]}
+        return (tokens,) + tuple(args[1:])
+
     def _before_core(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
         kw = dict(zip(self._forward_params, args)) | kwargs
         cache = kw.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        if kw.get("pixel_values") is not None:
+        encoded = (kw.get("mm_encoder_outputs") or {}).get("image")
+        if kw.get("pixel_values") is not None or encoded is not None:
             if kw.get("input_ids") is None:
                 raise InputError(
                     "with images, tokenprune needs input_ids holding the image placeholder tokens "
@@ -114,64 +149,29 @@ class LlavaAdapter(ModelAdapter):
                 )
             if past:
                 raise InputError("images after the first chunk of a cached prompt are not supported")
-            return (), self._compress_prefill(kw)
+            return (), self._compress_prefill(kw, encoded)
         if self._prefill is not None and past > 0:
             return (), self._continue(kw, past)
         self._prefill = None
         return None
 
-    @contextmanager
-    def _pruning_projector_input(self, info: ModelInfo, probe: ClsAttentionProbe, strategy: str,
-                                 out: dict[str, Any]):
-        """While active, the projector receives pruned features; provenance goes to `out`."""
-
-        def prune(module: nn.Module, args: tuple) -> tuple:
-            features = args[0]  # [I, N(+1), D]
-            cls_token = features[:, :1] if strategy == "full" else None
-            tokens = features[:, 1:] if strategy == "full" else features
-            signals = {ClsAttention(layer=layer): row for layer, row in probe.rows.items()}
-            origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-            records = []
-            for stage in self._pipeline.stages:
-                n_in = tokens.shape[1]
-                reduction = run_stage(stage, tokens, info, signals)
-                origin = origin.gather(1, reduction.index)
-                weights = reduction.weights
-                records.append((stage, n_in, reduction.k, origin, weights))
-                tokens = reduction.tokens
-            slots = origin
-            if cls_token is not None:
-                tokens = torch.cat([cls_token, tokens], dim=1)
-                slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
-            out.update(records=records, slots=slots, block=features.shape[1])
-            return (tokens,) + tuple(args[1:])
-
-        handle = self.core.multi_modal_projector.register_forward_pre_hook(prune)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _compress_prefill(self, kw: dict[str, Any]) -> dict[str, Any]:
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+        """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
+        shorten the prompt to the kept image tokens."""
         input_ids: Tensor = kw["input_ids"]
-        layer = kw.get("vision_feature_layer")
-        layer = self.config.vision_feature_layer if layer is None else layer
-        strategy = kw.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
-        info = self.info(layer)
-        signals = required_signals(list(self._pipeline.stages), info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention)]
-        if unknown:
-            raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
-        encoder = _encoder_layers(self.core.vision_tower)
-        probe = ClsAttentionProbe({s.layer: encoder[s.layer].self_attn for s in signals})
-        extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
-        pruned: dict[str, Any] = {}
-        with probe, self._pruning_projector_input(info, probe, strategy, pruned):
-            outputs = self.core.get_image_features(
-                pixel_values=kw["pixel_values"], vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy, return_dict=True, **extra,
+        if encoded is None:
+            layer = kw.get("vision_feature_layer")
+            extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
+            encoded = self.core.get_image_features(
+                pixel_values=kw["pixel_values"],
+                vision_feature_layer=self.config.vision_feature_layer if layer is None else layer,
+                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                return_dict=True, **extra,
             )
-        features = getattr(outputs, "pooler_output", outputs)
+        if self._encoded is None:
+            raise InputError("image features reached the LLM without passing the projector inside tokenprune.apply")
+        pruned, self._encoded = self._encoded, None
+        features = getattr(encoded, "pooler_output", encoded)
         features = torch.cat(list(features), dim=0) if isinstance(features, list | tuple) else features
         features = features.reshape(-1, features.shape[-1])
 
@@ -213,6 +213,7 @@ class LlavaAdapter(ModelAdapter):
 
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=comp.positions(kw.get("position_ids"), self.positions))
+        kw.pop("mm_encoder_outputs", None)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return kw

@@ -31,14 +31,13 @@ class ClsAttentionProbe:
 
     Forward hooks on each chosen block's `q_proj` and `k_proj` keep their outputs; once both fired,
     the `[B, N]` row is computed from the [CLS] query and all keys (one `[B, H, 1, 1 + N]` product).
-    Use as a context manager: hooks exist only inside it.
+    `attach` installs the hooks and returns their handles.
     """
 
     def __init__(self, attention: Mapping[int, nn.Module]) -> None:
         self.attention = dict(attention)
         self.rows: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
-        self._handles: list[RemovableHandle] = []
 
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
@@ -53,14 +52,10 @@ class ClsAttentionProbe:
 
         return hook
 
-    def __enter__(self) -> ClsAttentionProbe:
+    def attach(self) -> list[RemovableHandle]:
+        """Install the hooks; the caller removes the returned handles."""
+        handles = []
         for layer, attn in self.attention.items():
-            self._handles.append(attn.q_proj.register_forward_hook(self._hook(layer, "q")))
-            self._handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pending.clear()
+            handles.append(attn.q_proj.register_forward_hook(self._hook(layer, "q")))
+            handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
+        return handles

@@ -37,7 +37,7 @@ def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 
 def llava_processor(
     words: Sequence[str], image_size: int, patch_size: int, image_mean: Sequence[float] | None = None,
-    image_std: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None, strategy: str = "default",
 ) -> LlavaProcessor:
     """A `LlavaProcessor` (word tokenizer + CLIP image processor) for a tower of this geometry."""
     image_processor = CLIPImageProcessor(
@@ -46,6 +46,6 @@ def llava_processor(
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=word_tokenizer(words), patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
         image_token="<image>", chat_template=CHAT_TEMPLATE,
     )

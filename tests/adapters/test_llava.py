@@ -1,0 +1,178 @@
+"""The LLaVA-1.5 adapter: exact lengths, bit-identical keep-all, batching, generate, restoration."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from conftest import N_PATCHES, images
+
+QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding
+
+
+def llm_lengths(model):
+    """Record the sequence length of every LLM forward."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    return seen, handle
+
+
+def hooks(model) -> dict:
+    """Every module's forward (pre-)hook ids: HF installs its own lazily, so compare snapshots."""
+    return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+@torch.no_grad()
+def test_keep_all_is_bit_identical_and_model_restored(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2))
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    ref = tiny.model(**inputs).logits
+    ref_gen = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    before = hooks(tiny.model)
+    for spec in ("vtc-cls@1.0", f"vtc-cls@{N_PATCHES}", "uniform@1.0", "vtc-cls-ensemble@1.0"):
+        with tp.apply(tiny.model, spec):
+            assert torch.equal(tiny.model(**inputs).logits, ref)
+            assert torch.equal(tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False), ref_gen)
+    assert hooks(tiny.model) == before
+    assert torch.equal(tiny.model(**inputs).logits, ref)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.model.state_dict().items())
+
+
+@torch.no_grad()
+def test_restored_after_exception(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2))
+    ref = tiny.model(**inputs).logits
+    before = hooks(tiny.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tp.apply(tiny.model, "vtc-cls@4"):
+            tiny.model(**inputs)
+            raise RuntimeError("boom")
+    assert hooks(tiny.model) == before
+    assert torch.equal(tiny.model(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+@torch.no_grad()
+def test_llm_sees_text_plus_k_per_image(tiny, k):
+    inputs = tiny.inputs(["what colour is the square"], images(2), per_prompt=2)
+    text = int((inputs["input_ids"] != tiny.model.config.image_token_id).sum())
+    seen, handle = llm_lengths(tiny.model)
+    try:
+        with tp.apply(tiny.model, f"vtc-cls@{k}") as run:
+            out = tiny.model(**inputs)
+            tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    assert out.logits.shape[1] == text + 2 * k
+    assert seen[0] == text + 2 * k and seen[1] == text + 2 * k  # forward, then generate's prefill
+    assert seen[2:] == [1, 1]  # decode steps: one token each, on the shrunk cache
+    record = run.trace[0]
+    assert record.seq_len_in == inputs["input_ids"].shape[1] and record.seq_len_out == text + 2 * k
+    assert [len(x) for x in record.stages[0].kept] == [k, k] and record.stages[0].image_sample == [0, 0]
+
+
+@pytest.mark.parametrize("spec", ["vtc-cls@5", "vtc-cls-ensemble@0.25", "uniform@6", "random@3"])
+@torch.no_grad()
+def test_batch_with_padding_equals_each_sample_alone(tiny, spec):
+    imgs = images(2, seed=5)
+    batch = tiny.inputs(QUESTIONS, imgs)
+    with tp.apply(tiny.model, spec) as run:
+        gen = tiny.model.generate(**batch, max_new_tokens=5, do_sample=False)
+        logits = tiny.model(**batch).logits[:, -1]
+    width = batch["input_ids"].shape[1]
+    for i, q in enumerate(QUESTIONS):
+        alone = tiny.inputs([q], [imgs[i]])
+        with tp.apply(tiny.model, spec) as run_alone:
+            gen_alone = tiny.model.generate(**alone, max_new_tokens=5, do_sample=False)
+            logits_alone = tiny.model(**alone).logits[:, -1]
+        assert torch.equal(gen[i, width:], gen_alone[0, alone["input_ids"].shape[1]:])
+        torch.testing.assert_close(logits[i], logits_alone[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(run.trace[0].stages[0].kept[i], run_alone.trace[0].stages[0].kept[0])
+
+
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
+@torch.no_grad()
+def test_generate_equals_manual_decode_loop(tiny, positions):
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=7))
+    steps = 5
+    with tp.apply(tiny.model, "vtc-cls@6", positions=positions):
+        gen = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        mask = inputs["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = tiny.model(**inputs, position_ids=position_ids, use_cache=True)
+        tokens = []
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = tiny.model(input_ids=nxt, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=out.past_key_values, use_cache=True)
+    assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], torch.cat(tokens, dim=1))
+
+
+@torch.no_grad()
+def test_sampling_runs_with_pruned_cache(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2))
+    with tp.apply(tiny.model, "vtc-cls@3"):
+        torch.manual_seed(0)
+        a = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5)
+        torch.manual_seed(0)
+        b = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=5)
+    assert torch.equal(a, b) and a.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+@torch.no_grad()
+def test_text_only_prompt_is_untouched(tiny):
+    enc = tiny.processor.tokenizer(["what colour is the square"], return_tensors="pt")
+    ref = tiny.model(**enc).logits
+    with tp.apply(tiny.model, "vtc-cls@4") as run:
+        assert torch.equal(tiny.model(**enc).logits, ref)
+    assert run.trace == []
+
+
+@torch.no_grad()
+def test_images_in_different_rows_with_different_counts(tiny):
+    # row 0 holds two images, row 1 one: rows shrink by different amounts and are re-padded
+    prompts = [tiny.processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}] * n + [{"type": "text", "text": "what"}]}], add_generation_prompt=True) for n in (2, 1)]
+    imgs = images(3, seed=9)
+    batch = dict(tiny.processor(images=imgs, text=prompts, return_tensors="pt", padding=True))
+    with tp.apply(tiny.model, "vtc-cls@4") as run:
+        gen = tiny.model.generate(**batch, max_new_tokens=4, do_sample=False)
+        alone = [dict(tiny.processor(images=imgs[:2], text=prompts[:1], return_tensors="pt")),
+                 dict(tiny.processor(images=imgs[2:], text=prompts[1:], return_tensors="pt"))]
+        gen_alone = [tiny.model.generate(**a, max_new_tokens=4, do_sample=False) for a in alone]
+    assert run.trace[0].stages[0].image_sample == [0, 0, 1]
+    width = batch["input_ids"].shape[1]
+    for i, g in enumerate(gen_alone):
+        assert torch.equal(gen[i, width:], g[0, alone[i]["input_ids"].shape[1]:])
+
+
+@torch.no_grad()
+def test_full_strategy_keeps_cls_feature(tiny_full):
+    inputs = tiny_full.inputs(["what"], images(1))
+    assert int((inputs["input_ids"] == tiny_full.model.config.image_token_id).sum()) == N_PATCHES + 1
+    ref = tiny_full.model(**inputs).logits
+    with tp.apply(tiny_full.model, "vtc-cls@1.0"):
+        assert torch.equal(tiny_full.model(**inputs).logits, ref)
+    with tp.apply(tiny_full.model, "vtc-cls@5") as run:
+        out = tiny_full.model(**inputs)
+    text = int((inputs["input_ids"] != tiny_full.model.config.image_token_id).sum())
+    assert out.logits.shape[1] == text + 5 + 1
+    assert run.trace[0].stages[0].tokens_in == N_PATCHES
+
+
+def test_apply_refuses_nesting(tiny):
+    before = hooks(tiny.model)
+    with tp.apply(tiny.model, "vtc-cls@4"):
+        with pytest.raises(tp.errors.InputError, match="already active"):
+            with tp.apply(tiny.model, "vtc-cls@2"):
+                pass
+    assert hooks(tiny.model) == before
+
+
+def test_labels_are_refused_inside_apply(tiny):
+    inputs = tiny.inputs(["what"], images(1))
+    with tp.apply(tiny.model, "vtc-cls@4"), pytest.raises(tp.errors.InputError, match="labels"):
+        tiny.model(**inputs, labels=inputs["input_ids"])

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random checkpoints of the real architectures, built once per session,
+saved with `save_pretrained` and loaded back by path, as a user loads a real one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from tokenprune.demo.tokenizer import llava_processor
+from tokenprune.models import build_prompt, load
+
+WORDS = "what colour is the square circle red blue green yes no left right how many".split()
+IMAGE, PATCH = 32, 8
+N_PATCHES = (IMAGE // PATCH) ** 2  # 16
+
+
+@dataclass
+class Tiny:
+    """A loaded tiny checkpoint and helpers to build inputs for it."""
+
+    path: Path
+    model: LlavaForConditionalGeneration
+    processor: Any
+
+    def inputs(self, questions: list[str], images: list[Image.Image], per_prompt: int = 1) -> dict[str, torch.Tensor]:
+        prompts = [build_prompt(self.processor, q, per_prompt) for q in questions]
+        return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def build_tiny(root: Path, name: str, seed: int = 0, **llava_kwargs: Any) -> Path:
+    strategy = llava_kwargs.get("vision_feature_select_strategy", "default")
+    processor = llava_processor(WORDS, IMAGE, PATCH, strategy=strategy)
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2,
+                       eos_token_id=3)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs)
+    torch.manual_seed(seed)
+    path = root / name
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "default": build_tiny(root, "default"),
+        "full": build_tiny(root, "full", seed=1, vision_feature_select_strategy="full"),
+        "multilayer": build_tiny(root, "multilayer", seed=2, vision_feature_layer=[-2, -3]),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoints: dict[str, Path]) -> Tiny:
+    model, processor = load(str(checkpoints["default"]))
+    return Tiny(checkpoints["default"], model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_full(checkpoints: dict[str, Path]) -> Tiny:
+    model, processor = load(str(checkpoints["full"]))
+    return Tiny(checkpoints["full"], model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_multilayer(checkpoints: dict[str, Path]) -> Tiny:
+    model, processor = load(str(checkpoints["multilayer"]))
+    return Tiny(checkpoints["multilayer"], model, processor)

@@ -1,0 +1,67 @@
+"""Hypothesis properties of the built-in selectors, and top-k against a Python reference."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenprune as tp
+from reference import topk_reference
+from tokenprune.strategies.uniform import lattice_indices
+
+
+@st.composite
+def scored_tokens(draw):
+    b = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 40))
+    k = draw(st.integers(1, n))
+    # few distinct values, so ties are common
+    values = draw(st.lists(st.integers(-3, 3), min_size=b * n, max_size=b * n))
+    scores = torch.tensor(values, dtype=torch.float32).view(b, n)
+    tokens = torch.randn(b, n, 5, generator=torch.Generator().manual_seed(n))
+    return tokens, scores, k
+
+
+@settings(max_examples=150, deadline=None)
+@given(scored_tokens())
+def test_topk_matches_reference_with_ties(case):
+    tokens, scores, k = case
+    red = tp.create("topk").reduce(tokens, scores, k)
+    for row, idx in zip(scores, red.index):
+        assert idx.tolist() == topk_reference(row.tolist(), k)
+    assert torch.equal(red.tokens, torch.gather(tokens, 1, red.index[..., None].expand(-1, -1, 5)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(scored_tokens())
+def test_selectors_k_distinct_sorted_in_range_deterministic(case):
+    tokens, scores, k = case
+    for name in ("topk", "uniform"):
+        selector = tp.create(name)
+        red = selector.reduce(tokens, scores, k)
+        again = selector.reduce(tokens, scores, k)
+        assert red.index.dtype == torch.long and red.index.shape == (tokens.shape[0], k)
+        assert torch.equal(red.index, again.index)
+        for idx in red.index.tolist():
+            assert idx == sorted(set(idx)) and all(0 <= i < tokens.shape[1] for i in idx)
+        assert torch.allclose(red.dense_weights(tokens.shape[1]).sum(-1), torch.ones(tokens.shape[0], k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 24), st.data())
+def test_uniform_lattice_exact_count(rows, cols, data):
+    k = data.draw(st.integers(1, rows * cols))
+    idx = lattice_indices(k, rows, cols).tolist()
+    assert len(idx) == k and idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < rows * cols
+
+
+def test_uniform_is_a_regular_grid_when_k_is_square():
+    idx = lattice_indices(4, 4, 4).tolist()
+    assert idx == [5, 7, 13, 15]  # rows 1 and 3, cols 1 and 3 of a 4x4 grid
+
+
+def test_random_is_seeded_and_same_for_every_image():
+    ctx = tp.ScoringContext(tokens=torch.zeros(3, 10, 2), info=tp.ModelInfo())
+    a = tp.create("random", seed=1).score(ctx)
+    assert torch.equal(a, tp.create("random", seed=1).score(ctx))
+    assert not torch.equal(a, tp.create("random", seed=2).score(ctx))
+    assert torch.equal(a[0], a[2])

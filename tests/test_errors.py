@@ -1,0 +1,74 @@
+"""Bad input gets a clear error that says what was wrong and what is allowed."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tokenprune as tp
+from conftest import N_PATCHES, images
+from tokenprune.errors import BudgetError, ScoreError, SpecError, UnknownStrategyError, UnsupportedModelError
+
+
+@pytest.mark.parametrize("budget", [0, -3])
+def test_budget_count_below_one(budget):
+    with pytest.raises(BudgetError, match="k >= 1"):
+        tp.Stage(scorer="vtc-cls", budget=budget)
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan")])
+def test_budget_ratio_outside_unit_interval(budget):
+    with pytest.raises(BudgetError, match=r"\(0, 1\]"):
+        tp.Stage(scorer="vtc-cls", budget=budget)
+
+
+def test_budget_larger_than_tokens(tiny):
+    inputs = tiny.inputs(["what"], images(1))
+    with pytest.raises(BudgetError, match=f"exceeds the {N_PATCHES} tokens"):
+        with tp.apply(tiny.model, f"vtc-cls@{N_PATCHES + 1}"):
+            tiny.model(**inputs)
+
+
+def test_unknown_strategy_lists_known_ones():
+    with pytest.raises(UnknownStrategyError, match="known strategies: .*vtc-cls"):
+        tp.Pipeline.from_spec("vtc-clss@64")
+
+
+@pytest.mark.parametrize("spec", ["vtc-cls", "vtc-cls@", "vtc-cls@abc", "vtc-cls(layer=)@4",
+                                  "vtc-cls(3)@4", "vtc-cls+topk+topk@4", "vtc-cls@4@nowhere", "",
+                                  "vtc-cls(layer=[1)@4", "topk@4", "uniform+topk@4"])
+def test_malformed_spec(spec):
+    with pytest.raises(tp.TokenpruneError):
+        tp.Pipeline.from_spec(spec)
+
+
+def test_unknown_parameter_names_the_allowed_ones():
+    with pytest.raises(tp.errors.StrategyConfigError, match="its parameters: layer"):
+        tp.create("vtc-cls", layr=3)
+
+
+def test_unsupported_model_lists_supported():
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=10))
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        with tp.apply(model, "vtc-cls@4"):
+            pass
+
+
+def test_nan_scores_are_refused():
+    scores = torch.rand(2, 6)
+    scores[1, 3] = float("nan")
+    with pytest.raises(ScoreError, match=r"NaN \(images \[1\]\)"):
+        tp.create("topk").reduce(torch.zeros(2, 6, 3), scores, 2)
+
+
+def test_stage_order_and_budgets_validated():
+    with pytest.raises(SpecError, match="model order"):
+        tp.Pipeline.from_spec("vtc-cls@8 > vtc-cls@4")
+    with pytest.raises(tp.errors.PlaceError, match="cannot run at llm:2"):
+        tp.Pipeline.from_spec("vtc-cls@8@llm:2")
+
+
+def test_unsupported_place_for_adapter(tiny):
+    with pytest.raises(tp.errors.PlaceError, match="supported places: projector"):
+        with tp.apply(tiny.model, tp.Pipeline([tp.Stage(at="llm:2", selector="uniform", budget=4)])):
+            pass
