@@ -1,0 +1,63 @@
+"""The typer CLI: list, run, compare; one-line user errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import N_PATCHES, images
+from tokenprune.cli.app import app
+
+runner = CliRunner()
+
+
+def test_list_json_names_roles_origins_params():
+    result = runner.invoke(app, ["list", "--json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)["strategies"]}
+    assert rows["vtc-cls"]["role"] == "scorer" and rows["vtc-cls"]["origin"] == "built-in"
+    assert rows["vtc-cls-ensemble"]["params"]["start_layer"]["default"] == -4
+    assert rows["topk"]["role"] == "selector" and rows["llava"]["role"] == "adapter"
+    assert rows["llava"]["supports"] == "LlavaForConditionalGeneration"
+    assert runner.invoke(app, ["list"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["list", "run", "compare"])
+def test_help_has_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Example" in result.stdout
+
+
+def test_run_json(tiny, tmp_path):
+    image = tmp_path / "img.png"
+    images(1, seed=4)[0].save(image)
+    result = runner.invoke(app, ["run", "--model", str(tiny.path), "--image", str(image), "--prompt",
+                                 "what colour is the square", "--strategy", "vtc-cls@5",
+                                 "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert isinstance(out["text"], str)
+    (stage,) = out["stages"]
+    assert stage["name"] == "vtc-cls@5" and stage["tokens_in"] == N_PATCHES and stage["tokens_out"] == 5
+    (kept,) = stage["kept"]
+    assert kept == sorted(kept) and len(set(kept)) == 5 and max(kept) < N_PATCHES
+    assert out["seq_len_in"] - out["seq_len_out"] == N_PATCHES - 5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strategy", "nope@4"], "unknown strategy 'nope'; known strategies:"),
+    (["--strategy", "vtc-cls@0"], "budget 0 keeps no tokens"),
+    (["--strategy", "vtc-cls@1.5"], "outside (0, 1]"),
+    (["--strategy", "vtc-cls@@"], "malformed"),
+    (["--strategy", "vtc-cls@4", "--image", "missing.png"], "does not exist"),
+    (["--strategy", "vtc-cls@4", "--model", "/no/such/model"], "cannot load model"),
+])
+def test_user_errors_are_one_line(tiny, tmp_path, args, message):
+    image = tmp_path / "img.png"
+    images(1)[0].save(image)
+    base = ["run", "--model", str(tiny.path), "--image", str(image), "--prompt", "what"]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output

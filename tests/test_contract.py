@@ -1,0 +1,42 @@
+"""The contract every registered strategy passes (built-ins and plugins alike), on a tiny model:
+exact output count, keep-all bit-identical, batch equals per-sample, model restored on exit."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from conftest import N_PATCHES, images
+
+
+def spec_for(name: str, budget) -> str:
+    entry = tp.list_strategies()[name]
+    if entry.role == "selector" and entry.cls.needs_scores:
+        return f"vtc-cls+{name}@{budget}"
+    return f"{name}@{budget}"
+
+
+STRATEGIES = sorted(tp.list_strategies())
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@torch.no_grad()
+def test_strategy_contract(tiny, name):
+    model, imgs = tiny.model, images(2, seed=11)
+    batch = tiny.inputs(["what colour is the square", "how many"], imgs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(**batch).logits
+    with tp.apply(model, spec_for(name, 1.0)):
+        assert torch.equal(model(**batch).logits, ref)
+    for k in (1, 5, N_PATCHES - 1):
+        with tp.apply(model, spec_for(name, k)) as run:
+            logits = model(**batch).logits
+        stage = run.trace[0].stages[0]
+        assert stage.tokens_out == k and all(len(x) == k for x in stage.kept)
+        assert all(x.tolist() == sorted(set(x.tolist())) for x in stage.kept)
+        for i, q in enumerate(["what colour is the square", "how many"]):
+            with tp.apply(model, spec_for(name, k)) as alone:
+                single = model(**tiny.inputs([q], [imgs[i]])).logits[0, -1]
+            torch.testing.assert_close(logits[i, -1], single, atol=1e-5, rtol=1e-5)
+            assert torch.equal(alone.trace[0].stages[0].kept[0], stage.kept[i])
+    assert torch.equal(model(**batch).logits, ref)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
