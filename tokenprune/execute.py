@@ -16,8 +16,9 @@ from .strategy import ModelInfo, ScoringContext
 
 def run_stage(
     stage: Stage, tokens: Tensor, info: ModelInfo, signals: Mapping[Signal, Tensor]
-) -> Reduction:
-    """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance.
+) -> tuple[Reduction, Tensor | None]:
+    """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance, and the
+    scorer's scores `[B, N]` (`None` for a score-free selector).
 
     Raises:
         BudgetError: the budget does not fit the `N` tokens reaching the stage.
@@ -33,7 +34,7 @@ def run_stage(
                 f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
                 f"expected [B, N] = {list(tokens.shape[:2])}"
             )
-    return stage.selector.reduce(tokens, scores, k, info.grid)
+    return stage.selector.reduce(tokens, scores, k, info.grid), scores
 
 
 def required_signals(stages: list[Stage], info: ModelInfo) -> set[Signal]:

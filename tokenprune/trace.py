@@ -19,6 +19,8 @@ class StageRecord:
         tokens_out: tokens per image leaving it (`k`).
         kept: per image, `[k]` long: the encoder patch index each output stands for, ascending.
         weights: per image, `[k, N]` provenance weights for merges; `None` for pure drops.
+        scores: per image, the scorer's `[N]` scores over the tokens reaching the stage; `None`
+            for a score-free selector.
         image_sample: per image, the batch row whose prompt holds it.
     """
 
@@ -28,6 +30,7 @@ class StageRecord:
     tokens_out: int
     kept: list[Tensor]
     weights: list[Tensor] | None = None
+    scores: list[Tensor] | None = None
     image_sample: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

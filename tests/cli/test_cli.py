@@ -22,7 +22,7 @@ def test_list_json_names_roles_origins_params():
     assert runner.invoke(app, ["list"]).exit_code == 0
 
 
-@pytest.mark.parametrize("command", ["list", "run", "compare"])
+@pytest.mark.parametrize("command", ["list", "run", "compare", "visualize"])
 def test_help_has_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout
@@ -61,3 +61,15 @@ def test_user_errors_are_one_line(tiny, tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_visualize_writes_png(tiny, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    images(1)[0].save(image)
+    out = tmp_path / "kept.png"
+    result = runner.invoke(app, ["visualize", "--model", str(tiny.path), "--image", str(image),
+                                 "--strategy", "vtc-cls@4,uniform@4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size[0] > Image.open(out).size[1] > 100

@@ -123,9 +123,9 @@ class LlavaAdapter(ModelAdapter):
         records = []
         for stage in self._pipeline.stages:
             n_in = tokens.shape[1]
-            reduction = run_stage(stage, tokens, self._info, signals)
+            reduction, scores = run_stage(stage, tokens, self._info, signals)
             origin = origin.gather(1, reduction.index)
-            records.append((stage, n_in, reduction.k, origin, reduction.weights))
+            records.append((stage, n_in, reduction.k, origin, reduction.weights, scores))
             tokens = reduction.tokens
         slots = origin
         if full:
@@ -204,9 +204,10 @@ class LlavaAdapter(ModelAdapter):
                     stage=stage.to_spec(), at=stage.at, tokens_in=n_in, tokens_out=k,
                     kept=[row.cpu() for row in origin],
                     weights=None if weights is None else [w.cpu() for w in weights],
+                    scores=None if scores is None else [row.float().cpu() for row in scores],
                     image_sample=image_sample,
                 )
-                for stage, n_in, k, origin, weights in pruned["records"]
+                for stage, n_in, k, origin, weights, scores in pruned["records"]
             ],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
         ))

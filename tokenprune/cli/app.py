@@ -7,6 +7,7 @@ import typer
 from .compare_cmd import compare_command
 from .list_cmd import list_command
 from .run_cmd import run_command
+from .visualize_cmd import visualize_command
 
 app = typer.Typer(
     help="Training-free visual-token compression for multimodal LLMs.",
@@ -17,6 +18,7 @@ app = typer.Typer(
 app.command("list")(list_command)
 app.command("run")(run_command)
 app.command("compare")(compare_command)
+app.command("visualize")(visualize_command)
 
 
 def main() -> None:

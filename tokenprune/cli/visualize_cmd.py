@@ -1,0 +1,47 @@
+"""`tokenprune visualize`: each strategy's kept tokens and scores drawn over the image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from PIL import Image
+
+from ..adapters.base import find_adapter
+from ..apply import apply
+from ..models import DEMO, build_prompt, load
+from ..pipeline import Pipeline
+from ..spec import split_top_level
+from ..visualize import draw, processed_image, stage_maps
+from .common import user_errors
+
+
+@user_errors
+def visualize_command(
+    image: Path = typer.Option(..., help="Image file."),
+    strategy: str = typer.Option(..., help="Comma-separated specs, e.g. 'vtc-cls@36,random@36'."),
+    out: Path = typer.Option(Path("tokenprune-kept.png"), help="Output PNG."),
+    model: str = typer.Option(DEMO, help="'demo', a checkpoint path or hub id."),
+    prompt: str = typer.Option("describe the image", help="Prompt (query-aware strategies use it)."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """Draw the kept tokens (and score heatmap) of each strategy over the image, side by side.
+
+    Example: tokenprune visualize --image scene.png --strategy vtc-cls@36,uniform@36 --out kept.png
+    """
+    pipelines = [Pipeline.from_spec(s) for s in split_top_level(strategy, ",") if s.strip()]
+    if not image.is_file():
+        raise FileNotFoundError(f"image file {str(image)!r} does not exist")
+    hf_model, processor = load(model, device=device)
+    grid = find_adapter(hf_model).info().grid
+    inputs = processor(images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt),
+                       return_tensors="pt").to(device)
+    panels = []
+    for pipeline in pipelines:
+        with torch.inference_mode(), apply(hf_model, pipeline) as run:
+            hf_model(**inputs)
+        kept, scores = stage_maps(run.trace[0].stages[0], grid)
+        panels.append((pipeline.to_spec(), kept, scores))
+    draw(processed_image(processor, inputs["pixel_values"]), panels, out)
+    typer.echo(f"wrote {out}")
