@@ -40,6 +40,7 @@ def plugin_module(monkeypatch):
 
     module.NormScorer = NormScorer
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    REGISTRY.ensure_loaded()
     saved = dict(REGISTRY._strategies)
     yield module
     REGISTRY._strategies = saved
