@@ -61,9 +61,7 @@ def apply(
     pipeline = Pipeline.coerce(pipeline)
     if model in _ACTIVE:
         raise InputError("tokenprune.apply is already active on this model; nest pipelines as stages instead")
-    adapter = find_adapter(model)
-    if positions != "contiguous":
-        adapter = type(adapter)(model, positions=positions)
+    adapter = find_adapter(model, positions=positions)
     adapter.check(pipeline)
     run = Run(pipeline=pipeline, adapter=adapter)
     handles = adapter.attach(pipeline, run)

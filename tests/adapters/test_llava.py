@@ -176,3 +176,9 @@ def test_labels_are_refused_inside_apply(tiny):
     inputs = tiny.inputs(["what"], images(1))
     with tp.apply(tiny.model, "vtc-cls@4"), pytest.raises(tp.errors.InputError, match="labels"):
         tiny.model(**inputs, labels=inputs["input_ids"])
+
+
+def test_per_call_feature_layer_override_is_refused(tiny):
+    inputs = tiny.inputs(["what"], images(1))
+    with tp.apply(tiny.model, "vtc-cls@4"), pytest.raises(tp.errors.InputError, match="per-call overrides"):
+        tiny.model(**inputs, vision_feature_layer=-1)

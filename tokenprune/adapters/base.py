@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import PlaceError, UnsupportedModelError
+from ..errors import InputError, PlaceError, UnsupportedModelError
 from ..execute import required_signals
 from ..pipeline import Pipeline
 from ..registry import list_adapters
 from ..strategy import ModelInfo
+from .sequence import POSITION_MODES
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -25,6 +26,9 @@ class ModelAdapter(ABC):
     the inputs, how to rebuild embeddings, masks, positions and the KV cache after a stage, and how
     to compute the signals scorers ask for cheaply. It installs only removable hooks.
 
+    `positions` says which position ids kept tokens get: `"contiguous"` (renumbered without gaps) or
+    `"original"` (their original ids).
+
     Class attributes:
         model_class: the model class name(s) it supports, for messages.
         places: the place kinds it can run stages at.
@@ -34,8 +38,11 @@ class ModelAdapter(ABC):
     model_class: ClassVar[str] = ""
     places: ClassVar[tuple[str, ...]] = ("projector",)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
+        if positions not in POSITION_MODES:
+            raise InputError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
         self.model = model
+        self.positions = positions
 
     @classmethod
     @abstractmethod
@@ -66,8 +73,8 @@ class ModelAdapter(ABC):
         required_signals(list(pipeline.stages), self.info())
 
 
-def find_adapter(model: nn.Module) -> ModelAdapter:
-    """The registered adapter for `model`.
+def find_adapter(model: nn.Module, positions: str = "contiguous") -> ModelAdapter:
+    """The registered adapter for `model`, set to `positions` (see `ModelAdapter`).
 
     Raises:
         UnsupportedModelError: no adapter supports it (the message lists the supported classes).
@@ -75,7 +82,7 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     adapters = list_adapters()
     for entry in adapters.values():
         if entry.cls.supports(model):
-            return entry.cls(model)
+            return entry.cls(model, positions=positions)
     supported = ", ".join(f"{e.cls.model_class} ({name})" for name, e in adapters.items())
     raise UnsupportedModelError(
         f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}"

@@ -19,7 +19,7 @@ from ..signals import ClsAttention
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
-from .sequence import POSITION_MODES, Compaction, compact
+from .sequence import Compaction, compact
 from .vision import ClsAttentionProbe
 
 if TYPE_CHECKING:
@@ -58,10 +58,7 @@ class LlavaAdapter(ModelAdapter):
         return isinstance(model, LlavaForConditionalGeneration)
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
-        super().__init__(model)
-        if positions not in POSITION_MODES:
-            raise InputError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
-        self.positions = positions
+        super().__init__(model, positions)
         self.core = model.model
         self.config = model.config
         self._forward_params = list(inspect.signature(self.core.forward).parameters)
@@ -72,8 +69,8 @@ class LlavaAdapter(ModelAdapter):
         self._probe: ClsAttentionProbe | None = None
         self._info: ModelInfo | None = None
 
-    def info(self, vision_feature_layer: int | list[int] | None = None) -> ModelInfo:
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    def info(self) -> ModelInfo:
+        layer = self.config.vision_feature_layer
         depth = len(_encoder_layers(self.core.vision_tower))
         # hidden_states[h] is the output of block h - 1 (hidden_states[0]: the embeddings)
         blocks = [(h % (depth + 1)) - 1 for h in ([layer] if isinstance(layer, int) else layer)]
@@ -159,15 +156,15 @@ class LlavaAdapter(ModelAdapter):
         """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
         shorten the prompt to the kept image tokens."""
         input_ids: Tensor = kw["input_ids"]
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            if kw.get(key) is not None and kw[key] != getattr(self.config, key):
+                raise InputError(
+                    f"{key}={kw[key]!r} differs from the model config ({getattr(self.config, key)!r}); "
+                    "per-call overrides are not supported inside tokenprune.apply: set it in the config"
+                )
         if encoded is None:
-            layer = kw.get("vision_feature_layer")
             extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
-            encoded = self.core.get_image_features(
-                pixel_values=kw["pixel_values"],
-                vision_feature_layer=self.config.vision_feature_layer if layer is None else layer,
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                return_dict=True, **extra,
-            )
+            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], return_dict=True, **extra)
         if self._encoded is None:
             raise InputError("image features reached the LLM without passing the projector inside tokenprune.apply")
         pruned, self._encoded = self._encoded, None
