@@ -19,8 +19,13 @@ STRATEGIES = sorted(tp.list_strategies())
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-@torch.no_grad()
 def test_strategy_contract(tiny, name):
+    check_contract(tiny, name)
+
+
+@torch.no_grad()
+def check_contract(tiny, name):
+    """Run `name` through the contract on the tiny model (also used for plugin strategies)."""
     model, imgs = tiny.model, images(2, seed=11)
     batch = tiny.inputs(["what colour is the square", "how many"], imgs)
     state = {k: v.clone() for k, v in model.state_dict().items()}

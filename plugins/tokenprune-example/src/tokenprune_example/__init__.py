@@ -1,0 +1,1 @@
+"""Example tokenprune plugin (see README)."""
