@@ -1,0 +1,47 @@
+"""Average pooling over the patch grid (VCC, arXiv 2406.20092; LLaVA's pooled variants)."""
+
+import math
+
+import torch
+from einops import repeat
+from torch import Tensor
+
+from tokenprune.reduction import Reduction
+from tokenprune.registry import register
+from tokenprune.strategy import Selector
+
+
+def bins(n_in: int, n_out: int) -> Tensor:
+    """`[n_out, n_in]` adaptive-average-pooling weights (PyTorch's bins: floor/ceil edges)."""
+    i = torch.arange(n_out)
+    start = torch.div(i * n_in, n_out, rounding_mode="floor")
+    end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode="floor")
+    j = torch.arange(n_in)
+    member = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return member.float() / member.sum(dim=1, keepdim=True)
+
+
+@register("pool")
+class Pool(Selector):
+    """Average pooling to k tokens: 2D over the patch grid when k is a square (e.g. 24x24 -> 8x8),
+    else 1D adaptive pooling over raster order. Each output stands at its bin's centre patch."""
+
+    needs_scores = False
+
+    def select(
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
+    ) -> Reduction:
+        b, n, _ = tokens.shape
+        side = math.isqrt(k)
+        if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
+            rows, cols = bins(grid[0], side), bins(grid[1], side)
+            weights = torch.einsum("ih,jw->ijhw", rows, cols).reshape(k, n)  # separable 2D bins
+            centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2  # noqa: E731
+            index = (centre(rows)[:, None] * grid[1] + centre(cols)[None, :]).flatten()
+        else:
+            weights = bins(n, k)
+            index = (weights > 0).float().argmax(1) + ((weights > 0).sum(1) - 1) // 2
+        weights = weights.to(tokens.device)
+        merged = torch.einsum("kn,bnd->bkd", weights.to(tokens.dtype), tokens)
+        return Reduction(tokens=merged, index=repeat(index.to(tokens.device), "k -> b k", b=b),
+                         weights=repeat(weights, "k n -> b k n", b=b))
