@@ -18,7 +18,7 @@ from ..evaluation import answer_ids, demo_samples, first_token_logprobs, jsonl_s
 from ..models import DEMO, load
 from ..pipeline import Pipeline
 from ..registry import list_strategies
-from ..spec import parse_budget
+from ..spec import parse_budget, split_top_level
 from ..versions import environment
 from .common import print_json, user_errors
 
@@ -74,7 +74,7 @@ def compare_command(
     if not budget_list:
         raise SpecError("--budgets is empty; give e.g. 1.0,0.5,0.25")
     hf_model, processor = load(model, device=device)
-    names = [s.strip() for s in _split_specs(strategies)] or default_strategies(hf_model)
+    names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()] or default_strategies(hf_model)
     plan = expand(names, budget_list)
     for _, _, pipeline in plan:
         find_adapter(hf_model).check(pipeline)
@@ -108,8 +108,3 @@ def compare_command(
     Console().print(report.table(rows, f"tokenprune compare: {model}, {len(samples)} samples"))
     console.print(f"results in {out}/ (results.json, results.csv, plots)")
 
-
-def _split_specs(text: str) -> list[str]:
-    from ..spec import split_top_level
-
-    return [s for s in split_top_level(text, ",") if s.strip()] if text.strip() else []
