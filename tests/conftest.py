@@ -40,7 +40,7 @@ def build_tiny(root: Path, name: str, seed: int = 0, **llava_kwargs: Any) -> Pat
     tok = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                               num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2,
                        eos_token_id=3)
     config = LlavaConfig(vision_config=vision, text_config=text,

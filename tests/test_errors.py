@@ -69,6 +69,6 @@ def test_stage_order_and_budgets_validated():
 
 
 def test_unsupported_place_for_adapter(tiny):
-    with pytest.raises(tp.errors.PlaceError, match="supported places: projector"):
-        with tp.apply(tiny.model, tp.Pipeline([tp.Stage(at="llm:2", selector="uniform", budget=4)])):
+    with pytest.raises(tp.errors.PlaceError, match="supported places: projector, llm"):
+        with tp.apply(tiny.model, tp.Pipeline([tp.Stage(at="vision:1", selector="uniform", budget=4)])):
             pass

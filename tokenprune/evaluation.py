@@ -41,7 +41,7 @@ class Outcome:
 
     logprobs: torch.Tensor
     seconds: float
-    seq_len: float  # mean LLM prompt length
+    layer_tokens: list[float]  # mean tokens each decoder layer sees in the prefill
     kept: float | None  # mean visual tokens per image after the last stage
 
 
@@ -87,6 +87,7 @@ def first_token_logprobs(
     batch_size: int, device: str, progress: Callable[[int], None] | None = None,
 ) -> Outcome:
     """Run every sample once (prefill only) with `pipeline` applied (or none)."""
+    layers = model.config.get_text_config().num_hidden_layers
     rows, seconds, lengths, kept = [], 0.0, [], []
     for batch in batches(samples, batch_size):
         prompts = [build_prompt(processor, s.question) for s in batch]
@@ -95,12 +96,12 @@ def first_token_logprobs(
             start = time.perf_counter()
             if pipeline is None:
                 logits = model(**inputs).logits[:, -1]
-                lengths.append(inputs["input_ids"].shape[1])
+                lengths.append([inputs["input_ids"].shape[1]] * layers)
             else:
                 with apply(model, pipeline) as run:
                     logits = model(**inputs).logits[:, -1]
                 forward = run.trace[-1]
-                lengths.append(forward.seq_len_out)
+                lengths.append(forward.layer_tokens or [forward.seq_len_out] * layers)
                 kept.append(forward.stages[-1].tokens_out)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -109,7 +110,8 @@ def first_token_logprobs(
         if progress is not None:
             progress(len(batch))
     return Outcome(
-        logprobs=torch.cat(rows), seconds=seconds, seq_len=sum(lengths) / len(lengths),
+        logprobs=torch.cat(rows), seconds=seconds,
+        layer_tokens=[sum(column) / len(column) for column in zip(*lengths)],
         kept=sum(kept) / len(kept) if kept else None,
     )
 
@@ -122,6 +124,11 @@ def answer_ids(processor: Any, samples: Sequence[Sample]) -> torch.Tensor | None
     return torch.tensor([tok(s.answer, add_special_tokens=False).input_ids[0] for s in samples])
 
 
+def flops(text_config: Any, outcome: Outcome) -> int:
+    """LLM prefill FLOPs for the (rounded) mean tokens per layer of `outcome`."""
+    return llm_flops(text_config, 0, [round(n) for n in outcome.layer_tokens])
+
+
 def metrics(reference: Outcome, outcome: Outcome, answers: torch.Tensor | None, text_config: Any,
             n_samples: int) -> dict[str, Any]:
     """Accuracy, agreement, KL and cost of `outcome` against the unpruned `reference`."""
@@ -132,7 +139,7 @@ def metrics(reference: Outcome, outcome: Outcome, answers: torch.Tensor | None, 
         "accuracy": None if answers is None else (pred == answers).float().mean().item(),
         "agreement": (pred == ref.argmax(-1)).float().mean().item(),
         "kl": kl.mean().item(),
-        "flops_ratio": llm_flops(text_config, round(outcome.seq_len)) / llm_flops(text_config, round(reference.seq_len)),
-        "seq_len": outcome.seq_len,
+        "flops_ratio": flops(text_config, outcome) / flops(text_config, reference),
+        "seq_len": outcome.layer_tokens[0],
         "latency_ms": 1000 * outcome.seconds / n_samples,
     }

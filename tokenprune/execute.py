@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from torch import Tensor
 
@@ -37,6 +38,12 @@ def run_stage(
     return stage.selector.reduce(tokens, scores, k, info.grid), scores
 
 
+def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
+    """`info` as a stage sees it: `stage_layer` is `K` for a stage at `llm:K`."""
+    place = stage.place
+    return replace(info, stage_layer=place.layer if place.kind == "llm" else None)
+
+
 def required_signals(stages: list[Stage], info: ModelInfo) -> set[Signal]:
     """Every signal the scorers of `stages` ask for."""
-    return {sig for s in stages if s.scorer is not None for sig in s.scorer.signals(info)}
+    return {sig for s in stages if s.scorer is not None for sig in s.scorer.signals(stage_info(s, info))}

@@ -5,6 +5,8 @@ meet in a dict. Adapters compute only the signals the pipeline asks for, and say
 they cannot provide.
 """
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -28,9 +30,10 @@ class ClsAttention(Signal):
 class TextAttention(Signal):
     """Attention that visual tokens receive inside the LLM at decoder layer `layer`.
 
-    `query="last"`: the row of the last prompt token; `query="mean"`: mean over every query token.
-    Averaged over heads; value `[B, N]` over the visual tokens reaching the stage.
+    `query="last"`: the row of the last prompt token; `query="mean"`: the mean over every
+    (non-padding) query token. Post-softmax, averaged over heads; value `[B, N]` over the visual
+    tokens reaching the stage.
     """
 
     layer: int = Field(ge=0)
-    query: str = "last"
+    query: Literal["last", "mean"] = "last"

@@ -31,6 +31,8 @@ class ModelInfo:
         has_cls: whether the vision encoder has a [CLS] token.
         grid: `(rows, cols)` of the patch grid of the tokens reaching a stage, or `None`.
         llm_layers: number of decoder layers in the LLM.
+        stage_layer: for a stage inside the LLM (`llm:K`), `K`: the stage runs before decoder
+            layer `K`, after layers `0..K-1` saw every token.
     """
 
     vision_layers: int | None = None
@@ -38,6 +40,7 @@ class ModelInfo:
     has_cls: bool = False
     grid: tuple[int, int] | None = None
     llm_layers: int | None = None
+    stage_layer: int | None = None
 
     def vision_block(self, index: int) -> int:
         """A vision-encoder block index, Python-style (`-2` is the penultimate), made non-negative.

@@ -47,15 +47,22 @@ class StageRecord:
 
 @dataclass
 class ForwardRecord:
-    """One compressed forward (a prefill): its stages and the LLM sequence lengths."""
+    """One compressed forward (a prefill): its stages and the LLM sequence lengths.
+
+    `seq_len_in`/`seq_len_out`: the prompt length before compression and as the LLM's first layer
+    sees it; `layer_tokens`: per decoder layer, the tokens it sees when a stage runs inside the
+    LLM (`None`: every layer sees `seq_len_out`).
+    """
 
     stages: list[StageRecord]
     seq_len_in: int
     seq_len_out: int
+    layer_tokens: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seq_len_in": self.seq_len_in,
             "seq_len_out": self.seq_len_out,
+            "layer_tokens": self.layer_tokens,
             "stages": [s.to_json() for s in self.stages],
         }

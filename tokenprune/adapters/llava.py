@@ -11,14 +11,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import InputError, SignalError
+from ..errors import InputError, PlaceError, SignalError
 from ..execute import required_signals, run_stage
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
 from ..signals import ClsAttention
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
+from .decoder import DecoderStage
 from .sequence import Compaction, compact
 from .vision import ClsAttentionProbe
 
@@ -46,10 +47,10 @@ def _has_cls(vision_tower: nn.Module) -> bool:
 
 @register_adapter("llava")
 class LlavaAdapter(ModelAdapter):
-    """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes the tower's features before the projector."""
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes before the projector and inside the LLM."""
 
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector",)
+    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -68,6 +69,9 @@ class LlavaAdapter(ModelAdapter):
         self._run: Run | None = None
         self._probe: ClsAttentionProbe | None = None
         self._info: ModelInfo | None = None
+        self._projector_stages: list[Stage] = []
+        self._decoder: DecoderStage | None = None
+        self._record: ForwardRecord | None = None
 
     def info(self) -> ModelInfo:
         layer = self.config.vision_feature_layer
@@ -89,14 +93,23 @@ class LlavaAdapter(ModelAdapter):
         image encoding inside the context is compressed), and the sequence rewrite before the LLM."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         info = self.info()
-        signals = required_signals(list(pipeline.stages), info)
+        self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
+        llm_stages = [s for s in pipeline.stages if s.place.kind == "llm"]
+        if len(llm_stages) > 1:
+            raise PlaceError("the llava adapter runs one llm:K stage per pipeline for now")
+        signals = required_signals(self._projector_stages, info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention)]
         if unknown:
             raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = ClsAttentionProbe({s.layer: encoder[s.layer].self_attn for s in signals})
         self._info = info
-        return self._probe.attach() + [
+        handles = self._probe.attach()
+        self._decoder = None
+        if llm_stages:
+            self._decoder = DecoderStage(self.core.language_model.layers, llm_stages[0], info)
+            handles += self._decoder.attach()
+        return handles + [
             self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
             self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
             self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
@@ -118,7 +131,7 @@ class LlavaAdapter(ModelAdapter):
         signals = {ClsAttention(layer=layer): row for layer, row in self._probe.rows.items()}
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         records = []
-        for stage in self._pipeline.stages:
+        for stage in self._projector_stages:
             n_in = tokens.shape[1]
             reduction, scores = run_stage(stage, tokens, self._info, signals)
             origin = origin.gather(1, reduction.index)
@@ -128,7 +141,7 @@ class LlavaAdapter(ModelAdapter):
         if full:
             tokens = torch.cat([features[:, :1], tokens], dim=1)
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
-        self._encoded = {"records": records, "slots": slots, "block": features.shape[1]}
+        self._encoded = {"records": records, "slots": slots, "block": features.shape[1], "origin": origin}
         return (tokens,) + tuple(args[1:])
 
     def _before_core(
@@ -148,8 +161,12 @@ class LlavaAdapter(ModelAdapter):
                 raise InputError("images after the first chunk of a cached prompt are not supported")
             return (), self._compress_prefill(kw, encoded)
         if self._prefill is not None and past > 0:
+            if self._decoder is not None:
+                self._decoder.begin_decode()
             return (), self._continue(kw, past)
         self._prefill = None
+        if self._decoder is not None:
+            self._decoder.reset()
         return None
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
@@ -195,7 +212,7 @@ class LlavaAdapter(ModelAdapter):
         self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
 
         image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
-        self._run.record(ForwardRecord(
+        self._record = ForwardRecord(
             stages=[
                 StageRecord(
                     stage=stage.to_spec(), at=stage.at, tokens_in=n_in, tokens_out=k,
@@ -207,7 +224,16 @@ class LlavaAdapter(ModelAdapter):
                 for stage, n_in, k, origin, weights, scores in pruned["records"]
             ],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
-        ))
+        )
+        self._run.record(self._record)
+        if self._decoder is not None:
+            columns = new_image_mask.nonzero()[:, 1].view(n_images, -1)
+            self._decoder.begin_prefill(
+                positions=columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
+                rows=torch.tensor(image_sample, device=columns.device), origin=pruned["origin"],
+                key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
+                record=self._record_llm_stage,
+            )
 
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=comp.positions(kw.get("position_ids"), self.positions))
@@ -215,6 +241,10 @@ class LlavaAdapter(ModelAdapter):
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return kw
+
+    def _record_llm_stage(self, stage: StageRecord, layer_tokens: list[int]) -> None:
+        self._record.stages.append(stage)
+        self._record.layer_tokens = layer_tokens
 
     def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """Map a later forward of the same generation (original frame) onto the compressed cache."""

@@ -1,0 +1,114 @@
+"""FastV inside the LLM: kept indices against eager attention maps, exact per-layer lengths,
+generate() against a manual decode loop, and composition with a projector stage."""
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import tokenprune as tp
+from conftest import N_PATCHES, images
+from reference import topk_reference
+from tokenprune.flops import layer_flops
+
+QUESTIONS = ["what colour is the square", "how many"]
+
+
+def attention_maps(path, inputs):
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True).attentions  # per layer [B, H, S, S]
+
+
+@pytest.mark.parametrize("query", ["last", "mean"])
+@pytest.mark.parametrize("layer", [1, 2])
+def test_kept_indices_match_eager_attention(tiny, query, layer):
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=13))
+    with torch.no_grad(), tp.apply(tiny.model, f"fastv(query='{query}')@5@llm:{layer}") as run:
+        tiny.model(**inputs)
+    attn = attention_maps(str(tiny.path), inputs)[layer - 1].mean(dim=1)  # [B, S, S]
+    image = inputs["input_ids"] == tiny.model.config.image_token_id
+    mask = inputs["attention_mask"].bool()
+    expected = []
+    for b in range(2):
+        if query == "last":
+            received = attn[b, -1]
+        else:
+            received = attn[b][mask[b]].mean(dim=0)
+        expected.append(topk_reference(received[image[b]].tolist(), 5))
+    assert [k.tolist() for k in run.trace[0].stages[0].kept] == expected
+
+
+@torch.no_grad()
+def test_layers_see_exact_lengths_in_prefill_and_decode(tiny):
+    inputs = tiny.inputs(["what colour is the square"], images(2), per_prompt=2)
+    seq = inputs["input_ids"].shape[1]
+    seen = {i: [] for i in range(3)}
+    handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: seen[i].append(
+        kw["hidden_states"].shape[1]), with_kwargs=True)
+        for i, layer in enumerate(tiny.model.model.language_model.layers)]
+    try:
+        with tp.apply(tiny.model, "fastv@3@llm:2") as run:
+            out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    finally:
+        for h in handles:
+            h.remove()
+    short = seq - 2 * (N_PATCHES - 3)
+    assert seen[0] == seen[1] == [seq, 1, 1] and seen[2] == [short, 1, 1]
+    cache = out.past_key_values
+    assert [cache.layers[i].get_seq_length() for i in range(3)] == [seq + 2, seq + 2, short + 2]
+    assert run.trace[0].layer_tokens == [seq, seq, short]
+
+
+@pytest.mark.parametrize("spec", ["fastv@4@llm:1", "fastv(query='mean')@0.5", "vtc-cls@9 > fastv@4@llm:2"])
+@torch.no_grad()
+def test_generate_equals_manual_loop_and_batch_equals_single(tiny, spec):
+    imgs = images(2, seed=17)
+    inputs = tiny.inputs(QUESTIONS, imgs)
+    with tp.apply(tiny.model, spec):
+        gen = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = tiny.model(**inputs, position_ids=positions, use_cache=True)
+        tokens = []
+        for _ in range(4):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = tiny.model(input_ids=nxt, attention_mask=mask, position_ids=positions,
+                             past_key_values=out.past_key_values, use_cache=True)
+        singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=4, do_sample=False)
+                   for i, q in enumerate(QUESTIONS)]
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(gen[:, width:], torch.cat(tokens, dim=1))
+    for i, single in enumerate(singles):
+        assert torch.equal(gen[i, width:], single[0, -4:])
+
+
+@torch.no_grad()
+def test_two_stage_pipeline_nests_provenance(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=19))
+    with tp.apply(tiny.model, "vtc-cls@9 > fastv@4@llm:2") as run:
+        tiny.model(**inputs)
+    first, second = run.trace[0].stages
+    assert (first.tokens_in, first.tokens_out, second.tokens_in, second.tokens_out) == (N_PATCHES, 9, 9, 4)
+    for a, b in zip(first.kept, second.kept):
+        assert set(b.tolist()) <= set(a.tolist())
+    assert run.trace[0].layer_tokens[:2] == [run.trace[0].seq_len_out] * 2
+    assert run.trace[0].layer_tokens[2] == run.trace[0].seq_len_out - (9 - 4)
+
+
+def test_fastv_place_errors(tiny):
+    with pytest.raises(tp.errors.PlaceError, match="cannot run at projector"):
+        tp.Pipeline.from_spec("fastv@4@projector")
+    with pytest.raises(tp.errors.SignalError, match="K >= 1"):
+        with tp.apply(tiny.model, "fastv@4@llm:0"):
+            pass
+    with pytest.raises(tp.errors.InputError, match="1 <= K < 3"):
+        with tp.apply(tiny.model, "fastv@4@llm:3"):
+            pass
+
+
+def test_layer_flops_formula_by_hand():
+    # n=2 tokens, d=3, m=5: 4*2*9 + 2*4*3 + 2*2*3*5 = 72 + 24 + 60
+    assert layer_flops(2, 3, 5) == 156

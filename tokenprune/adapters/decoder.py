@@ -1,0 +1,205 @@
+"""Stages inside a decoder-only LLM (`llm:K`), for HF decoders whose layers take
+`(hidden_states, attention_mask=4D|None, position_embeddings=(cos, sin), position_ids, past_key_values)`
+and whose attention has `q_proj`/`k_proj`, rotary embeddings, `head_dim` and `scaling` (Llama family).
+
+Layers `0..K-1` see every token; before layer `K` the stage picks the image tokens to keep, and
+layers `K..` get the shortened hidden states, 4D mask, rotary embeddings and position ids (kept
+tokens keep their original positions, as FastV does), so their KV cache holds only kept tokens.
+Later decoding steps keep their positions; only the mask columns of layers `K..` are remapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import InputError
+from ..execute import run_stage
+from ..pipeline import Stage
+from ..signals import TextAttention
+from ..strategy import ModelInfo
+from ..trace import StageRecord
+from .sequence import Compaction, compact
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of `x` `[B, H, S, d]` with `cos`/`sin` `[B, S, d]` (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def received_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.Module,
+                       key_mask: Tensor, query: str) -> Tensor:
+    """Head-mean attention each key position receives, `[B, S]` float32.
+
+    q `[B, Sq, H*d]` (the last row for `query="last"`), k `[B, S, Hkv*d]`: projection outputs.
+    key_mask `[B, S]` bool (False for padding). `"mean"` averages over non-padding queries.
+    """
+    d = attn.head_dim
+    s = k.shape[1]
+    qh = rotate(rearrange(q.float(), "b s (h d) -> b h s d", d=d), cos[:, -q.shape[1]:].float(), sin[:, -q.shape[1]:].float())
+    kh = rotate(rearrange(k.float(), "b s (h d) -> b h s d", d=d), cos.float(), sin.float())
+    kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], dim=1)
+    logits = (qh @ kh.transpose(-1, -2)) * attn.scaling  # [B, H, Sq, S]
+    allowed = key_mask[:, None, None, :]
+    if query == "mean":
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=k.device).tril()
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    if query == "last":
+        return probs.mean(dim=1)[:, -1]
+    valid_q = key_mask.float()[:, None, :, None]  # average over real queries only
+    return ((probs * valid_q).sum(dim=2) / valid_q.sum(dim=2)).mean(dim=1)
+
+
+@dataclass
+class _Prefill:
+    """The current prefill's image layout in the LLM sequence."""
+
+    positions: Tensor  # [I, n] columns of each image's stage tokens in the LLM input
+    rows: Tensor  # [I] batch row of each image
+    origin: Tensor  # [I, n] encoder patch index of each
+    key_mask: Tensor  # [B, S] bool
+    record: Callable[[StageRecord, list[int]], None]
+
+
+class DecoderStage:
+    """One `llm:K` stage on a decoder's layers; the owning adapter tells it about each forward."""
+
+    def __init__(self, layers: nn.ModuleList, stage: Stage, info: ModelInfo) -> None:
+        self.layers, self.stage = layers, stage
+        self.k = stage.place.layer
+        if not 1 <= self.k < len(layers):
+            raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
+        self.info = replace(info, stage_layer=self.k)
+        self.signal = next(iter(stage.scorer.signals(self.info)), None) if stage.scorer else None
+        self._prefill: _Prefill | None = None
+        self._keep: Compaction | None = None
+        self._captured: dict[str, Any] = {}
+
+    def attach(self) -> list[RemovableHandle]:
+        handles = []
+        if isinstance(self.signal, TextAttention):
+            attn = self.layers[self.signal.layer].self_attn
+            handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
+            handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
+            handles.append(attn.k_proj.register_forward_hook(self._capture("k")))
+        for index in range(self.k, len(self.layers)):
+            handles.append(self.layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
+        return handles
+
+    def begin_prefill(self, positions: Tensor, rows: Tensor, origin: Tensor, key_mask: Tensor,
+                      record: Callable[[StageRecord, list[int]], None]) -> None:
+        """Called by the adapter before the LLM runs a (compressed) prompt."""
+        self._prefill, self._keep = _Prefill(positions, rows, origin, key_mask, record), None
+
+    def begin_decode(self) -> None:
+        """Called by the adapter before a later forward of the same generation."""
+        self._prefill = None
+
+    def reset(self) -> None:
+        self._prefill, self._keep = None, None
+
+    def _capture(self, part: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self._prefill is not None:
+                self._captured[part] = output[:, -1:] if part == "q" and self.signal.query == "last" else output
+
+        return hook
+
+    def _capture_rope(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._prefill is not None:
+            self._captured["rope"] = kwargs["position_embeddings"]
+
+    def _before_layer(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+            if self._prefill is None and self._keep is None:
+                return None
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == self.k and self._prefill is not None:
+                hidden = self._prune(hidden)
+            kwargs = self._remap(kwargs, prefill=self._prefill is not None, q_len=hidden.shape[1])
+            return (hidden,) + tuple(args[1:]), kwargs
+
+        return hook
+
+    def _scores(self, batch: int) -> dict[TextAttention, Tensor]:
+        if not isinstance(self.signal, TextAttention):
+            return {}
+        cos, sin = self._captured.pop("rope")
+        expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        rows = received_attention(self._captured.pop("q"), self._captured.pop("k"), expand(cos), expand(sin),
+                                  self.layers[self.signal.layer].self_attn, self._prefill.key_mask, self.signal.query)
+        p = self._prefill
+        return {self.signal: rows[p.rows[:, None], p.positions]}
+
+    def _prune(self, hidden: Tensor) -> Tensor:
+        """Run the stage on the image tokens' hidden states and shorten the sequence `[B, S, D]`."""
+        p = self._prefill
+        tokens = hidden[p.rows[:, None], p.positions]  # [I, n, D]
+        reduction, scores = run_stage(self.stage, tokens, self.info, self._scores(hidden.shape[0]))
+        kept_cols = p.positions.gather(1, reduction.index)
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        keep[p.rows[:, None], p.positions] = False
+        keep[p.rows[:, None], kept_cols] = True
+        self._keep = comp = compact(keep)
+        new_col = (keep.long().cumsum(1) - 1) + (comp.length_out - keep.sum(1))[:, None]
+        out = comp.gather(hidden)
+        out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
+        origin = p.origin.gather(1, reduction.index)
+        p.record(StageRecord(
+            stage=self.stage.to_spec(), at=self.stage.at, tokens_in=tokens.shape[1], tokens_out=reduction.k,
+            kept=[row.cpu() for row in origin],
+            weights=None if reduction.weights is None else [w.cpu() for w in reduction.weights],
+            scores=None if scores is None else [row.float().cpu() for row in scores],
+            image_sample=p.rows.tolist(),
+        ), [comp.length_in] * self.k + [comp.length_out] * (len(self.layers) - self.k))
+        return out
+
+    def _remap(self, kwargs: dict[str, Any], prefill: bool, q_len: int) -> dict[str, Any]:
+        """Masks, rotary embeddings and positions of a layer at or after K, for the kept columns.
+
+        Padding added by the compaction is masked as a key; as a query it attends to itself only
+        (a fully masked row would turn into NaN and leak through the values)."""
+        comp = self._keep
+        cache = kwargs.get("past_key_values")
+        b = comp.source.shape[0]
+        mask = kwargs.get("attention_mask")
+        if prefill:
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = tuple(comp.gather(t.expand(b, *t.shape[1:])) for t in (cos, sin))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = comp.gather(kwargs["position_ids"].expand(b, -1))
+            cols, rows = comp.source, comp.source
+            valid = comp.valid
+        else:
+            total = cache.get_seq_length(0) if cache is not None else comp.length_in
+            extra = torch.arange(comp.length_in, total, device=comp.source.device).expand(b, -1)
+            cols = torch.cat([comp.source, extra], dim=1)
+            valid = torch.cat([comp.valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)
+            rows = None
+        if mask is None and bool(comp.valid.all()):
+            return kwargs
+        if mask is None:
+            causal = torch.ones(q_len, cols.shape[1], dtype=torch.bool, device=cols.device).tril(cols.shape[1] - q_len)
+            mask = causal[None, None].expand(b, 1, -1, -1)
+        elif mask.dim() != 4:
+            raise InputError("llm:K stages need a 4D attention mask or none (sdpa/eager attention)")
+        else:
+            mask = mask.expand(b, *mask.shape[1:])
+            mask = torch.gather(mask, 3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+            if rows is not None:
+                mask = torch.gather(mask, 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+        blocked, allowed = (False, True) if mask.dtype == torch.bool else (torch.finfo(mask.dtype).min, 0.0)
+        mask = mask.masked_fill(~valid[:, None, None, :], blocked)
+        if prefill and not bool(comp.valid.all()):
+            diagonal = torch.eye(q_len, dtype=torch.bool, device=mask.device)[None, None] & ~comp.valid[:, None, :, None]
+            mask = mask.masked_fill(diagonal, allowed)
+        kwargs["attention_mask"] = mask
+        return kwargs
