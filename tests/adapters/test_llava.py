@@ -5,6 +5,7 @@ import torch
 
 import tokenprune as tp
 from conftest import N_PATCHES, images
+from reference import manual_greedy
 
 QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding
 
@@ -97,18 +98,8 @@ def test_generate_equals_manual_decode_loop(tiny, positions):
     steps = 5
     with tp.apply(tiny.model, "vtc-cls@6", positions=positions):
         gen = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
-        mask = inputs["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = tiny.model(**inputs, position_ids=position_ids, use_cache=True)
-        tokens = []
-        for _ in range(steps):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = tiny.model(input_ids=nxt, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=out.past_key_values, use_cache=True)
-    assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], torch.cat(tokens, dim=1))
+        manual = manual_greedy(tiny.model, inputs, steps)
+    assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], manual)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
 from conftest import N_PATCHES, images
-from reference import topk_reference
+from reference import manual_greedy, topk_reference
 from tokenprune.flops import layer_flops
 
 QUESTIONS = ["what colour is the square", "how many"]
@@ -66,21 +66,11 @@ def test_generate_equals_manual_loop_and_batch_equals_single(tiny, spec):
     inputs = tiny.inputs(QUESTIONS, imgs)
     with tp.apply(tiny.model, spec):
         gen = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = tiny.model(**inputs, position_ids=positions, use_cache=True)
-        tokens = []
-        for _ in range(4):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = tiny.model(input_ids=nxt, attention_mask=mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+        manual = manual_greedy(tiny.model, inputs, 4)
         singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=4, do_sample=False)
                    for i, q in enumerate(QUESTIONS)]
     width = inputs["input_ids"].shape[1]
-    assert torch.equal(gen[:, width:], torch.cat(tokens, dim=1))
+    assert torch.equal(gen[:, width:], manual)
     for i, single in enumerate(singles):
         assert torch.equal(gen[i, width:], single[0, -4:])
 
