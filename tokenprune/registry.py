@@ -47,7 +47,8 @@ class Entry:
     @property
     def doc(self) -> str:
         """The first line of the class docstring."""
-        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+        lines = (self.cls.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""
 
 
 class Registry:

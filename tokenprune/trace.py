@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .flops import prefill_flops
+
 
 @dataclass
 class StageRecord:
@@ -51,18 +53,32 @@ class ForwardRecord:
 
     `seq_len_in`/`seq_len_out`: the prompt length before compression and as the LLM's first layer
     sees it; `layer_tokens`: per decoder layer, the tokens it sees when a stage runs inside the
-    LLM (`None`: every layer sees `seq_len_out`).
+    LLM (`None`: every layer sees `seq_len_out`); `llm_shape`: the LLM's `(width, FFN width,
+    layers)`, for the FLOPs.
     """
 
     stages: list[StageRecord]
     seq_len_in: int
     seq_len_out: int
     layer_tokens: list[int] | None = None
+    llm_shape: tuple[int, int, int] | None = None
+
+    def llm_flops(self) -> dict[str, float] | None:
+        """Theoretical LLM prefill FLOPs per sequence (FastV's formula; scoring overhead not
+        counted): `{"pruned", "unpruned", "ratio"}`."""
+        if self.llm_shape is None:
+            return None
+        d, m, layers = self.llm_shape
+        counts = self.layer_tokens or [self.seq_len_out] * layers
+        pruned = prefill_flops(counts, d, m)
+        unpruned = prefill_flops([self.seq_len_in] * layers, d, m)
+        return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seq_len_in": self.seq_len_in,
             "seq_len_out": self.seq_len_out,
             "layer_tokens": self.layer_tokens,
+            "llm_flops": self.llm_flops(),
             "stages": [s.to_json() for s in self.stages],
         }

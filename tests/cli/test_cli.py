@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from conftest import N_PATCHES, images
 from tokenprune.cli.app import app
+from tokenprune.flops import layer_flops
 
 runner = CliRunner()
 
@@ -42,6 +43,9 @@ def test_run_json(tiny, tmp_path):
     (kept,) = stage["kept"]
     assert kept == sorted(kept) and len(set(kept)) == 5 and max(kept) < N_PATCHES
     assert out["seq_len_in"] - out["seq_len_out"] == N_PATCHES - 5
+    flops = out["llm_flops"]
+    assert flops["ratio"] == flops["pruned"] / flops["unpruned"] < 1
+    assert flops["pruned"] == layer_flops(out["seq_len_out"], 32, 64) * 3  # tiny LLM: d=32, m=64, 3 layers
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -57,6 +57,8 @@ def test_layers_see_exact_lengths_in_prefill_and_decode(tiny):
     cache = out.past_key_values
     assert [cache.layers[i].get_seq_length() for i in range(3)] == [seq + 2, seq + 2, short + 2]
     assert run.trace[0].layer_tokens == [seq, seq, short]
+    d, m = 32, 64
+    assert run.trace[0].llm_flops()["pruned"] == 2 * layer_flops(seq, d, m) + layer_flops(short, d, m)
 
 
 @pytest.mark.parametrize("spec", ["fastv@4@llm:1", "fastv(query='mean')@0.5", "vtc-cls@9 > fastv@4@llm:2"])

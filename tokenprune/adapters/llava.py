@@ -212,6 +212,7 @@ class LlavaAdapter(ModelAdapter):
         self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
 
         image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
+        text = self.config.text_config
         self._record = ForwardRecord(
             stages=[
                 StageRecord(
@@ -224,6 +225,7 @@ class LlavaAdapter(ModelAdapter):
                 for stage, n_in, k, origin, weights, scores in pruned["records"]
             ],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
         )
         self._run.record(self._record)
         if self._decoder is not None:

@@ -46,6 +46,8 @@ def run_command(
         "model": model,
         "seq_len_in": forward.seq_len_in,
         "seq_len_out": forward.seq_len_out,
+        "layer_tokens": forward.layer_tokens,
+        "llm_flops": forward.llm_flops(),
         "stages": [s.to_json() for s in forward.stages],
     }
     if json_out:

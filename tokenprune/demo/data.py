@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .scenes import Question, Scene, sample
