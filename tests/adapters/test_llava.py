@@ -173,3 +173,25 @@ def test_per_call_feature_layer_override_is_refused(tiny):
     inputs = tiny.inputs(["what"], images(1))
     with tp.apply(tiny.model, "vtc-cls@4"), pytest.raises(tp.errors.InputError, match="per-call overrides"):
         tiny.model(**inputs, vision_feature_layer=-1)
+
+
+@torch.no_grad()
+def test_position_modes(tiny):
+    inputs = tiny.inputs(["what colour is the square"], images(1, seed=21))
+    seen = []
+    handle = tiny.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
+    positions = torch.arange(inputs["input_ids"].shape[1])[None]
+    try:
+        for mode in ("original", "contiguous"):
+            with tp.apply(tiny.model, "vtc-cls@4", positions=mode) as run:
+                tiny.model(**inputs, position_ids=positions)
+    finally:
+        handle.remove()
+    image = (inputs["input_ids"][0] == tiny.model.config.image_token_id).nonzero()[:, 0]
+    kept = image[run.trace[0].stages[0].kept[0]]  # original columns of the kept image tokens
+    keep = torch.ones_like(positions[0], dtype=torch.bool)
+    keep[image] = False
+    keep[kept] = True
+    assert seen[0][0].tolist() == positions[0][keep].tolist()  # original ids, with gaps
+    assert seen[1][0].tolist() == list(range(int(keep.sum())))  # renumbered without gaps
