@@ -44,11 +44,18 @@ def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
     return sorted(chosen)
 
 
+@st.composite
+def token_cases(draw, min_n: int, max_n: int):
+    """Seeded tokens `[2, n, 6]` and a budget `k` in `[1, n]`."""
+    n = draw(st.integers(min_n, max_n))
+    k = draw(st.integers(1, n))
+    return torch.randn(2, n, 6, generator=torch.Generator().manual_seed(n * 31 + k)), k
+
+
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 14), st.data())
-def test_divprune_matches_reference(n, data):
-    k = data.draw(st.integers(1, n))
-    x = torch.randn(2, n, 6, generator=torch.Generator().manual_seed(n * 31 + k))
+@given(token_cases(1, 14))
+def test_divprune_matches_reference(case):
+    x, k = case
     red = tp.create("divprune").reduce(x, None, k)
     assert [red.index[i].tolist() for i in range(2)] == [divprune_reference(x[i], k) for i in range(2)]
 
@@ -76,10 +83,9 @@ def tome_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(2, 20), st.data())
-def test_tome_matches_reference(n, data):
-    k = data.draw(st.integers(1, n))
-    x = torch.randn(2, n, 6, generator=torch.Generator().manual_seed(n * 17 + k))
+@given(token_cases(2, 20))
+def test_tome_matches_reference(case):
+    x, k = case
     red = tp.create("tome").reduce(x, None, k)
     for i in range(2):
         tokens, index = tome_reference(x[i], k)

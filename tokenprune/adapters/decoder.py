@@ -11,7 +11,7 @@ Later decoding steps keep their positions; only the mask columns of layers `K..`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError
-from ..execute import run_stage
+from ..execute import run_stage, stage_info
 from ..pipeline import Stage
 from ..signals import TextAttention
 from ..strategy import ModelInfo
@@ -77,10 +77,11 @@ class DecoderStage:
         self.k = stage.place.layer
         if not 1 <= self.k < len(layers):
             raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
-        self.info = replace(info, stage_layer=self.k)
+        self.info = stage_info(stage, info)
         self.signal = next(iter(stage.scorer.signals(self.info)), None) if stage.scorer else None
         self._prefill: _Prefill | None = None
         self._keep: Compaction | None = None
+        self._padded = False  # whether the compaction added padding (computed once per prefill)
         self._captured: dict[str, Any] = {}
 
     def attach(self) -> list[RemovableHandle]:
@@ -149,6 +150,7 @@ class DecoderStage:
         keep[p.rows[:, None], p.positions] = False
         keep[p.rows[:, None], kept_cols] = True
         self._keep = comp = compact(keep)
+        self._padded = not bool(comp.valid.all())
         new_col = (keep.long().cumsum(1) - 1) + (comp.length_out - keep.sum(1))[:, None]
         out = comp.gather(hidden)
         out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
@@ -168,9 +170,11 @@ class DecoderStage:
         Padding added by the compaction is masked as a key; as a query it attends to itself only
         (a fully masked row would turn into NaN and leak through the values)."""
         comp = self._keep
+        mask = kwargs.get("attention_mask")
+        if mask is None and not self._padded and not prefill:
+            return kwargs  # decoding without padding: nothing to remap, no work on the hot path
         cache = kwargs.get("past_key_values")
         b = comp.source.shape[0]
-        mask = kwargs.get("attention_mask")
         if prefill:
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = tuple(comp.gather(t.expand(b, *t.shape[1:])) for t in (cos, sin))
@@ -184,7 +188,7 @@ class DecoderStage:
             cols = torch.cat([comp.source, extra], dim=1)
             valid = torch.cat([comp.valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)
             rows = None
-        if mask is None and bool(comp.valid.all()):
+        if mask is None and not self._padded:
             return kwargs
         if mask is None:
             causal = torch.ones(q_len, cols.shape[1], dtype=torch.bool, device=cols.device).tril(cols.shape[1] - q_len)
@@ -198,7 +202,7 @@ class DecoderStage:
                 mask = torch.gather(mask, 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
         blocked, allowed = (False, True) if mask.dtype == torch.bool else (torch.finfo(mask.dtype).min, 0.0)
         mask = mask.masked_fill(~valid[:, None, None, :], blocked)
-        if prefill and not bool(comp.valid.all()):
+        if prefill and self._padded:
             diagonal = torch.eye(q_len, dtype=torch.bool, device=mask.device)[None, None] & ~comp.valid[:, None, :, None]
             mask = mask.masked_fill(diagonal, allowed)
         kwargs["attention_mask"] = mask

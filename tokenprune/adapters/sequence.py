@@ -44,10 +44,6 @@ class Compaction:
     def length_out(self) -> int:
         return self.source.shape[1]
 
-    @property
-    def is_identity(self) -> bool:
-        return self.length_out == self.length_in and bool(self.valid.all())
-
     def gather(self, values: Tensor, fill: int | float = 0) -> Tensor:
         """`values` `[B, P, ...]` at the kept columns, `[B, P', ...]`; `fill` at added padding."""
         index = self.source.view(*self.source.shape, *([1] * (values.dim() - 2)))
