@@ -23,7 +23,7 @@ def test_list_json_names_roles_origins_params():
     assert runner.invoke(app, ["list"]).exit_code == 0
 
 
-@pytest.mark.parametrize("command", ["list", "run", "compare", "visualize"])
+@pytest.mark.parametrize("command", ["list", "run", "compare", "visualize", "bench"])
 def test_help_has_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .bench_cmd import bench_command
 from .compare_cmd import compare_command
 from .list_cmd import list_command
 from .run_cmd import run_command
@@ -19,6 +20,7 @@ app.command("list")(list_command)
 app.command("run")(run_command)
 app.command("compare")(compare_command)
 app.command("visualize")(visualize_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -1,0 +1,213 @@
+"""Speed and memory of pipelines on full-size architectures with random weights, side by side with
+reference rows measured in the same run:
+
+* `unpruned`: the model as HF runs it;
+* `oracle`: the LLM fed only k visual tokens per image, no scoring (the prompt holds k placeholders
+  and the tower's features are cut to k before the projector) — the best any pruner can do;
+* `official`: VTC-CLS as its official code computes it: the whole tower in eager attention with
+  `output_attentions=True`, [CLS] row of the penultimate block, top-k, then the LLM on k tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from .apply import apply
+from .errors import InputError
+from .flops import llm_flops
+
+TEXT_TOKENS = 32  # prompt words around the image
+
+ARCHS: dict[str, dict[str, dict[str, Any]]] = {
+    "llava-1.5-7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+    },
+    "llava-1.5-13b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                     num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096),
+    },
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
+    },
+}
+
+
+def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA of the named architecture's shapes."""
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    shapes = ARCHS[arch]
+    text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text,
+                         image_token_id=text.vocab_size - 1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders."""
+    config, device = model.config, model.device
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(3, config.image_token_id, (batch, TEXT_TOKENS), generator=g)
+    image = torch.full((batch, image_tokens), config.image_token_id)
+    ids = torch.cat([words[:, :4], image, words[:, 4:]], dim=1).to(device)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g).to(device, model.dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
+    """Median wall time in ms of `fn` over `repeats` runs after one warm-up."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+@contextmanager
+def features_cut_to(model: nn.Module, select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside, the projector receives `select(features)` (the oracle and official routes)."""
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (select(a[0]),))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def official_route(model: nn.Module, k: int) -> Iterator[None]:
+    """VTC-CLS as the official code runs it: eager tower with every attention map, then top-k."""
+    tower = model.model.vision_tower
+    captured: dict[str, Any] = {}
+    previous = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+
+    def with_attentions(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        return args, {**kwargs, "output_attentions": True}
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        captured["cls"] = output.attentions[-2].mean(dim=1)[:, 0, 1:]
+
+    def select(features: torch.Tensor) -> torch.Tensor:
+        index = captured.pop("cls").topk(k, dim=1).indices.sort(dim=1).values
+        return features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
+
+    handles = [tower.register_forward_pre_hook(with_attentions, with_kwargs=True),
+               tower.register_forward_hook(keep, with_kwargs=True)]
+    try:
+        with features_cut_to(model, select):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        tower.config._attn_implementation = previous
+
+
+def measure(model: nn.Module, batch_inputs: dict[str, torch.Tensor], new_tokens: int, repeats: int,
+            device: str) -> dict[str, float | None]:
+    """Time to first token, decode throughput and peak memory of `generate` on `batch_inputs`."""
+    generate = lambda n: model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                        do_sample=False)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        ttft = timed(lambda: generate(1), repeats, device)
+        total = timed(lambda: generate(new_tokens), repeats, device)
+    batch = batch_inputs["input_ids"].shape[0]
+    return {
+        "ttft_ms": ttft,
+        "decode_tok_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9) * 1000,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
+
+
+def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device: str) -> float:
+    """Vision tower plus projector, as `get_image_features` runs them."""
+    with torch.inference_mode():
+        return timed(lambda: model.model.get_image_features(pixel_values=pixel_values), repeats, device)
+
+
+def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
+        dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Every reference and strategy row, measured in one process on one model.
+
+    `encode_ms` is the tower plus projector (`get_image_features`); `scoring_overhead_ms` is a
+    row's `encode_ms` minus the oracle's at the same k and batch (both project k tokens).
+    """
+    model = build(arch, dtype, device, seed)
+    text = model.config.text_config
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, spec: str, k: int, batch: int, layer_tokens: list[int], pixels: torch.Tensor,
+            batch_inputs: dict[str, torch.Tensor]) -> None:
+        flops = llm_flops(text, 0, layer_tokens)
+        rows.append({"row": name, "spec": spec, "kept": k, "batch": batch,
+                     "encode_ms": encode_ms(model, pixels, repeats, device),
+                     **measure(model, batch_inputs, new_tokens, repeats, device),
+                     "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
+
+    layers = text.num_hidden_layers
+    for batch in batches:
+        full = inputs(model, batch, n, seed)
+        pixels = full["pixel_values"]
+        add("unpruned", "", n, batch, [TEXT_TOKENS + n] * layers, pixels, full)
+        for k in budgets:
+            short = inputs(model, batch, k, seed)
+            with features_cut_to(model, lambda f, k=k: f[:, :k]):
+                add("oracle", "", k, batch, [TEXT_TOKENS + k] * layers, pixels, short)
+            oracle = rows[-1]["encode_ms"]
+            with official_route(model, k):
+                add("official", "vtc-cls (official route)", k, batch, [TEXT_TOKENS + k] * layers, pixels, short)
+            rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
+            for strategy in strategies:
+                spec = f"{strategy}@{k}"
+                with apply(model, spec) as applied:
+                    with torch.inference_mode():
+                        model(**inputs(model, 1, n, seed))
+                    forward = applied.trace[-1]
+                    add(strategy, spec, k, batch, forward.layer_tokens or [forward.seq_len_out] * layers, pixels, full)
+                rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The rows as a markdown table, with TTFT speed-ups against the unpruned row of each batch."""
+    base = {r["batch"]: r["ttft_ms"] for r in rows if r["row"] == "unpruned"}
+    lines = [f"### {title}", "",
+             "| row | spec | kept | batch | encode ms | scoring overhead ms | TTFT ms | TTFT speed-up | decode tok/s | peak GB | LLM FLOPs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        over = r.get("scoring_overhead_ms")
+        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        lines.append(
+            f"| {r['row']} | `{r['spec'] or '-'}` | {r['kept']} | {r['batch']} | {r['encode_ms']:.1f} | "
+            f"{'-' if over is None else f'{over:.1f}'} | {r['ttft_ms']:.1f} | {base[r['batch']] / r['ttft_ms']:.2f}x | "
+            f"{r['decode_tok_s']:.0f} | {mem} | {r['flops_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,50 @@
+"""`tokenprune bench`: speed and memory on full-size architectures with random weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from ..bench import ARCHS, markdown, run
+from ..errors import SpecError
+from ..pipeline import Pipeline
+from ..spec import split_top_level
+from ..versions import environment
+from .common import user_errors
+
+
+@user_errors
+def bench_command(
+    arch: str = typer.Option("llava-1.5-7b", help=f"Architecture: {', '.join(ARCHS)}."),
+    strategies: str = typer.Option("vtc-cls", help="Comma-separated specs without budget."),
+    budgets: str = typer.Option("576,192,128,64", help="Comma-separated token counts per image."),
+    batch: str = typer.Option("1,16", help="Comma-separated batch sizes."),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Torch device."),
+    dtype: str = typer.Option("bfloat16", help="Weights and activations dtype."),
+    repeats: int = typer.Option(5, min=1, help="Timed repeats per measurement (median)."),
+    new_tokens: int = typer.Option(16, min=2, help="Tokens generated for the decode rate."),
+    seed: int = typer.Option(0, help="Seed for weights and inputs."),
+    out: Path = typer.Option(Path("tokenprune-bench"), help="Output directory."),
+) -> None:
+    """Time unpruned, oracle, official-route and strategy rows side by side (random weights).
+
+    Example: tokenprune bench --arch llava-1.5-7b --strategies vtc-cls,fastv --budgets 576,64 --batch 1,16
+    """
+    names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()]
+    counts = [int(b) for b in budgets.split(",") if b.strip()]
+    sizes = [int(b) for b in batch.split(",") if b.strip()]
+    if not counts or not sizes:
+        raise SpecError("--budgets and --batch need at least one value each")
+    for name in names:
+        Pipeline.from_spec(f"{name}@1")
+    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed)
+    meta = {"arch": arch, "dtype": dtype, "seed": seed, "repeats": repeats, "new_tokens": new_tokens,
+            **environment()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = markdown(rows, f"{arch}, {dtype}, {meta['device']}")
+    (out / "bench.md").write_text(table)
+    typer.echo(table)
