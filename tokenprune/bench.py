@@ -165,34 +165,33 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, spec: str, k: int, batch: int, layer_tokens: list[int], pixels: torch.Tensor,
-            batch_inputs: dict[str, torch.Tensor]) -> None:
-        flops = llm_flops(text, 0, layer_tokens)
-        rows.append({"row": name, "spec": spec, "kept": k, "batch": batch,
-                     "encode_ms": encode_ms(model, pixels, repeats, device),
-                     **measure(model, batch_inputs, new_tokens, repeats, device),
-                     "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
+    def add(name: str, spec: str, k: int, batch: int, pixels: torch.Tensor,
+            batch_inputs: dict[str, torch.Tensor], layer_tokens: Callable[[], list[int]]) -> None:
+        """Measure one row; `layer_tokens` is read after the timed runs (a strategy's trace)."""
+        row = {"row": name, "spec": spec, "kept": k, "batch": batch,
+               "encode_ms": encode_ms(model, pixels, repeats, device),
+               **measure(model, batch_inputs, new_tokens, repeats, device)}
+        flops = llm_flops(text, 0, layer_tokens())
+        rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
 
     layers = text.num_hidden_layers
     for batch in batches:
         full = inputs(model, batch, n, seed)
         pixels = full["pixel_values"]
-        add("unpruned", "", n, batch, [TEXT_TOKENS + n] * layers, pixels, full)
+        add("unpruned", "", n, batch, pixels, full, lambda: [TEXT_TOKENS + n] * layers)
         for k in budgets:
             short = inputs(model, batch, k, seed)
             with features_cut_to(model, lambda f, k=k: f[:, :k]):
-                add("oracle", "", k, batch, [TEXT_TOKENS + k] * layers, pixels, short)
+                add("oracle", "", k, batch, pixels, short, lambda k=k: [TEXT_TOKENS + k] * layers)
             oracle = rows[-1]["encode_ms"]
             with official_route(model, k):
-                add("official", "vtc-cls (official route)", k, batch, [TEXT_TOKENS + k] * layers, pixels, short)
+                add("official", "vtc-cls (official route)", k, batch, pixels, short,
+                    lambda k=k: [TEXT_TOKENS + k] * layers)
             rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
             for strategy in strategies:
                 spec = f"{strategy}@{k}"
                 with apply(model, spec) as applied:
-                    with torch.inference_mode():
-                        model(**inputs(model, 1, n, seed))
-                    forward = applied.trace[-1]
-                    add(strategy, spec, k, batch, forward.layer_tokens or [forward.seq_len_out] * layers, pixels, full)
+                    add(strategy, spec, k, batch, pixels, full, lambda: applied.trace[-1].tokens_per_layer())
                 rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
     return rows
 

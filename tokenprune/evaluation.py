@@ -101,7 +101,7 @@ def first_token_logprobs(
                 with apply(model, pipeline) as run:
                     logits = model(**inputs).logits[:, -1]
                 forward = run.trace[-1]
-                lengths.append(forward.layer_tokens or [forward.seq_len_out] * layers)
+                lengths.append(forward.tokens_per_layer())
                 kept.append(forward.stages[-1].tokens_out)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -63,14 +63,17 @@ class ForwardRecord:
     layer_tokens: list[int] | None = None
     llm_shape: tuple[int, int, int] | None = None
 
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens each decoder layer saw in this prefill (needs `llm_shape`)."""
+        return self.layer_tokens or [self.seq_len_out] * self.llm_shape[2]
+
     def llm_flops(self) -> dict[str, float] | None:
         """Theoretical LLM prefill FLOPs per sequence (FastV's formula; scoring overhead not
         counted): `{"pruned", "unpruned", "ratio"}`."""
         if self.llm_shape is None:
             return None
         d, m, layers = self.llm_shape
-        counts = self.layer_tokens or [self.seq_len_out] * layers
-        pruned = prefill_flops(counts, d, m)
+        pruned = prefill_flops(self.tokens_per_layer(), d, m)
         unpruned = prefill_flops([self.seq_len_in] * layers, d, m)
         return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned}
 
