@@ -24,7 +24,8 @@ from .common import print_json, user_errors
 
 
 def default_strategies(model: Any) -> list[str]:
-    """Every registered strategy that runs before the LLM on this model with its defaults."""
+    """Every registered strategy that this model's adapter runs with its defaults (scorers with
+    their default selector and place, and score-free selectors)."""
     adapter = find_adapter(model)
     names = []
     for name, entry in list_strategies().items():
@@ -76,8 +77,9 @@ def compare_command(
     hf_model, processor = load(model, device=device)
     names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()] or default_strategies(hf_model)
     plan = expand(names, budget_list)
+    adapter = find_adapter(hf_model)
     for _, _, pipeline in plan:
-        find_adapter(hf_model).check(pipeline)
+        adapter.check(pipeline)
     samples = jsonl_samples(data, limit) if data is not None else demo_samples(limit)
     answers = answer_ids(processor, samples)
     text_config = hf_model.config.get_text_config()

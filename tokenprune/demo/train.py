@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from ..models import build_prompt
 from .data import normalise, render_split
-from .scenes import COLOURS, SHAPES, presence_labels, vocabulary
+from .scenes import COLOURS, SHAPES, make_question, presence_labels, sample, vocabulary
 from .tokenizer import llava_processor
 
 IMAGE, PATCH = 96, 8
@@ -90,10 +92,7 @@ def encode_questions(processor: Any, questions: list[Any]) -> tuple[torch.Tensor
     prompts = {}
     for q in questions:
         if q.text not in prompts:
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}],
-                add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False).input_ids
+            ids = tok(build_prompt(processor, q.text), add_special_tokens=False).input_ids
             at = ids.index(image_id)
             prompts[q.text] = ids[:at] + [image_id] * N_TOKENS + ids[at + 1:]
         prompt = prompts[q.text]
@@ -173,16 +172,10 @@ def train_llava(vit: CLIPVisionModel, processor: Any, images: torch.Tensor, ques
 @torch.no_grad()
 def accuracy(model: LlavaForConditionalGeneration, processor: Any, n: int, device: str) -> float:
     """Unpruned first-token accuracy on the first `n` evaluation questions (real processor path)."""
-    from .scenes import sample
-
     hits = 0
     for start in range(0, n, 250):
         pairs = [sample("eval", i) for i in range(start, min(n, start + 250))]
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}],
-            add_generation_prompt=True) for _, q in pairs]
-        from PIL import Image
-
+        texts = [build_prompt(processor, q.text) for _, q in pairs]
         inputs = processor(images=[Image.fromarray(s.render()) for s, _ in pairs], text=texts,
                            return_tensors="pt", padding=True).to(device)
         pred = model(**inputs).logits[:, -1].argmax(-1).tolist()
@@ -210,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     processor = llava_processor(vocabulary(), IMAGE, PATCH)
     images, scenes, _ = render_split("train", args.scenes, args.workers)
     q_per = args.questions_per_scene
-    # extra questions per scene come from later indices' question generators on the same scenes
-    rng = np.random.default_rng(7)
-    from .scenes import make_question
-
+    rng = np.random.default_rng(7)  # questions_per_scene fresh questions per training scene
     questions = [make_question(s, rng) for s in scenes for _ in range(q_per)]
     rendered = time.time()
     images_t = torch.from_numpy(images).to(args.device)
