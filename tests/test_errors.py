@@ -2,11 +2,17 @@
 
 import pytest
 import torch
+from conftest import N_PATCHES, images
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
-from tokenprune.errors import BudgetError, ScoreError, SpecError, UnknownStrategyError, UnsupportedModelError
+from tokenprune.errors import (
+    BudgetError,
+    ScoreError,
+    SpecError,
+    UnknownStrategyError,
+    UnsupportedModelError,
+)
 
 
 @pytest.mark.parametrize("budget", [0, -3])

@@ -14,17 +14,26 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    StaticCache,
+)
 
 from .apply import apply
 from .errors import InputError
 from .flops import llm_flops
+from .pipeline import Pipeline
 
 TEXT_TOKENS = 32  # prompt words around the image
+COMPILE_MODES = ("cudagraphs", "reduce-overhead")
 
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "llava-1.5-7b": {
@@ -74,10 +83,40 @@ def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
-    """Median wall time in ms of `fn` over `repeats` runs after one warm-up."""
+def compile_model(model: nn.Module, mode: str) -> None:
+    """Compile the vision tower and the LLM, each as one graph per input shape (`dynamic=False`):
+    `cudagraphs` (the eager kernels captured as CUDA graphs, quick to compile) or `reduce-overhead`
+    (inductor kernels replayed as CUDA graphs, slower to compile). Whole modules, not layers: CUDA
+    graph trees would let one layer's replay overwrite the outputs of the previous layer. The
+    scoring and sequence rewrite between tower and LLM stay eager (data-dependent shapes).
+    `generate` runs on a pre-initialised static KV cache (`static_cache`), and its own
+    whole-model compile is disabled."""
+    if mode not in COMPILE_MODES:
+        raise InputError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
+    config = torch._dynamo.config
+    config.recompile_limit = config.accumulated_recompile_limit = 256  # one entry per shape and hook set
+    config.skip_nnmodule_hook_guards = False  # pruning hooks come and go between rows
+    model.generation_config.disable_compile = True
+    options: dict[str, Any] = {"backend": "cudagraphs"} if mode == "cudagraphs" else {"mode": mode}
+    for module in (model.model.vision_tower, model.model.language_model):
+        module.compile(dynamic=False, **options)
+
+
+def static_cache(model: nn.Module, batch: int, length: int) -> StaticCache:
+    """A static KV cache of `length` positions, allocated up front so its buffers have fixed
+    addresses (CUDA graphs) and the compiled layers never see its lazy initialisation."""
+    text = model.config.text_config
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache.early_initialization(batch, text.num_key_value_heads, head_dim, model.dtype, model.device)
+    return cache
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: str, warmup: int = 1) -> float:
+    """Median wall time in ms of `fn` over `repeats` runs after `warmup` runs."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
+    for _ in range(warmup):
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -100,11 +139,13 @@ def features_cut_to(model: nn.Module, select: Callable[[torch.Tensor], torch.Ten
 
 @contextmanager
 def official_route(model: nn.Module, k: int) -> Iterator[None]:
-    """VTC-CLS as the official code runs it: eager tower with every attention map, then top-k."""
+    """VTC-CLS as the official code runs it: eager tower with every attention map, then top-k.
+    The tower runs uncompiled here (as in the official code) even when the model is compiled."""
     tower = model.model.vision_tower
     captured: dict[str, Any] = {}
     previous = tower.config._attn_implementation
     tower.config._attn_implementation = "eager"
+    compiled, tower._compiled_call_impl = tower._compiled_call_impl, None
 
     def with_attentions(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         return args, {**kwargs, "output_attentions": True}
@@ -125,19 +166,27 @@ def official_route(model: nn.Module, k: int) -> Iterator[None]:
         for handle in handles:
             handle.remove()
         tower.config._attn_implementation = previous
+        tower._compiled_call_impl = compiled
 
 
 def measure(model: nn.Module, batch_inputs: dict[str, torch.Tensor], new_tokens: int, repeats: int,
-            device: str) -> dict[str, float | None]:
-    """Time to first token, decode throughput and peak memory of `generate` on `batch_inputs`."""
-    generate = lambda n: model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
-                                        do_sample=False)
+            device: str, warmup: int = 1, cache: StaticCache | None = None) -> dict[str, float | None]:
+    """Time to first token, decode throughput and peak memory of `generate` on `batch_inputs`
+    (with `cache`: on that static cache, reset before each call)."""
+
+    def generate(n: int) -> Any:
+        extra = {}
+        if cache is not None:
+            cache.reset()
+            extra["past_key_values"] = cache
+        return model.generate(**batch_inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        ttft = timed(lambda: generate(1), repeats, device)
-        total = timed(lambda: generate(new_tokens), repeats, device)
+        ttft = timed(lambda: generate(1), repeats, device, warmup)
+        total = timed(lambda: generate(new_tokens), repeats, device, warmup)
     batch = batch_inputs["input_ids"].shape[0]
     return {
         "ttft_ms": ttft,
@@ -146,20 +195,31 @@ def measure(model: nn.Module, batch_inputs: dict[str, torch.Tensor], new_tokens:
     }
 
 
-def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device: str) -> float:
+def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device: str, warmup: int = 1) -> float:
     """Vision tower plus projector, as `get_image_features` runs them."""
     with torch.inference_mode():
-        return timed(lambda: model.model.get_image_features(pixel_values=pixel_values), repeats, device)
+        return timed(lambda: model.model.get_image_features(pixel_values=pixel_values), repeats, device, warmup)
 
 
 def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
-        dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
+        dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0,
+        compile_mode: str | None = None) -> list[dict[str, Any]]:
     """Every reference and strategy row, measured in one process on one model.
 
     `encode_ms` is the tower plus projector (`get_image_features`); `scoring_overhead_ms` is a
-    row's `encode_ms` minus the oracle's at the same k and batch (both project k tokens).
+    row's `encode_ms` minus the oracle's at the same k and batch (both project k tokens). With
+    `compile_mode`, every row (references too) runs the compiled model, after three warm-up runs
+    (compilation, CUDA-graph recording).
     """
+    if compile_mode is not None:
+        in_llm = [s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(f"{s}@1").stages)]
+        if in_llm:
+            raise InputError(f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}")
     model = build(arch, dtype, device, seed)
+    warmup = 1
+    if compile_mode is not None:
+        compile_model(model, compile_mode)
+        warmup = 3
     text = model.config.text_config
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
@@ -168,9 +228,12 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     def add(name: str, spec: str, k: int, batch: int, pixels: torch.Tensor,
             batch_inputs: dict[str, torch.Tensor], layer_tokens: Callable[[], list[int]]) -> None:
         """Measure one row; `layer_tokens` is read after the timed runs (a strategy's trace)."""
+        cache = None
+        if compile_mode is not None:
+            cache = static_cache(model, batch, batch_inputs["input_ids"].shape[1] + new_tokens)
         row = {"row": name, "spec": spec, "kept": k, "batch": batch,
-               "encode_ms": encode_ms(model, pixels, repeats, device),
-               **measure(model, batch_inputs, new_tokens, repeats, device)}
+               "encode_ms": encode_ms(model, pixels, repeats, device, warmup),
+               **measure(model, batch_inputs, new_tokens, repeats, device, warmup, cache)}
         flops = llm_flops(text, 0, layer_tokens())
         rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
 
@@ -210,3 +273,27 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{'-' if over is None else f'{over:.1f}'} | {r['ttft_ms']:.1f} | {base[r['batch']] / r['ttft_ms']:.2f}x | "
             f"{r['decode_tok_s']:.0f} | {mem} | {r['flops_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """TTFT speed-up over unpruned against kept tokens, one panel per batch size, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        group = [r for r in rows if r["batch"] == batch]
+        base = next(r["ttft_ms"] for r in group if r["row"] == "unpruned")
+        for name in dict.fromkeys(r["row"] for r in group if r["row"] != "unpruned"):
+            points = sorted((r["kept"], base / r["ttft_ms"]) for r in group if r["row"] == name)
+            ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if name in ("oracle", "official") else "-")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="visual tokens kept per image", ylabel="TTFT speed-up vs unpruned", title=f"batch {batch}")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import N_PATCHES, images
 from reference import manual_greedy
+
+import tokenprune as tp
+from tokenprune.errors import InputError
 
 QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding
 
@@ -100,6 +101,23 @@ def test_generate_equals_manual_decode_loop(tiny, positions):
         gen = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
         manual = manual_greedy(tiny.model, inputs, steps)
     assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], manual)
+
+
+@torch.no_grad()
+def test_static_cache_generate_equals_dynamic(tiny):
+    """`cache_implementation="static"` (4D decode masks built by generate) decodes the same tokens."""
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=3))
+    with tp.apply(tiny.model, "vtc-cls@5"):
+        dynamic = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        static = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+@torch.no_grad()
+def test_llm_stage_refuses_static_cache(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2))
+    with tp.apply(tiny.model, "fastv@4@llm:1"), pytest.raises(InputError, match="dynamic KV cache"):
+        tiny.model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ def test_bench_tiny_writes_every_row(tmp_path):
             assert r["llm_flops"] == prefill_flops(tokens, d, m)
         assert r["flops_ratio"] == r["llm_flops"] / full
         assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["peak_mem_gb"] is None
-    assert "| official |" in (tmp_path / "bench.md").read_text()
+    assert "| official |" in (tmp_path / "bench.md").read_text() and (tmp_path / "bench.png").stat().st_size > 0
 
 
 def test_bench_unknown_arch_lists_known(tmp_path):

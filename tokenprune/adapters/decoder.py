@@ -124,6 +124,11 @@ class DecoderStage:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == self.k and self._prefill is not None:
+                if getattr(kwargs.get("past_key_values"), "is_compileable", False):
+                    raise InputError(
+                        f"{self.stage.to_spec()!r}: llm:K stages need a dynamic KV cache (layers K.. cache "
+                        "fewer tokens); static caches (cache_implementation='static') work with projector stages only"
+                    )
                 hidden = self._prune(hidden)
             kwargs = self._remap(kwargs, prefill=self._prefill is not None, q_len=hidden.shape[1])
             return (hidden,) + tuple(args[1:]), kwargs
@@ -134,7 +139,7 @@ class DecoderStage:
         if not isinstance(self.signal, TextAttention):
             return {}
         cos, sin = self._captured.pop("rope")
-        expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        expand = lambda t: t.expand(batch, *t.shape[1:])
         rows = received_attention(self._captured.pop("q"), self._captured.pop("k"), expand(cos), expand(sin),
                                   self.layers[self.signal.layer].self_attn, self._prefill.key_mask, self.signal.query)
         p = self._prefill

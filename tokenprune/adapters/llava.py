@@ -45,6 +45,13 @@ def _has_cls(vision_tower: nn.Module) -> bool:
     return getattr(embeddings, "class_embedding", None) is not None
 
 
+def _key_mask(mask: Tensor, length: int) -> Tensor:
+    """The 2D key mask `[B, length]` (1 = attend) behind a causal 4D mask `[B, 1, q, L]`, as
+    `generate` builds them for static caches: its last query row sees every earlier valid key."""
+    row = mask[:, 0, -1, :length]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
 @register_adapter("llava")
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes before the projector and inside the LLM."""
@@ -208,7 +215,10 @@ class LlavaAdapter(ModelAdapter):
         new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
         features = features.to(embeds.device, embeds.dtype)
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
-        mask = comp.attention_mask(kw.get("attention_mask"))
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            mask = _key_mask(mask, input_ids.shape[1])
+        mask = comp.attention_mask(mask)
         self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
 
         image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
@@ -257,9 +267,9 @@ class LlavaAdapter(ModelAdapter):
         generated = past - comp.length_out
         mask = kw.get("attention_mask")
         if mask is not None:
-            if mask.dim() != 2:
-                raise InputError("tokenprune needs 2D attention masks (static/compiled caches are not supported yet)")
             expected = comp.length_in + generated + step
+            if mask.dim() == 4:
+                mask = _key_mask(mask, expected)
             if mask.shape[1] != expected:
                 raise InputError(
                     f"this forward continues a cache of {past} tokens, but its attention mask has "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import typer
 
-from ..bench import ARCHS, markdown, run
+from ..bench import ARCHS, COMPILE_MODES, markdown, plot, run
 from ..errors import SpecError
 from ..pipeline import Pipeline
 from ..spec import split_top_level
@@ -27,6 +27,8 @@ def bench_command(
     repeats: int = typer.Option(5, min=1, help="Timed repeats per measurement (median)."),
     new_tokens: int = typer.Option(16, min=2, help="Tokens generated for the decode rate."),
     seed: int = typer.Option(0, help="Seed for weights and inputs."),
+    compile: bool = typer.Option(False, "--compile", help="Static KV cache; tower and LLM compiled (CUDA graphs)."),
+    compile_mode: str = typer.Option("cudagraphs", help=f"With --compile: {', '.join(COMPILE_MODES)}."),
     out: Path = typer.Option(Path("tokenprune-bench"), help="Output directory."),
 ) -> None:
     """Time unpruned, oracle, official-route and strategy rows side by side (random weights).
@@ -40,11 +42,14 @@ def bench_command(
         raise SpecError("--budgets and --batch need at least one value each")
     for name in names:
         Pipeline.from_spec(f"{name}@1")
-    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed)
+    mode = compile_mode if compile else None
+    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed, mode)
     meta = {"arch": arch, "dtype": dtype, "seed": seed, "repeats": repeats, "new_tokens": new_tokens,
-            **environment()}
+            "compile": mode, **environment()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = markdown(rows, f"{arch}, {dtype}, {meta['device']}")
+    title = f"{arch}, {dtype}, {meta['device']}" + (f", compiled ({mode})" if mode else "")
+    table = markdown(rows, title)
     (out / "bench.md").write_text(table)
+    plot(rows, out / "bench.png", title)
     typer.echo(table)
