@@ -36,7 +36,7 @@ class Pool(Selector):
         if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
             rows, cols = bins(grid[0], side), bins(grid[1], side)
             weights = torch.einsum("ih,jw->ijhw", rows, cols).reshape(k, n)  # separable 2D bins
-            centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2
+            centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2  # noqa: E731
             index = (centre(rows)[:, None] * grid[1] + centre(cols)[None, :]).flatten()
         else:
             weights = bins(n, k)

@@ -36,7 +36,7 @@ def bipartite_round(x: Tensor, size: Tensor, weights: Tensor, index: Tensor, r: 
     weights = merge(weights * size.unsqueeze(-1)) / mass.unsqueeze(-1)
     index = torch.cat([index[:, a_idx].gather(1, keep_a), index[:, b_idx]], dim=1)
     order = index.sort(dim=1).indices  # keep outputs in ascending representative order
-    take = lambda t: t.gather(1, order.view(b, -1, *([1] * (t.dim() - 2))).expand_as(t))
+    take = lambda t: t.gather(1, order.view(b, -1, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
     return take(x), take(mass), take(weights), take(index)
 
 

@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from tokenprune.demo.tokenizer import llava_processor
 from tokenprune.models import build_prompt, load
 
-WORDS = ["what", "colour", "is", "the", "square", "circle", "red", "blue", "green", "yes", "no", "left", "right", "how", "many"]
+WORDS = "what colour is the square circle red blue green yes no left right how many".split()
 IMAGE, PATCH = 32, 8
 N_PATCHES = (IMAGE // PATCH) ** 2  # 16
 

@@ -3,9 +3,9 @@ exact output count, keep-all bit-identical, batch equals per-sample, model resto
 
 import pytest
 import torch
-from conftest import N_PATCHES, images
 
 import tokenprune as tp
+from conftest import N_PATCHES, images
 
 
 def spec_for(name: str, budget) -> str:

@@ -2,17 +2,11 @@
 
 import pytest
 import torch
-from conftest import N_PATCHES, images
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
-from tokenprune.errors import (
-    BudgetError,
-    ScoreError,
-    SpecError,
-    UnknownStrategyError,
-    UnsupportedModelError,
-)
+from conftest import N_PATCHES, images
+from tokenprune.errors import BudgetError, ScoreError, SpecError, UnknownStrategyError, UnsupportedModelError
 
 
 @pytest.mark.parametrize("budget", [0, -3])

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import images
 from test_contract import check_contract
-
 from tokenprune.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]

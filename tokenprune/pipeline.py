@@ -11,13 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, field_validator, model_serializer, model_validator
 
 from .budget import Budget, check_budget, format_budget
 from .errors import PlaceError, SpecError, TokenpruneError

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import N_PATCHES, images
-from reference import manual_greedy
 
 import tokenprune as tp
+from conftest import N_PATCHES, images
+from reference import manual_greedy
 from tokenprune.errors import InputError
 
 QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from conftest import N_PATCHES, images
 from typer.testing import CliRunner
 
+from conftest import N_PATCHES, images
 from tokenprune.cli.app import app
 from tokenprune.flops import layer_flops
 

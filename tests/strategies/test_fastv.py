@@ -3,11 +3,11 @@ generate() against a manual decode loop, and composition with a projector stage.
 
 import pytest
 import torch
-from conftest import N_PATCHES, images
-from reference import manual_greedy, topk_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
+from conftest import N_PATCHES, images
+from reference import manual_greedy, topk_reference
 from tokenprune.flops import layer_flops
 
 QUESTIONS = ["what colour is the square", "how many"]

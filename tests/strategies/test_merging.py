@@ -66,7 +66,7 @@ def tome_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     while len(tokens) > k:
         r = min(len(tokens) - k, len(tokens) // 2)
         a, b = tokens[0::2], tokens[1::2]
-        unit = lambda v: v / v.norm()
+        unit = lambda v: v / v.norm()  # noqa: E731
         best = []
         for i, (va, _, _) in enumerate(a):
             sims = [float(unit(va) @ unit(vb)) for vb, _, _ in b]

@@ -3,10 +3,10 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import topk_reference
-from tokenprune.strategies.uniform import lattice_indices
 
 import tokenprune as tp
+from reference import topk_reference
+from tokenprune.strategies.uniform import lattice_indices
 
 
 @st.composite

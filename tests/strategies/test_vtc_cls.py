@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import images
-from reference import cls_attention_eager, topk_reference
 
 import tokenprune as tp
+from conftest import images
+from reference import cls_attention_eager, topk_reference
 
 
 def kept(tiny, spec: str, n_images: int = 3):

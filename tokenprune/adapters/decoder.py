@@ -139,7 +139,7 @@ class DecoderStage:
         if not isinstance(self.signal, TextAttention):
             return {}
         cos, sin = self._captured.pop("rope")
-        expand = lambda t: t.expand(batch, *t.shape[1:])
+        expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
         rows = received_attention(self._captured.pop("q"), self._captured.pop("k"), expand(cos), expand(sin),
                                   self.layers[self.signal.layer].self_attn, self._prefill.key_mask, self.signal.query)
         p = self._prefill

@@ -44,7 +44,7 @@ class Compaction:
     def length_out(self) -> int:
         return self.source.shape[1]
 
-    def gather(self, values: Tensor, fill: float = 0) -> Tensor:
+    def gather(self, values: Tensor, fill: int | float = 0) -> Tensor:
         """`values` `[B, P, ...]` at the kept columns, `[B, P', ...]`; `fill` at added padding."""
         index = self.source.view(*self.source.shape, *([1] * (values.dim() - 2)))
         out = torch.gather(values, 1, index.expand(-1, -1, *values.shape[2:]))

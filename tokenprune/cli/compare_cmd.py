@@ -14,13 +14,7 @@ from .. import report
 from ..adapters.base import find_adapter
 from ..budget import format_budget
 from ..errors import SpecError, TokenpruneError
-from ..evaluation import (
-    answer_ids,
-    demo_samples,
-    first_token_logprobs,
-    jsonl_samples,
-    metrics,
-)
+from ..evaluation import answer_ids, demo_samples, first_token_logprobs, jsonl_samples, metrics
 from ..models import DEMO, load
 from ..pipeline import Pipeline
 from ..registry import list_strategies
@@ -93,7 +87,7 @@ def compare_command(
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("comparing", total=len(samples) * (len(plan) + 1))
-        step = lambda n: progress.advance(task, n)
+        step = lambda n: progress.advance(task, n)  # noqa: E731
         reference = first_token_logprobs(hf_model, processor, samples, None, batch_size, device, step)
         base = metrics(reference, reference, answers, text_config, len(samples))
         rows.append({"strategy": "unpruned", "budget": None, "spec": "", "kept": None, **base})
