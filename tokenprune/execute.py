@@ -35,7 +35,7 @@ def run_stage(
                 f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
                 f"expected [B, N] = {list(tokens.shape[:2])}"
             )
-    return stage.selector.reduce(tokens, scores, k, info.grid), scores
+    return stage.selector.reduce(tokens, scores, k, info.grid, signals), scores
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
@@ -45,5 +45,10 @@ def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
 
 
 def required_signals(stages: list[Stage], info: ModelInfo) -> set[Signal]:
-    """Every signal the scorers of `stages` ask for."""
-    return {sig for s in stages if s.scorer is not None for sig in s.scorer.signals(stage_info(s, info))}
+    """Every signal the scorers and selectors of `stages` ask for."""
+    wanted = set()
+    for stage in stages:
+        local = stage_info(stage, info)
+        wanted.update(stage.scorer.signals(local) if stage.scorer is not None else ())
+        wanted.update(stage.selector.signals(local))
+    return wanted

@@ -27,6 +27,17 @@ class ClsAttention(Signal):
     layer: int = Field(ge=0)
 
 
+class PatchKeys(Signal):
+    """Key projections of the patch tokens in one vision-encoder block (the [CLS] key dropped).
+
+    `heads="mean"`: averaged over heads, `[B, N, d_head]` (VisionZip's metric); `heads="concat"`:
+    the full projection, `[B, N, D]` (PruMerge's). `layer` is a non-negative block index.
+    """
+
+    layer: int = Field(ge=0)
+    heads: Literal["mean", "concat"] = "mean"
+
+
 class TextAttention(Signal):
     """Attention that visual tokens receive inside the LLM at decoder layer `layer`.
 

@@ -126,8 +126,14 @@ class Selector(Strategy):
     role: ClassVar[str] = "selector"
     needs_scores: ClassVar[bool] = True
 
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        """Model signals `select` reads (e.g. key projections to merge by); none by default. A
+        selector that lists any receives them as `select(..., signals=...)`."""
+        return ()
+
     def reduce(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        signals: Mapping[Signal, Tensor] | None = None,
     ) -> Reduction:
         """Validate the inputs, select, and check that exactly `k` tokens come out per image.
 
@@ -150,7 +156,8 @@ class Selector(Strategy):
                 raise ScoreError(
                     f"scores contain NaN (images {bad}); a scorer must return finite values or ±inf"
                 )
-        reduction = self.select(tokens, scores, k, grid)
+        extra = {"signals": signals or {}} if type(self).signals is not Selector.signals else {}
+        reduction = self.select(tokens, scores, k, grid, **extra)
         if reduction.index.shape != (b, k) or reduction.tokens.shape[:2] != (b, k):
             raise ScoreError(
                 f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {k})"

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import InputError
+from ..errors import InputError, SignalError
 from ..execute import run_stage, stage_info
 from ..pipeline import Stage
 from ..signals import TextAttention
@@ -79,6 +79,11 @@ class DecoderStage:
             raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
         self.info = stage_info(stage, info)
         self.signal = next(iter(stage.scorer.signals(self.info)), None) if stage.scorer else None
+        if stage.selector.signals(self.info):
+            raise SignalError(
+                f"{stage.to_spec()!r}: selector {stage.selector.name!r} reads vision-encoder signals, "
+                "which do not exist inside the LLM; run it at the projector"
+            )
         self._prefill: _Prefill | None = None
         self._keep: Compaction | None = None
         self._padded = False  # whether the compaction added padding (computed once per prefill)

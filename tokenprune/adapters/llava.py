@@ -15,13 +15,13 @@ from ..errors import InputError, PlaceError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
-from ..signals import ClsAttention
+from ..signals import ClsAttention, PatchKeys
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
 from .decoder import DecoderStage
 from .sequence import Compaction, compact
-from .vision import ClsAttentionProbe
+from .vision import VisionProbe
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -74,7 +74,8 @@ class LlavaAdapter(ModelAdapter):
         self._encoded: dict[str, Any] | None = None
         self._pipeline: Pipeline | None = None
         self._run: Run | None = None
-        self._probe: ClsAttentionProbe | None = None
+        self._probe: VisionProbe | None = None
+        self._signals: set = set()
         self._info: ModelInfo | None = None
         self._projector_stages: list[Stage] = []
         self._decoder: DecoderStage | None = None
@@ -105,11 +106,16 @@ class LlavaAdapter(ModelAdapter):
         if len(llm_stages) > 1:
             raise PlaceError("the llava adapter runs one llm:K stage per pipeline for now")
         signals = required_signals(self._projector_stages, info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention)]
+        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
         if unknown:
             raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
         encoder = _encoder_layers(self.core.vision_tower)
-        self._probe = ClsAttentionProbe({s.layer: encoder[s.layer].self_attn for s in signals})
+        self._signals = signals
+        self._probe = VisionProbe(
+            {s.layer: encoder[s.layer].self_attn for s in signals},
+            cls_layers={s.layer for s in signals if isinstance(s, ClsAttention)},
+            key_layers={s.layer for s in signals if isinstance(s, PatchKeys)},
+        )
         self._info = info
         handles = self._probe.attach()
         self._decoder = None
@@ -135,7 +141,11 @@ class LlavaAdapter(ModelAdapter):
         features = args[0]
         full = self.config.vision_feature_select_strategy == "full"
         tokens = features[:, 1:] if full else features
-        signals = {ClsAttention(layer=layer): row for layer, row in self._probe.rows.items()}
+        signals = {
+            s: self._probe.rows[s.layer] if isinstance(s, ClsAttention) else self._probe.patch_keys(s.layer, s.heads)
+            for s in self._signals
+            if s.layer in (self._probe.rows if isinstance(s, ClsAttention) else self._probe.keys)
+        }
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         records = []
         for stage in self._projector_stages:

@@ -1,4 +1,4 @@
-"""Cheap vision-encoder signals: [CLS] attention rows from a block's own q/k projections."""
+"""Cheap vision-encoder signals from a block's own q/k projections: [CLS] attention rows, patch keys."""
 
 from __future__ import annotations
 
@@ -26,21 +26,27 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
     return probs.mean(dim=1)[:, 0, 1:]
 
 
-class ClsAttentionProbe:
-    """Records `ClsAttention` rows of chosen blocks while the encoder runs, at no extra projection.
+class VisionProbe:
+    """Records vision-encoder signals of chosen blocks while the encoder runs, at no extra projection.
 
-    Forward hooks on each chosen block's `q_proj` and `k_proj` keep their outputs; once both fired,
-    the `[B, N]` row is computed from the [CLS] query and all keys (one `[B, H, 1, 1 + N]` product).
-    `attach` installs the hooks and returns their handles.
+    Forward hooks on each chosen block's `k_proj` (and `q_proj` for [CLS] rows) keep their outputs:
+    `rows[layer]` is the `[B, N]` [CLS] attention row (one `[B, H, 1, 1 + N]` product, once both
+    fired), `keys[layer]` the `[B, N, D]` patch keys. `attach` installs the hooks and returns them.
     """
 
-    def __init__(self, attention: Mapping[int, nn.Module]) -> None:
+    def __init__(self, attention: Mapping[int, nn.Module], cls_layers: set[int], key_layers: set[int]) -> None:
         self.attention = dict(attention)
+        self.cls_layers, self.key_layers = cls_layers, key_layers
         self.rows: dict[int, Tensor] = {}
+        self.keys: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
 
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            if part == "k" and layer in self.key_layers:
+                self.keys[layer] = output[:, 1:]
+            if layer not in self.cls_layers:
+                return
             pending = self._pending.setdefault(layer, {})
             pending[part] = output[:, :1] if part == "q" else output
             if len(pending) == 2:
@@ -56,6 +62,14 @@ class ClsAttentionProbe:
         """Install the hooks; the caller removes the returned handles."""
         handles = []
         for layer, attn in self.attention.items():
-            handles.append(attn.q_proj.register_forward_hook(self._hook(layer, "q")))
+            if layer in self.cls_layers:
+                handles.append(attn.q_proj.register_forward_hook(self._hook(layer, "q")))
             handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
         return handles
+
+    def patch_keys(self, layer: int, heads: str) -> Tensor:
+        """`PatchKeys` value: `[B, N, D]` keys, or `[B, N, d_head]` averaged over heads."""
+        keys = self.keys[layer]
+        if heads == "concat":
+            return keys
+        return rearrange(keys, "b n (h d) -> b n h d", h=self.attention[layer].num_heads).mean(dim=2)
