@@ -36,3 +36,62 @@ def manual_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
         out = model(input_ids=nxt, attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(tokens, dim=1)
+
+
+def patch_keys_eager(path: str, pixel_values: torch.Tensor, block: int) -> torch.Tensor:
+    """`[I, N, D]` key projections of the patch tokens in vision block `block`, recomputed from the
+    block's input hidden state (its pre-attention LayerNorm, then `k_proj`)."""
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    block %= len(layers)  # hidden_states[block] is the input of block `block` (0: the embeddings)
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states[block]
+        layer = layers[block]
+        return layer.self_attn.k_proj(layer.layer_norm1(hidden))[:, 1:]
+
+
+def prumerge_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor, k: int, neighbours: int):
+    """PruMerge on one image with loops: `(index, tokens, weights)` in ascending index order."""
+    n = x.shape[0]
+    if k == n:
+        return list(range(n)), x.double(), None
+    kept = topk_reference(scores, k - 1 if k > 1 else 1)
+    unit = torch.nn.functional.normalize(keys.double(), dim=-1)
+    rows = []
+    for i in kept:
+        others = sorted((j for j in range(n) if j != i), key=lambda j: (-float(unit[i] @ unit[j]), j))
+        w = [0.0] * n
+        w[i] = 1.0
+        for j in others[:min(neighbours, n - 1)]:
+            w[j] = scores[j]
+        rows.append((i, w))
+    if k > 1:
+        pruned = [j for j in range(n) if j not in kept]
+        best = max(pruned, key=lambda j: (scores[j], -j))
+        rows.append((best, [scores[j] if j in pruned else 0.0 for j in range(n)]))
+    rows.sort()
+    weights = torch.tensor([w for _, w in rows], dtype=torch.float64)
+    tokens = weights @ x.double()
+    return [i for i, _ in rows], tokens, weights / weights.sum(-1, keepdim=True)
+
+
+def visionzip_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor, k: int, c: int):
+    """VisionZip on one image with loops: `(index, tokens)` in ascending index order."""
+    n = x.shape[0]
+    c = min(c, k - 1)
+    dominant = topk_reference(scores, k - c)
+    rest = [j for j in range(n) if j not in dominant]
+    outputs = [(i, x[i].double()) for i in dominant]
+    if c:
+        step = max(1, len(rest) // c)
+        targets = [rest[t] for t in range(0, len(rest), step)][:c]
+        unit = torch.nn.functional.normalize(keys.double(), dim=-1)
+        groups = {t: [t] for t in targets}
+        for j in rest:
+            if j not in groups:
+                sims = [float(unit[j] @ unit[t]) for t in targets]
+                groups[targets[sims.index(max(sims))]].append(j)
+        outputs += [(t, torch.stack([x[m].double() for m in members]).mean(0)) for t, members in groups.items()]
+    outputs.sort(key=lambda o: o[0])
+    return [i for i, _ in outputs], torch.stack([t for _, t in outputs])

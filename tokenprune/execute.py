@@ -35,7 +35,10 @@ def run_stage(
                 f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
                 f"expected [B, N] = {list(tokens.shape[:2])}"
             )
-    return stage.selector.reduce(tokens, scores, k, info.grid, signals), scores
+    wanted = stage.selector.signals(info)
+    context = ScoringContext(tokens=tokens, info=info, signals=signals)
+    given = {s: context[s] for s in wanted} if wanted else None
+    return stage.selector.reduce(tokens, scores, k, info.grid, given), scores
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:

@@ -128,7 +128,7 @@ class Selector(Strategy):
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         """Model signals `select` reads (e.g. key projections to merge by); none by default. A
-        selector that lists any receives them as `select(..., signals=...)`."""
+        selector that lists any receives exactly those as `select(..., signals={signal: value})`."""
         return ()
 
     def reduce(

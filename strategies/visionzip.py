@@ -1,0 +1,76 @@
+"""VisionZip (arXiv 2412.04467): dominant tokens by [CLS] attention plus merged contextual tokens."""
+
+from collections.abc import Mapping
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenprune.errors import SignalError
+from tokenprune.reduction import Reduction
+from tokenprune.registry import register
+from tokenprune.signals import PatchKeys, Signal
+from tokenprune.strategies.vtc_cls import VTCCLS
+from tokenprune.strategy import ModelInfo, Selector
+
+
+@register("visionzip")
+class VisionZip(VTCCLS):
+    """VisionZip's scorer: [CLS] attention of the block the projector reads (the official code:
+    `attentions[select_layer]`, summed over heads, the same ranking as the head mean), paired with
+    `visionzip-merge`."""
+
+    default_selector = "visionzip-merge"
+
+
+@register("visionzip-merge")
+class VisionZipMerge(Selector):
+    """VisionZip's selection: `k - c` dominant tokens (best scores), then `c` contextual tokens from
+    the rest: every `step`-th remaining token (`step = max(1, R // c)`, in raster order) is a target,
+    each other remaining token joins the target whose head-mean key (block `layer`, default the
+    projector's block) is most cosine-similar, and a contextual token is the plain mean of its
+    group. `contextual=None` follows the paper's 54+10 / 108+20 / 162+30 split: `c = round(10k/64)`.
+    The official code also keeps [CLS] among the dominant tokens; here the stage sees patches only.
+    Outputs are in raster order of their representatives (the targets for contextual tokens)."""
+
+    contextual: int | None = Field(None, ge=0)
+    layer: int | None = None
+
+    def _block(self, info: ModelInfo) -> int:
+        if self.layer is not None:
+            return info.vision_block(self.layer)
+        if info.feature_layer is None:
+            raise SignalError("visionzip-merge needs a vision block for its keys; give layer=, e.g. layer=-2")
+        return info.feature_layer
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        return (PatchKeys(layer=self._block(info), heads="mean"),)
+
+    def select(
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        signals: Mapping[Signal, Tensor] | None = None,
+    ) -> Reduction:
+        b, n, _ = tokens.shape
+        c = min(round(10 * k / 64) if self.contextual is None else self.contextual, k - 1)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        dominant = order[:, : k - c].sort(dim=1).values  # [B, k - c]
+        rest = order[:, k - c :].sort(dim=1).values  # [B, R] raster order
+        r = rest.shape[1]
+        weights = torch.zeros(b, k, n, device=tokens.device)
+        weights[:, : k - c].scatter_(2, dominant[..., None], 1.0)
+        index = dominant
+        if c:
+            targets = torch.arange(0, r, max(1, r // c), device=tokens.device)[:c]
+            is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device).index_fill_(0, targets, True)
+            keys = torch.nn.functional.normalize(next(iter(signals.values())).float(), dim=-1)
+            rest_keys = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1]))  # [B, R, d]
+            group = (rest_keys[:, ~is_target] @ rest_keys[:, targets].transpose(1, 2)).argmax(dim=2)  # [B, R - c]
+            member = torch.zeros(b, c, r, device=tokens.device)
+            member[:, :, targets] = torch.eye(c, device=tokens.device)
+            member[:, :, ~is_target] = torch.nn.functional.one_hot(group, c).transpose(1, 2).float()
+            contextual = torch.zeros(b, c, n, device=tokens.device).scatter_(2, rest[:, None].expand(-1, c, -1), member)
+            weights[:, k - c :] = contextual / contextual.sum(-1, keepdim=True)
+            index = torch.cat([dominant, rest[:, targets]], dim=1)
+        rank = index.argsort(dim=1)
+        index, weights = index.gather(1, rank), weights.gather(1, rank[..., None].expand(-1, -1, n))
+        return Reduction(tokens=weights.to(tokens.dtype) @ tokens, index=index, weights=weights)

@@ -1,0 +1,56 @@
+"""VisionZip (dominant + contextual) against a loop reference, on random tokens and on the tiny model."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenprune as tp
+from conftest import N_PATCHES, images
+from reference import cls_attention_eager, patch_keys_eager, visionzip_reference
+from tokenprune.signals import PatchKeys
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(2, 16))
+    k = draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(n * 13 + k)
+    return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, 4, generator=g), k
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.integers(0, 5))
+def test_merge_matches_loop_reference(case, contextual):
+    x, scores, keys, k = case
+    red = tp.create("visionzip-merge", contextual=contextual).reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
+    assert red.index.shape == (2, k)
+    torch.testing.assert_close(red.weights.sum(-1), torch.ones(2, k))
+    for b in range(2):
+        index, tokens = visionzip_reference(x[b], scores[b].tolist(), keys[b], k, contextual)
+        assert red.index[b].tolist() == index
+        torch.testing.assert_close(red.tokens[b].double(), tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_default_split_follows_the_paper():
+    x, scores, keys = torch.randn(1, 576, 3), torch.rand(1, 576), torch.randn(1, 576, 4)
+    for k, contextual in [(64, 10), (128, 20), (192, 30)]:
+        red = tp.create("visionzip-merge").reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
+        merged = (red.weights > 0).sum(-1) > 1
+        assert int(merged.sum()) == contextual  # every contextual group here has several members
+
+
+@pytest.mark.parametrize("k", [3, 8])
+@torch.no_grad()
+def test_on_model_uses_feature_block(tiny, k):
+    inputs = tiny.inputs(["what colour is the square"] * 2, images(2, seed=6))
+    with tp.apply(tiny.model, f"visionzip+visionzip-merge(contextual=2)@{k}") as run:
+        tiny.model(**inputs)
+    stage = run.trace[0].stages[0]
+    scores = cls_attention_eager(str(tiny.path), inputs["pixel_values"])[-2]
+    keys = patch_keys_eager(str(tiny.path), inputs["pixel_values"], -2)
+    heads = tiny.model.config.vision_config.num_attention_heads
+    mean_keys = keys.view(*keys.shape[:2], heads, -1).mean(2)
+    for i in range(2):
+        index, _ = visionzip_reference(torch.zeros(N_PATCHES, 1), scores[i].tolist(), mean_keys[i], k, 2)
+        assert stage.kept[i].tolist() == index
