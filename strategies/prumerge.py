@@ -30,7 +30,8 @@ class PruMergeMerge(Selector):
     its `neighbours` most key-similar other tokens (cosine of block `layer`'s keys), weighted by
     their scores (`x_i + sum_j s_j x_j`, as the official code); the last output is the
     score-weighted sum of every pruned token (representative: the best pruned one). At `k = N`
-    nothing is pruned and nothing is merged. Provenance weights are the same sums, normalised."""
+    nothing is pruned and nothing is merged. Provenance weights are the same sums over non-negative
+    scores, normalised."""
 
     layer: int = -1
     neighbours: int = Field(32, ge=1)
@@ -56,13 +57,14 @@ class PruMergeMerge(Selector):
         weights = torch.zeros(b, kept, n, device=tokens.device)
         weights.scatter_(2, near, scores.float()[:, None, :].expand(-1, kept, -1).gather(2, near))
         weights.scatter_(2, top[..., None], 1.0)
-        provenance = weights
+        provenance = weights.clamp_min(0)  # provenance counts contributions of non-negative score
         if k > 1:
             pruned = torch.ones(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, top, False)
             summary = (scores.float() * pruned)[:, None]  # [B, 1, N]
             weights = torch.cat([weights, summary], dim=1)
-            unscored = summary.sum(-1, keepdim=True) == 0  # all-zero scores: provenance spread evenly
-            provenance = torch.cat([provenance, torch.where(unscored, pruned[:, None].float(), summary)], dim=1)
+            share = summary.clamp_min(0)
+            unscored = share.sum(-1, keepdim=True) == 0  # no positive score: provenance spread evenly
+            provenance = torch.cat([provenance, torch.where(unscored, pruned[:, None].float(), share)], dim=1)
             best = scores.float().masked_fill(~pruned, -float("inf")).argmax(dim=1, keepdim=True)
             top = torch.cat([top, best], dim=1)
         merged = weights.to(tokens.dtype) @ tokens

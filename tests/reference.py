@@ -73,7 +73,8 @@ def prumerge_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor,
     rows.sort()
     weights = torch.tensor([w for _, w in rows], dtype=torch.float64)
     tokens = weights @ x.double()
-    return [i for i, _ in rows], tokens, weights / weights.sum(-1, keepdim=True)
+    share = weights.clamp_min(0)
+    return [i for i, _ in rows], tokens, share / share.sum(-1, keepdim=True)
 
 
 def visionzip_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor, k: int, c: int):

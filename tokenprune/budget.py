@@ -9,20 +9,25 @@ from .errors import BudgetError
 Budget = int | float
 
 
-def check_budget(budget: object) -> Budget:
-    """Validate a budget's form: an int `k >= 1`, or a float ratio in `(0, 1]`.
+WITHDRAW_HINT = "(budget 0, withdrawing every visual token as VTW does, is allowed inside the LLM only: e.g. uniform@0@llm:16)"
+
+
+def check_budget(budget: object, allow_zero: bool = False) -> Budget:
+    """Validate a budget's form: an int `k >= 1`, or a float ratio in `(0, 1]`; with `allow_zero`,
+    also the int `0` (the stage withdraws every visual token).
 
     Raises:
-        BudgetError: for booleans, non-numbers, `k < 1`, or a ratio outside `(0, 1]`.
+        BudgetError: for booleans, non-numbers, `k < 1` (`k < 0` with `allow_zero`), or a ratio
+            outside `(0, 1]`.
     """
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise BudgetError(
             f"budget must be an int k >= 1 or a float ratio in (0, 1], got {budget!r}"
         )
     if isinstance(budget, int):
-        if budget < 1:
+        if budget < (0 if allow_zero else 1):
             raise BudgetError(
-                f"budget {budget} keeps no tokens; use an int k >= 1 or a float ratio in (0, 1]"
+                f"budget {budget} keeps no tokens; use an int k >= 1 or a float ratio in (0, 1] {WITHDRAW_HINT}"
             )
         return budget
     if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
@@ -35,12 +40,12 @@ def check_budget(budget: object) -> Budget:
 def resolve_budget(budget: Budget, n: int, where: str = "stage") -> int:
     """The number of tokens to keep out of `n`.
 
-    A ratio keeps `round(ratio * n)` tokens (halves rounded up), at least 1.
+    A ratio keeps `round(ratio * n)` tokens (halves rounded up), at least 1; the int 0 keeps none.
 
     Raises:
         BudgetError: an int `k` larger than `n`.
     """
-    check_budget(budget)
+    check_budget(budget, allow_zero=True)
     if isinstance(budget, int):
         if budget > n:
             raise BudgetError(

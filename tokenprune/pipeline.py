@@ -61,7 +61,7 @@ class Stage(BaseModel):
     @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> Budget:
-        return check_budget(value)
+        return check_budget(value, allow_zero=True)
 
     @field_validator("at", mode="before")
     @classmethod
@@ -70,6 +70,8 @@ class Stage(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> Stage:
+        if self.budget == 0 and self.place.kind != "llm":
+            check_budget(0)
         if self.selector is None:
             if self.scorer is None:
                 raise SpecError("a stage needs a scorer, a selector, or both")
@@ -132,6 +134,8 @@ class Pipeline(BaseModel):
                     f"stages must run in model order, one per place: {before.at} then {after.at} "
                     "is not allowed (order: vision:L < projector < llm:K)"
                 )
+            if before.budget == 0:
+                raise SpecError(f"no visual token is left after the budget-0 stage at {before.at}; it must be the last stage")
             if isinstance(before.budget, int) and isinstance(after.budget, int) and after.budget > before.budget:
                 raise SpecError(
                     f"budgets must shrink along the pipeline: {after.budget} at {after.at} "

@@ -138,12 +138,14 @@ class Selector(Strategy):
         """Validate the inputs, select, and check that exactly `k` tokens come out per image.
 
         Raises:
-            BudgetError: `k` outside `[1, N]`.
+            BudgetError: `k` outside `[0, N]` (`0`: every token withdrawn, an empty reduction).
             ScoreError: scores missing when needed, of the wrong shape, or containing NaN.
         """
         b, n = tokens.shape[:2]
-        if not 1 <= k <= n:
-            raise BudgetError(f"selector {self.name!r} asked for k={k} of {n} tokens; k must be in [1, {n}]")
+        if not 0 <= k <= n:
+            raise BudgetError(f"selector {self.name!r} asked for k={k} of {n} tokens; k must be in [0, {n}]")
+        if k == 0:  # every token withdrawn (VTW); no selector is consulted
+            return Reduction.drop(tokens, torch.zeros(b, 0, dtype=torch.long, device=tokens.device))
         if scores is None and self.needs_scores:
             raise ScoreError(f"selector {self.name!r} needs scores; pair it with a scorer")
         if scores is not None:

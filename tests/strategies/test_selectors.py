@@ -31,14 +31,27 @@ def test_topk_matches_reference_with_ties(case):
     assert torch.equal(red.tokens, torch.gather(tokens, 1, red.index[..., None].expand(-1, -1, 5)))
 
 
-@settings(max_examples=150, deadline=None)
+SELECTORS = sorted(name for name, entry in tp.list_strategies().items() if entry.role == "selector")
+INFO = tp.ModelInfo(vision_layers=2, feature_layer=0)
+
+
+def signals_for(selector, tokens: torch.Tensor) -> dict:
+    """Random values for the signals a selector reads (`[B, N, 4]` key-like tensors)."""
+    g = torch.Generator().manual_seed(tokens.shape[1])
+    return {s: torch.randn(*tokens.shape[:2], 4, generator=g) for s in selector.signals(INFO)}
+
+
+@settings(max_examples=60, deadline=None)
 @given(scored_tokens())
-def test_selectors_k_distinct_sorted_in_range_deterministic(case):
+def test_every_selector_k_distinct_sorted_in_range_deterministic(case):
+    """Exactly k outputs, distinct ascending representatives, provenance rows summing to 1."""
     tokens, scores, k = case
-    for name in ("topk", "uniform"):
+    for name in SELECTORS:
         selector = tp.create(name)
-        red = selector.reduce(tokens, scores, k)
-        again = selector.reduce(tokens, scores, k)
+        signals = signals_for(selector, tokens)
+        red = selector.reduce(tokens, scores, k, None, signals)
+        again = selector.reduce(tokens, scores, k, None, signals)
+        assert red.tokens.shape == (tokens.shape[0], k, tokens.shape[2])
         assert red.index.dtype == torch.long and red.index.shape == (tokens.shape[0], k)
         assert torch.equal(red.index, again.index)
         for idx in red.index.tolist():
@@ -65,3 +78,18 @@ def test_random_is_seeded_and_same_for_every_image():
     assert torch.equal(a, tp.create("random", seed=1).score(ctx))
     assert not torch.equal(a, tp.create("random", seed=2).score(ctx))
     assert torch.equal(a[0], a[2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 20), st.data())
+def test_permuting_tokens_permutes_what_score_based_selectors_return(n, data):
+    """Reordering the input tokens (with their scores) yields the same output tokens as a set."""
+    k = data.draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(n * 7 + k)
+    tokens, scores = torch.randn(1, n, 5, generator=g), torch.rand(1, n, generator=g)
+    perm = torch.randperm(n, generator=g)
+    for name in ("topk", "group-merge"):
+        a = tp.create(name).reduce(tokens, scores, k).tokens[0]
+        b = tp.create(name).reduce(tokens[:, perm], scores[:, perm], k).tokens[0]
+        order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+        torch.testing.assert_close(order(a), order(b), atol=1e-5, rtol=1e-5)
