@@ -9,9 +9,13 @@ from conftest import N_PATCHES, images
 
 
 def spec_for(name: str, budget) -> str:
-    entry = tp.list_strategies()[name]
+    """A runnable spec: a selector that needs scores goes with the scorer that defaults to it, else
+    with vtc-cls."""
+    entries = tp.list_strategies()
+    entry = entries[name]
     if entry.role == "selector" and entry.cls.needs_scores:
-        return f"vtc-cls+{name}@{budget}"
+        partner = next((n for n, e in entries.items() if e.role == "scorer" and e.cls.default_selector == name), "vtc-cls")
+        return f"{partner}+{name}@{budget}"
     return f"{name}@{budget}"
 
 

@@ -48,3 +48,23 @@ class TextAttention(Signal):
 
     layer: int = Field(ge=0)
     query: Literal["last", "mean"] = "last"
+
+
+class KeyNorm(Signal):
+    """Lp norm of each visual token's key at LLM decoder layer `layer` (after the rotary embedding,
+    all key heads concatenated), `[B, N]`: DART's pivot criterion."""
+
+    layer: int = Field(ge=0)
+    p: int = Field(1, ge=1)
+
+
+class TextPivots(Signal):
+    """The `count` prompt tokens after each image with the largest L1 key norm at LLM layer `layer`,
+    as hidden states entering layer `layer + 1` passed through the LLM's final norm: `[B, count, D]`."""
+
+    layer: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class NormedTokens(Signal):
+    """The visual tokens reaching an LLM stage passed through the LLM's final norm, `[B, N, D]`."""

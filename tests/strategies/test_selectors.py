@@ -32,7 +32,7 @@ def test_topk_matches_reference_with_ties(case):
 
 
 SELECTORS = sorted(name for name, entry in tp.list_strategies().items() if entry.role == "selector")
-INFO = tp.ModelInfo(vision_layers=2, feature_layer=0)
+INFO = tp.ModelInfo(vision_layers=2, feature_layer=0, stage_layer=2)  # signals of every place
 
 
 def signals_for(selector, tokens: torch.Tensor) -> dict:

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError, SignalError
-from ..execute import run_stage, stage_info
+from ..execute import required_signals, run_stage, stage_info
 from ..pipeline import Stage
-from ..signals import TextAttention
+from ..signals import KeyNorm, NormedTokens, TextAttention, TextPivots
+
+LLM_SIGNALS = (TextAttention, KeyNorm, TextPivots, NormedTokens)
 from ..strategy import ModelInfo
 from ..trace import StageRecord
 from .sequence import Compaction, compact
@@ -72,18 +74,24 @@ class _Prefill:
 class DecoderStage:
     """One `llm:K` stage on a decoder's layers; the owning adapter tells it about each forward."""
 
-    def __init__(self, layers: nn.ModuleList, stage: Stage, info: ModelInfo) -> None:
-        self.layers, self.stage = layers, stage
+    def __init__(self, layers: nn.ModuleList, norm: nn.Module, stage: Stage, info: ModelInfo) -> None:
+        self.layers, self.norm, self.stage = layers, norm, stage
         self.k = stage.place.layer
         if not 1 <= self.k < len(layers):
             raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
         self.info = stage_info(stage, info)
-        self.signal = next(iter(stage.scorer.signals(self.info)), None) if stage.scorer else None
-        if stage.selector.signals(self.info):
+        self.wanted = required_signals([stage], info)
+        unknown = [s for s in self.wanted if not isinstance(s, LLM_SIGNALS)]
+        if unknown:
             raise SignalError(
-                f"{stage.to_spec()!r}: selector {stage.selector.name!r} reads vision-encoder signals, "
-                "which do not exist inside the LLM; run it at the projector"
+                f"{stage.to_spec()!r} asks for {unknown}, which do not exist inside the LLM; "
+                "run it at the projector"
             )
+        layers_read = {s.layer for s in self.wanted if not isinstance(s, NormedTokens)}
+        if len(layers_read) > 1:
+            raise SignalError(f"{stage.to_spec()!r}: one llm:K stage reads one decoder layer, not {sorted(layers_read)}")
+        self.read_layer = next(iter(layers_read), None)
+        self.query = next((s.query for s in self.wanted if isinstance(s, TextAttention)), None)
         self._prefill: _Prefill | None = None
         self._keep: Compaction | None = None
         self._padded = False  # whether the compaction added padding (computed once per prefill)
@@ -91,10 +99,11 @@ class DecoderStage:
 
     def attach(self) -> list[RemovableHandle]:
         handles = []
-        if isinstance(self.signal, TextAttention):
-            attn = self.layers[self.signal.layer].self_attn
+        if self.read_layer is not None:
+            attn = self.layers[self.read_layer].self_attn
             handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
-            handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
+            if self.query is not None:
+                handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
             handles.append(attn.k_proj.register_forward_hook(self._capture("k")))
         for index in range(self.k, len(self.layers)):
             handles.append(self.layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
@@ -115,7 +124,7 @@ class DecoderStage:
     def _capture(self, part: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._prefill is not None:
-                self._captured[part] = output[:, -1:] if part == "q" and self.signal.query == "last" else output
+                self._captured[part] = output[:, -1:] if part == "q" and self.query == "last" else output
 
         return hook
 
@@ -140,21 +149,52 @@ class DecoderStage:
 
         return hook
 
-    def _scores(self, batch: int) -> dict[TextAttention, Tensor]:
-        if not isinstance(self.signal, TextAttention):
-            return {}
-        cos, sin = self._captured.pop("rope")
-        expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
-        rows = received_attention(self._captured.pop("q"), self._captured.pop("k"), expand(cos), expand(sin),
-                                  self.layers[self.signal.layer].self_attn, self._prefill.key_mask, self.signal.query)
+    def _signals(self, hidden: Tensor) -> dict[Any, Tensor]:
+        """The requested signals for the image tokens of this prefill; `hidden` `[B, S, D]` enters layer K."""
+        p, batch = self._prefill, hidden.shape[0]
+        at_images = lambda t: t[p.rows[:, None], p.positions]  # noqa: E731  [B, S, ...] -> [I, n, ...]
+        values: dict[Any, Tensor] = {}
+        if self.read_layer is not None:
+            cos, sin = (t.expand(batch, *t.shape[1:]) for t in self._captured.pop("rope"))
+            k = self._captured.pop("k")
+            attn = self.layers[self.read_layer].self_attn
+            keys = rotate(rearrange(k.float(), "b s (h d) -> b h s d", d=attn.head_dim), cos.float(), sin.float())
+            for signal in self.wanted:
+                if isinstance(signal, TextAttention):
+                    rows = received_attention(self._captured.pop("q"), k, cos, sin, attn, p.key_mask, signal.query)
+                    values[signal] = at_images(rows)
+                elif isinstance(signal, KeyNorm):
+                    values[signal] = at_images(keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p))
+                elif isinstance(signal, TextPivots):
+                    values[signal] = self._text_pivots(hidden, keys.abs().sum(dim=(1, 3)), signal)
+        for signal in self.wanted:
+            if isinstance(signal, NormedTokens):
+                values[signal] = at_images(self.norm(hidden))
+        return values
+
+    def _text_pivots(self, hidden: Tensor, l1: Tensor, signal: TextPivots) -> Tensor:
+        """`[I, count, D]` final-normed states of each image's `count` best prompt tokens after it."""
         p = self._prefill
-        return {self.signal: rows[p.rows[:, None], p.positions]}
+        after = torch.arange(hidden.shape[1], device=hidden.device)[None] > p.positions.max(dim=1).values[:, None]
+        candidates = after & p.key_mask[p.rows]  # [I, S]: valid columns after the image
+        is_image = torch.zeros_like(p.key_mask)
+        is_image[p.rows[:, None], p.positions] = True
+        candidates &= ~is_image[p.rows]
+        fewest = int(candidates.sum(dim=1).min())
+        if fewest < signal.count:
+            raise SignalError(
+                f"{self.stage.to_spec()!r} needs {signal.count} prompt tokens after each image for its "
+                f"text pivots, but an image has {fewest}; lower the pivot count"
+            )
+        ranked = l1[p.rows].masked_fill(~candidates, -float("inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :signal.count]
+        return self.norm(hidden)[p.rows[:, None], order.sort(dim=1).values]
 
     def _prune(self, hidden: Tensor) -> Tensor:
         """Run the stage on the image tokens' hidden states and shorten the sequence `[B, S, D]`."""
         p = self._prefill
         tokens = hidden[p.rows[:, None], p.positions]  # [I, n, D]
-        reduction, scores = run_stage(self.stage, tokens, self.info, self._scores(hidden.shape[0]))
+        reduction, scores = run_stage(self.stage, tokens, self.info, self._signals(hidden))
         kept_cols = p.positions.gather(1, reduction.index)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         keep[p.rows[:, None], p.positions] = False

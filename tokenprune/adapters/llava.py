@@ -120,7 +120,7 @@ class LlavaAdapter(ModelAdapter):
         handles = self._probe.attach()
         self._decoder = None
         if llm_stages:
-            self._decoder = DecoderStage(self.core.language_model.layers, llm_stages[0], info)
+            self._decoder = DecoderStage(self.core.language_model.layers, self.core.language_model.norm, llm_stages[0], info)
             handles += self._decoder.attach()
         return handles + [
             self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),

@@ -1,0 +1,78 @@
+"""DART (arXiv 2502.11494): inside the LLM, drop the visual tokens that duplicate a few pivots."""
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenprune.errors import SignalError
+from tokenprune.reduction import Reduction
+from tokenprune.registry import register
+from tokenprune.signals import KeyNorm, NormedTokens, Signal, TextPivots
+from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
+
+
+def read_layer(name: str, info: ModelInfo) -> int:
+    """The decoder layer DART reads: K - 1 for a stage at `llm:K`."""
+    if not info.stage_layer:
+        raise SignalError(f"{name} runs inside the LLM after layer K >= 1, e.g. {name}@0.22@llm:2")
+    return info.stage_layer - 1
+
+
+@register("dart")
+class DART(ScoringStrategy):
+    """DART's pivot score: the L1 norm of each visual token's key at layer K-1 (after the rotary
+    embedding, all key heads), as the official code; default place `llm:2`, paired with
+    `dart-dedup`. Needs no attention map, so every layer keeps fused attention."""
+
+    places: ClassVar[tuple[str, ...]] = ("llm",)
+    default_place: ClassVar[str] = "llm:2"
+    default_selector: ClassVar[str] = "dart-dedup"
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        return (KeyNorm(layer=read_layer("dart", info), p=1),)
+
+    def score(self, ctx: ScoringContext) -> Tensor:
+        return ctx[KeyNorm(layer=read_layer("dart", ctx.info), p=1)]
+
+
+@register("dart-dedup")
+class DARTDedup(Selector):
+    """DART's duplication-aware selection. Pivots: the `pivots` best-scored visual tokens (default 4)
+    and the `text_pivots` prompt tokens after the image with the largest key L1 norm (default 4).
+    Each pivot in turn (visual pivots by position, then text pivots) claims its share of the
+    remaining budget: the not-yet-kept visual tokens *least* cosine-similar to it (hidden states
+    through the LLM's final norm, as the official code). Kept: the visual pivots and every claimed
+    token. The official code gives each pivot `int(kept / pivots)` tokens; here the shares are equal
+    up to one, so exactly `k` tokens remain."""
+
+    pivots: int = Field(4, ge=1)
+    text_pivots: int = Field(4, ge=0)
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        text = (TextPivots(layer=read_layer("dart-dedup", info), count=self.text_pivots),) if self.text_pivots else ()
+        return (NormedTokens(), *text)
+
+    def select(
+        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        signals: Mapping[Signal, Tensor] | None = None,
+    ) -> Reduction:
+        b, n, _ = tokens.shape
+        normed = signals[NormedTokens()].float()
+        p = min(self.pivots, k)
+        image_pivots = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :p].sort(dim=1).values
+        pivot_states = normed.gather(1, image_pivots[..., None].expand(-1, -1, normed.shape[-1]))
+        text = [v for s, v in signals.items() if isinstance(s, TextPivots)]
+        if text:
+            pivot_states = torch.cat([pivot_states, text[0].float()], dim=1)
+        sims = torch.nn.functional.normalize(pivot_states, dim=-1) @ torch.nn.functional.normalize(normed, dim=-1).transpose(1, 2)
+        chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, image_pivots, True)
+        count = sims.shape[1]
+        for i in range(count):
+            share = (k - p) // count + (i < (k - p) % count)
+            if share:
+                claim = torch.sort(sims[:, i].masked_fill(chosen, float("inf")), dim=1, stable=True).indices[:, :share]
+                chosen.scatter_(1, claim, True)
+        return Reduction.drop(tokens, chosen.nonzero()[:, 1].view(b, k))
