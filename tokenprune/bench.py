@@ -203,7 +203,7 @@ def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device
 
 def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
         dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0,
-        compile_mode: str | None = None) -> list[dict[str, Any]]:
+        compile_mode: str | None = None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Every reference and strategy row, measured in one process on one model.
 
     `encode_ms` is the tower plus projector (`get_image_features`); `scoring_overhead_ms` is a
@@ -236,6 +236,8 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
                **measure(model, batch_inputs, new_tokens, repeats, device, warmup, cache)}
         flops = llm_flops(text, 0, layer_tokens())
         rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
+        if progress is not None:
+            progress(f"{name} {spec or '-'} k={k} batch={batch}: TTFT {row['ttft_ms']:.1f} ms")
 
     layers = text.num_hidden_layers
     for batch in batches:

@@ -43,7 +43,8 @@ def bench_command(
     for name in names:
         Pipeline.from_spec(f"{name}@1")
     mode = compile_mode if compile else None
-    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed, mode)
+    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed, mode,
+               progress=lambda line: typer.echo(line, err=True))
     meta = {"arch": arch, "dtype": dtype, "seed": seed, "repeats": repeats, "new_tokens": new_tokens,
             "compile": mode, **environment()}
     out.mkdir(parents=True, exist_ok=True)
