@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .signals import ClsAttention, KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
+
 
 def layer_flops(n: int, d: int, m: int) -> int:
     """One decoder layer over `n` tokens of width `d` with FFN width `m`: `4nd² + 2n²d + 2ndm`
@@ -21,3 +23,26 @@ def llm_flops(config: object, seq_len: int, layers_tokens: Sequence[int] | None 
     for `seq_len` tokens in every layer, or per-layer counts `layers_tokens`."""
     counts = layers_tokens if layers_tokens is not None else [seq_len] * config.num_hidden_layers
     return prefill_flops(counts, config.hidden_size, config.intermediate_size)
+
+
+def signal_flops(signal: Signal, tokens: int, width: int) -> int:
+    """FLOPs a signal adds to the forward (the scoring overhead), for one image of `tokens` encoder
+    tokens ([CLS] included) of width `width` (vision signals), or one LLM sequence of `tokens`
+    tokens of width `width` (LLM signals). Projections the model computes anyway are not counted.
+
+    * `ClsAttention`: the [CLS] query against every key, `2 * tokens * width`;
+    * `TextAttention`: one query row (`last`) or every row (`mean`) against every key,
+      `2 * tokens * width` times 1 or `tokens`;
+    * `KeyNorm`, `TextPivots`: the rotary embedding and norm of every key, `4 * tokens * width`;
+    * `NormedTokens`: the final norm of every token, `3 * tokens * width`;
+    * `PatchKeys`: 0 (the block's own key projections, kept).
+    """
+    if isinstance(signal, ClsAttention):
+        return 2 * tokens * width
+    if isinstance(signal, TextAttention):
+        return 2 * tokens * width * (tokens if signal.query == "mean" else 1)
+    if isinstance(signal, KeyNorm | TextPivots):
+        return 4 * tokens * width
+    if isinstance(signal, NormedTokens):
+        return 3 * tokens * width
+    return 0

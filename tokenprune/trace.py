@@ -54,7 +54,8 @@ class ForwardRecord:
     `seq_len_in`/`seq_len_out`: the prompt length before compression and as the LLM's first layer
     sees it; `layer_tokens`: per decoder layer, the tokens it sees when a stage runs inside the
     LLM (`None`: every layer sees `seq_len_out`); `llm_shape`: the LLM's `(width, FFN width,
-    layers)`, for the FLOPs.
+    layers)`, for the FLOPs; `scoring_flops`: the stages' scoring overhead per sequence
+    (`tokenprune.flops.signal_flops` of every signal they read).
     """
 
     stages: list[StageRecord]
@@ -62,20 +63,22 @@ class ForwardRecord:
     seq_len_out: int
     layer_tokens: list[int] | None = None
     llm_shape: tuple[int, int, int] | None = None
+    scoring_flops: float = 0.0
 
     def tokens_per_layer(self) -> list[int]:
         """Tokens each decoder layer saw in this prefill (needs `llm_shape`)."""
         return self.layer_tokens or [self.seq_len_out] * self.llm_shape[2]
 
     def llm_flops(self) -> dict[str, float] | None:
-        """Theoretical LLM prefill FLOPs per sequence (FastV's formula; scoring overhead not
-        counted): `{"pruned", "unpruned", "ratio"}`."""
+        """Theoretical LLM prefill FLOPs per sequence (FastV's formula) and the scoring overhead:
+        `{"pruned", "unpruned", "ratio", "scoring", "ratio_with_scoring"}`."""
         if self.llm_shape is None:
             return None
         d, m, layers = self.llm_shape
         pruned = prefill_flops(self.tokens_per_layer(), d, m)
         unpruned = prefill_flops([self.seq_len_in] * layers, d, m)
-        return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned}
+        return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned,
+                "scoring": self.scoring_flops, "ratio_with_scoring": (pruned + self.scoring_flops) / unpruned}
 
     def to_json(self) -> dict[str, Any]:
         return {

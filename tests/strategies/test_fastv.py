@@ -104,3 +104,17 @@ def test_fastv_place_errors(tiny):
 def test_layer_flops_formula_by_hand():
     # n=2 tokens, d=3, m=5: 4*2*9 + 2*4*3 + 2*2*3*5 = 72 + 24 + 60
     assert layer_flops(2, 3, 5) == 156
+
+
+@torch.no_grad()
+def test_scoring_overhead_flops_by_hand(tiny):
+    """[CLS] rows: 2 * (N + 1) * D_vision per block and image; FastV's last row: 2 * S * D_llm."""
+    inputs = tiny.inputs(["what colour is the square"], images(2), per_prompt=2)
+    seq = inputs["input_ids"].shape[1]
+    with tp.apply(tiny.model, "vtc-cls-ensemble@6 > fastv@4@llm:2") as run:
+        tiny.model(**inputs)
+    flops = run.trace[0].llm_flops()
+    blocks, images_per_row, d_vision, d_llm = 3, 2, 32, 32  # default start_layer=-4 on 4 blocks: 0, 1, 2
+    shortened = seq - 2 * (N_PATCHES - 6)  # the LLM's input after the projector stage
+    assert flops["scoring"] == blocks * 2 * (N_PATCHES + 1) * d_vision * images_per_row + 2 * shortened * d_llm
+    assert flops["ratio_with_scoring"] == (flops["pruned"] + flops["scoring"]) / flops["unpruned"]

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage, stage_info
+from ..flops import signal_flops
 from ..pipeline import Stage
 from ..signals import KeyNorm, NormedTokens, TextAttention, TextPivots
 
@@ -68,7 +69,7 @@ class _Prefill:
     rows: Tensor  # [I] batch row of each image
     origin: Tensor  # [I, n] encoder patch index of each
     key_mask: Tensor  # [B, S] bool
-    record: Callable[[StageRecord, list[int]], None]
+    record: Callable[[StageRecord, list[int], float], None]
 
 
 class DecoderStage:
@@ -110,7 +111,7 @@ class DecoderStage:
         return handles
 
     def begin_prefill(self, positions: Tensor, rows: Tensor, origin: Tensor, key_mask: Tensor,
-                      record: Callable[[StageRecord, list[int]], None]) -> None:
+                      record: Callable[[StageRecord, list[int], float], None]) -> None:
         """Called by the adapter before the LLM runs a (compressed) prompt."""
         self._prefill, self._keep = _Prefill(positions, rows, origin, key_mask, record), None
 
@@ -211,7 +212,8 @@ class DecoderStage:
             weights=None if reduction.weights is None else [w.cpu() for w in reduction.weights],
             scores=None if scores is None else [row.float().cpu() for row in scores],
             image_sample=p.rows.tolist(),
-        ), [comp.length_in] * self.k + [comp.length_out] * (len(self.layers) - self.k))
+        ), [comp.length_in] * self.k + [comp.length_out] * (len(self.layers) - self.k),
+            sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted))
         return out
 
     def _remap(self, kwargs: dict[str, Any], prefill: bool, q_len: int) -> dict[str, Any]:

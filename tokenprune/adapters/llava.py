@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError, PlaceError, SignalError
 from ..execute import required_signals, run_stage
+from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
 from ..signals import ClsAttention, PatchKeys
@@ -158,7 +159,10 @@ class LlavaAdapter(ModelAdapter):
         if full:
             tokens = torch.cat([features[:, :1], tokens], dim=1)
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
-        self._encoded = {"records": records, "slots": slots, "block": features.shape[1], "origin": origin}
+        width, keys = self.config.vision_config.hidden_size, features.shape[1] + (0 if full else 1)
+        scoring = sum(signal_flops(s, keys, width) for s in self._signals) * features.shape[0]
+        self._encoded = {"records": records, "slots": slots, "block": features.shape[1], "origin": origin,
+                         "scoring": scoring}
         return (tokens,) + tuple(args[1:])
 
     def _before_core(
@@ -246,6 +250,7 @@ class LlavaAdapter(ModelAdapter):
             ],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
+            scoring_flops=pruned["scoring"] / input_ids.shape[0],
         )
         self._run.record(self._record)
         if self._decoder is not None:
@@ -264,9 +269,10 @@ class LlavaAdapter(ModelAdapter):
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return kw
 
-    def _record_llm_stage(self, stage: StageRecord, layer_tokens: list[int]) -> None:
+    def _record_llm_stage(self, stage: StageRecord, layer_tokens: list[int], scoring_flops: float) -> None:
         self._record.stages.append(stage)
         self._record.layer_tokens = layer_tokens
+        self._record.scoring_flops += scoring_flops
 
     def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """Map a later forward of the same generation (original frame) onto the compressed cache."""
