@@ -71,6 +71,15 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> LlavaFor
     return model.to(dtype).eval()
 
 
+def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
+    """A saved LLaVA-1.5 checkpoint (path or hub id) instead of random weights."""
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a LLaVA checkpoint from {path!r}: {exc}") from None
+    return model.to(device).eval()
+
+
 def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders."""
     config, device = model.config, model.device
@@ -203,19 +212,21 @@ def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device
 
 def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
         dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0,
-        compile_mode: str | None = None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        compile_mode: str | None = None, progress: Callable[[str], None] | None = None,
+        model_path: str | None = None) -> list[dict[str, Any]]:
     """Every reference and strategy row, measured in one process on one model.
 
     `encode_ms` is the tower plus projector (`get_image_features`); `scoring_overhead_ms` is a
     row's `encode_ms` minus the oracle's at the same k and batch (both project k tokens). With
     `compile_mode`, every row (references too) runs the compiled model, after three warm-up runs
-    (compilation, CUDA-graph recording).
+    (compilation, CUDA-graph recording). With `model_path`, the checkpoint's weights replace the
+    random ones of `arch`.
     """
     if compile_mode is not None:
         in_llm = [s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(f"{s}@1").stages)]
         if in_llm:
             raise InputError(f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}")
-    model = build(arch, dtype, device, seed)
+    model = load_checkpoint(model_path, dtype, device) if model_path else build(arch, dtype, device, seed)
     warmup = 1
     if compile_mode is not None:
         compile_model(model, compile_mode)

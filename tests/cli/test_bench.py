@@ -37,3 +37,18 @@ def test_bench_tiny_writes_every_row(tmp_path):
 def test_bench_unknown_arch_lists_known(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--arch", "llava-9b", "--device", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, tiny" in result.stderr
+
+
+def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", str(tiny.path), "--strategies", "vtc-cls", "--budgets", "4",
+                                      "--batch", "1", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
+                                      "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["model"] == str(tiny.path) and data["meta"]["arch"] is None
+    assert [(r["row"], r["kept"]) for r in data["rows"]] == [("unpruned", 16), ("oracle", 4), ("official", 4), ("vtc-cls", 4)]
+
+
+def test_bench_model_and_random_weights_exclude_each_other(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", "x", "--random-weights", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "exclude each other" in result.stderr
