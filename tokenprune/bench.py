@@ -113,7 +113,7 @@ def compile_model(model: nn.Module, mode: str) -> None:
 
 def static_cache(model: nn.Module, batch: int, length: int) -> StaticCache:
     """A static KV cache of `length` positions, allocated up front so its buffers have fixed
-    addresses (CUDA graphs) and the compiled layers never see its lazy initialisation."""
+    addresses (CUDA graphs) and the compiled modules never see its lazy initialisation."""
     text = model.config.text_config
     cache = StaticCache(config=model.config, max_cache_len=length)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

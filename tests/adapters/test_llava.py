@@ -213,3 +213,19 @@ def test_position_modes(tiny):
     keep[kept] = True
     assert seen[0][0].tolist() == positions[0][keep].tolist()  # original ids, with gaps
     assert seen[1][0].tolist() == list(range(int(keep.sum())))  # renumbered without gaps
+
+
+@torch.no_grad()
+def test_causal_4d_mask_is_mapped_and_a_custom_one_refused(tiny):
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
+    key = inputs["attention_mask"].bool()
+    n = key.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & key[:, None, None, :]
+    with tp.apply(tiny.model, "vtc-cls@5"):
+        ref = tiny.model(**inputs).logits[:, -1]
+        mapped = tiny.model(**{**inputs, "attention_mask": causal}).logits[:, -1]
+        custom = causal.clone()
+        custom[0, 0, -1, -3] = False
+        with pytest.raises(InputError, match="cannot be remapped"):
+            tiny.model(**{**inputs, "attention_mask": custom})
+    torch.testing.assert_close(mapped, ref)

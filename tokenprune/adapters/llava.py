@@ -48,9 +48,23 @@ def _has_cls(vision_tower: nn.Module) -> bool:
 
 def _key_mask(mask: Tensor, length: int) -> Tensor:
     """The 2D key mask `[B, length]` (1 = attend) behind a causal 4D mask `[B, 1, q, L]`, as
-    `generate` builds them for static caches: its last query row sees every earlier valid key."""
-    row = mask[:, 0, -1, :length]
-    return (row if row.dtype == torch.bool else row == 0).long()
+    `generate` builds them for static caches: its last query row sees every earlier valid key.
+
+    Raises:
+        InputError: the 4D mask is not causal-with-padding (a custom mask cannot be remapped).
+    """
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    key = allowed[:, 0, -1, :length]
+    q, width = allowed.shape[2], allowed.shape[3]
+    causal = torch.arange(width, device=mask.device)[None] <= torch.arange(length - q, length, device=mask.device)[:, None]
+    expected = causal[None] & torch.nn.functional.pad(key, (0, width - length))[:, None, :]
+    real = key[:, length - q:]  # queries that are tokens, not padding
+    if not torch.equal(allowed[:, 0][real], expected[real]):
+        raise InputError(
+            "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
+            "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
+        )
+    return key.long()
 
 
 @register_adapter("llava")
