@@ -7,18 +7,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenprune.errors import SignalError
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import KeyNorm, NormedTokens, Signal, TextPivots
 from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
-
-
-def read_layer(name: str, info: ModelInfo) -> int:
-    """The decoder layer DART reads: K - 1 for a stage at `llm:K`."""
-    if not info.stage_layer:
-        raise SignalError(f"{name} runs inside the LLM after layer K >= 1, e.g. {name}@0.22@llm:2")
-    return info.stage_layer - 1
 
 
 @register("dart")
@@ -32,10 +24,10 @@ class DART(ScoringStrategy):
     default_selector: ClassVar[str] = "dart-dedup"
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        return (KeyNorm(layer=read_layer("dart", info), p=1),)
+        return (KeyNorm(layer=info.layer_before_stage(self.name), p=1),)
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[KeyNorm(layer=read_layer("dart", ctx.info), p=1)]
+        return ctx[KeyNorm(layer=ctx.info.layer_before_stage(self.name), p=1)]
 
 
 @register("dart-dedup")
@@ -52,7 +44,7 @@ class DARTDedup(Selector):
     text_pivots: int = Field(4, ge=0)
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        text = (TextPivots(layer=read_layer("dart-dedup", info), count=self.text_pivots),) if self.text_pivots else ()
+        text = (TextPivots(layer=info.layer_before_stage(self.name), count=self.text_pivots),) if self.text_pivots else ()
         return (NormedTokens(), *text)
 
     def select(

@@ -4,7 +4,6 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from tokenprune.errors import SignalError
 from tokenprune.registry import register
 from tokenprune.signals import Signal, TextAttention
 from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy
@@ -25,9 +24,7 @@ class FastV(ScoringStrategy):
     query: Literal["last", "mean"] = "last"
 
     def _signal(self, info: ModelInfo) -> TextAttention:
-        if not info.stage_layer:
-            raise SignalError("fastv runs inside the LLM after layer K >= 1, e.g. fastv@0.5@llm:2")
-        return TextAttention(layer=info.stage_layer - 1, query=self.query)
+        return TextAttention(layer=info.layer_before_stage(self.name), query=self.query)
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         return (self._signal(info),)

@@ -69,6 +69,4 @@ class PruMergeMerge(Selector):
             top = torch.cat([top, best], dim=1)
         merged = weights.to(tokens.dtype) @ tokens
         weights = provenance / provenance.sum(-1, keepdim=True)
-        rank = top.argsort(dim=1)
-        take = lambda t: t.gather(1, rank.view(b, -1, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
-        return Reduction(tokens=take(merged), index=take(top), weights=take(weights))
+        return Reduction(tokens=merged, index=top, weights=weights).in_index_order()

@@ -71,6 +71,4 @@ class VisionZipMerge(Selector):
             contextual = torch.zeros(b, c, n, device=tokens.device).scatter_(2, rest[:, None].expand(-1, c, -1), member)
             weights[:, k - c :] = contextual / contextual.sum(-1, keepdim=True)
             index = torch.cat([dominant, rest[:, targets]], dim=1)
-        rank = index.argsort(dim=1)
-        index, weights = index.gather(1, rank), weights.gather(1, rank[..., None].expand(-1, -1, n))
-        return Reduction(tokens=weights.to(tokens.dtype) @ tokens, index=index, weights=weights)
+        return Reduction(tokens=weights.to(tokens.dtype) @ tokens, index=index, weights=weights).in_index_order()

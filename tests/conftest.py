@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -83,3 +84,13 @@ def tiny_full(checkpoints: dict[str, Path]) -> Tiny:
 def tiny_multilayer(checkpoints: dict[str, Path]) -> Tiny:
     model, processor = load(str(checkpoints["multilayer"]))
     return Tiny(checkpoints["multilayer"], model, processor)
+
+
+@st.composite
+def keyed_token_cases(draw, max_n: int, key_width: int, salt: int):
+    """Seeded `(tokens [2, n, 5], scores [2, n] in [0, 1), keys [2, n, key_width], k)` for
+    selectors that merge by key similarity, with `n` in `[2, max_n]` and `k` in `[1, n]`."""
+    n = draw(st.integers(2, max_n))
+    k = draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(n * salt + k)
+    return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, key_width, generator=g), k

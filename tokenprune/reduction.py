@@ -36,6 +36,14 @@ class Reduction:
         one_hot = torch.zeros(*self.index.shape, n, dtype=torch.float32, device=self.index.device)
         return one_hot.scatter_(-1, self.index.unsqueeze(-1), 1.0)
 
+    def in_index_order(self) -> Reduction:
+        """The same outputs reordered so that `index` ascends per row (merging selectors build
+        their outputs in another order)."""
+        order = self.index.argsort(dim=1)
+        take = lambda t: t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
+        return Reduction(tokens=take(self.tokens), index=take(self.index),
+                         weights=None if self.weights is None else take(self.weights))
+
     @staticmethod
     def drop(tokens: Tensor, index: Tensor) -> Reduction:
         """Keep the tokens at `index` (`[B, k]`, ascending) of `tokens` (`[B, N, D]`)."""

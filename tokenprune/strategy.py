@@ -56,6 +56,16 @@ class ModelInfo:
             )
         return index % depth
 
+    def layer_before_stage(self, name: str) -> int:
+        """The decoder layer `K - 1` that a stage at `llm:K` reads (FastV's attention, DART's keys).
+
+        Raises:
+            SignalError: the stage does not run inside the LLM after a layer.
+        """
+        if not self.stage_layer:
+            raise SignalError(f"{name} runs inside the LLM after layer K >= 1, e.g. {name}@0.5@llm:2")
+        return self.stage_layer - 1
+
 
 @dataclass(frozen=True)
 class ScoringContext:

@@ -6,22 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
+from conftest import N_PATCHES, images, keyed_token_cases
 from reference import cls_attention_eager, patch_keys_eager, prumerge_reference
 from tokenprune.signals import PatchKeys
 from tokenprune.strategy import ModelInfo
 
 
-@st.composite
-def cases(draw):
-    n = draw(st.integers(2, 14))
-    k = draw(st.integers(1, n))
-    g = torch.Generator().manual_seed(n * 17 + k)
-    return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, 6, generator=g), k
-
-
 @settings(max_examples=40, deadline=None)
-@given(cases(), st.integers(1, 4))
+@given(keyed_token_cases(max_n=14, key_width=6, salt=17), st.integers(1, 4))
 def test_merge_matches_loop_reference(case, neighbours):
     x, scores, keys, k = case
     selector = tp.create("prumerge-merge", neighbours=neighbours)

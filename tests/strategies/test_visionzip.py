@@ -6,21 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
+from conftest import N_PATCHES, images, keyed_token_cases
 from reference import cls_attention_eager, patch_keys_eager, visionzip_reference
 from tokenprune.signals import PatchKeys
 
 
-@st.composite
-def cases(draw):
-    n = draw(st.integers(2, 16))
-    k = draw(st.integers(1, n))
-    g = torch.Generator().manual_seed(n * 13 + k)
-    return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, 4, generator=g), k
-
-
 @settings(max_examples=40, deadline=None)
-@given(cases(), st.integers(0, 5))
+@given(keyed_token_cases(max_n=16, key_width=4, salt=13), st.integers(0, 5))
 def test_merge_matches_loop_reference(case, contextual):
     x, scores, keys, k = case
     red = tp.create("visionzip-merge", contextual=contextual).reduce(x, scores, k, None, {PatchKeys(layer=0): keys})

@@ -155,28 +155,31 @@ class DecoderStage:
         p, batch = self._prefill, hidden.shape[0]
         at_images = lambda t: t[p.rows[:, None], p.positions]  # noqa: E731  [B, S, ...] -> [I, n, ...]
         values: dict[Any, Tensor] = {}
+        normed = self.norm(hidden) if any(isinstance(s, NormedTokens | TextPivots) for s in self.wanted) else None
         if self.read_layer is not None:
             cos, sin = (t.expand(batch, *t.shape[1:]) for t in self._captured.pop("rope"))
             k = self._captured.pop("k")
             attn = self.layers[self.read_layer].self_attn
             keys = rotate(rearrange(k.float(), "b s (h d) -> b h s d", d=attn.head_dim), cos.float(), sin.float())
+            l1 = keys.abs().sum(dim=(1, 3))  # [B, S]
             for signal in self.wanted:
                 if isinstance(signal, TextAttention):
                     rows = received_attention(self._captured.pop("q"), k, cos, sin, attn, p.key_mask, signal.query)
                     values[signal] = at_images(rows)
                 elif isinstance(signal, KeyNorm):
-                    values[signal] = at_images(keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p))
+                    values[signal] = at_images(l1 if signal.p == 1 else keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p))
                 elif isinstance(signal, TextPivots):
-                    values[signal] = self._text_pivots(hidden, keys.abs().sum(dim=(1, 3)), signal)
+                    values[signal] = self._text_pivots(normed, l1, signal)
         for signal in self.wanted:
             if isinstance(signal, NormedTokens):
-                values[signal] = at_images(self.norm(hidden))
+                values[signal] = at_images(normed)
         return values
 
-    def _text_pivots(self, hidden: Tensor, l1: Tensor, signal: TextPivots) -> Tensor:
-        """`[I, count, D]` final-normed states of each image's `count` best prompt tokens after it."""
+    def _text_pivots(self, normed: Tensor, l1: Tensor, signal: TextPivots) -> Tensor:
+        """`[I, count, D]` final-normed states (`normed` `[B, S, D]`) of each image's `count` best
+        prompt tokens after it, ranked by key L1 norm `l1` `[B, S]`."""
         p = self._prefill
-        after = torch.arange(hidden.shape[1], device=hidden.device)[None] > p.positions.max(dim=1).values[:, None]
+        after = torch.arange(normed.shape[1], device=normed.device)[None] > p.positions.max(dim=1).values[:, None]
         candidates = after & p.key_mask[p.rows]  # [I, S]: valid columns after the image
         is_image = torch.zeros_like(p.key_mask)
         is_image[p.rows[:, None], p.positions] = True
@@ -189,7 +192,7 @@ class DecoderStage:
             )
         ranked = l1[p.rows].masked_fill(~candidates, -float("inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :signal.count]
-        return self.norm(hidden)[p.rows[:, None], order.sort(dim=1).values]
+        return normed[p.rows[:, None], order.sort(dim=1).values]
 
     def _prune(self, hidden: Tensor) -> Tensor:
         """Run the stage on the image tokens' hidden states and shorten the sequence `[B, S, D]`."""

@@ -90,7 +90,6 @@ class LlavaAdapter(ModelAdapter):
         self._pipeline: Pipeline | None = None
         self._run: Run | None = None
         self._probe: VisionProbe | None = None
-        self._signals: set = set()
         self._info: ModelInfo | None = None
         self._projector_stages: list[Stage] = []
         self._decoder: DecoderStage | None = None
@@ -125,12 +124,7 @@ class LlavaAdapter(ModelAdapter):
         if unknown:
             raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
         encoder = _encoder_layers(self.core.vision_tower)
-        self._signals = signals
-        self._probe = VisionProbe(
-            {s.layer: encoder[s.layer].self_attn for s in signals},
-            cls_layers={s.layer for s in signals if isinstance(s, ClsAttention)},
-            key_layers={s.layer for s in signals if isinstance(s, PatchKeys)},
-        )
+        self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
         self._info = info
         handles = self._probe.attach()
         self._decoder = None
@@ -156,11 +150,7 @@ class LlavaAdapter(ModelAdapter):
         features = args[0]
         full = self.config.vision_feature_select_strategy == "full"
         tokens = features[:, 1:] if full else features
-        signals = {
-            s: self._probe.rows[s.layer] if isinstance(s, ClsAttention) else self._probe.patch_keys(s.layer, s.heads)
-            for s in self._signals
-            if s.layer in (self._probe.rows if isinstance(s, ClsAttention) else self._probe.keys)
-        }
+        signals = self._probe.values()
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         records = []
         for stage in self._projector_stages:
@@ -174,7 +164,7 @@ class LlavaAdapter(ModelAdapter):
             tokens = torch.cat([features[:, :1], tokens], dim=1)
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
         width, keys = self.config.vision_config.hidden_size, features.shape[1] + (0 if full else 1)
-        scoring = sum(signal_flops(s, keys, width) for s in self._signals) * features.shape[0]
+        scoring = sum(signal_flops(s, keys, width) for s in self._probe.signals) * features.shape[0]
         self._encoded = {"records": records, "slots": slots, "block": features.shape[1], "origin": origin,
                          "scoring": scoring}
         return (tokens,) + tuple(args[1:])

@@ -10,6 +10,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..signals import ClsAttention, PatchKeys
+
 
 def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> Tensor:
     """Head-mean attention of the first token's query over the other keys.
@@ -34,9 +36,11 @@ class VisionProbe:
     fired), `keys[layer]` the `[B, N, D]` patch keys. `attach` installs the hooks and returns them.
     """
 
-    def __init__(self, attention: Mapping[int, nn.Module], cls_layers: set[int], key_layers: set[int]) -> None:
+    def __init__(self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys]) -> None:
         self.attention = dict(attention)
-        self.cls_layers, self.key_layers = cls_layers, key_layers
+        self.signals = signals
+        self.cls_layers = {s.layer for s in signals if isinstance(s, ClsAttention)}
+        self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys)}
         self.rows: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
@@ -67,9 +71,15 @@ class VisionProbe:
             handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
         return handles
 
-    def patch_keys(self, layer: int, heads: str) -> Tensor:
-        """`PatchKeys` value: `[B, N, D]` keys, or `[B, N, d_head]` averaged over heads."""
-        keys = self.keys[layer]
-        if heads == "concat":
-            return keys
-        return rearrange(keys, "b n (h d) -> b n h d", h=self.attention[layer].num_heads).mean(dim=2)
+    def values(self) -> dict[ClsAttention | PatchKeys, Tensor]:
+        """Each signal the last encoder run computed: `ClsAttention` `[B, N]`; `PatchKeys` `[B, N, D]`,
+        or `[B, N, d_head]` averaged over heads."""
+        out: dict[ClsAttention | PatchKeys, Tensor] = {}
+        for signal in self.signals:
+            if isinstance(signal, ClsAttention) and signal.layer in self.rows:
+                out[signal] = self.rows[signal.layer]
+            elif isinstance(signal, PatchKeys) and signal.layer in self.keys:
+                keys = self.keys[signal.layer]
+                heads = self.attention[signal.layer].num_heads
+                out[signal] = keys if signal.heads == "concat" else rearrange(keys, "b n (h d) -> b n h d", h=heads).mean(2)
+        return out
