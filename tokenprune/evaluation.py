@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from .apply import apply
+from .distributed import Shard
 from .errors import InputError
 from .flops import llm_flops
 from .models import build_prompt
@@ -35,14 +36,28 @@ class Sample:
     answer: str | None = None
 
 
-@dataclass
-class Outcome:
-    """First-token log-probabilities `[M, V]` and cost of one pipeline (or the unpruned model)."""
+@dataclass(frozen=True)
+class BatchResult:
+    """One pipeline on one batch, reduced against the unpruned model on the same batch: small and
+    picklable, so sharded processes gather these rather than logits.
 
-    logprobs: torch.Tensor
+    Attributes:
+        batch: the batch's number in the whole sample list.
+        pred: `[m]` greedy first token under the pipeline.
+        reference: `[m]` the unpruned model's greedy first token.
+        kl: `[m]` float32 KL(unpruned || pruned) of the first-token distributions.
+        seconds: wall time of the forward.
+        lengths: tokens each decoder layer saw in the prefill.
+        kept: visual tokens per image after the last stage (`None` unpruned).
+    """
+
+    batch: int
+    pred: torch.Tensor
+    reference: torch.Tensor
+    kl: torch.Tensor
     seconds: float
-    layer_tokens: list[float]  # mean tokens each decoder layer sees in the prefill
-    kept: float | None  # mean visual tokens per image after the last stage
+    lengths: list[int]
+    kept: int | None
 
 
 def demo_samples(limit: int) -> list[Sample]:
@@ -82,38 +97,56 @@ def batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
         yield samples[start : start + size]
 
 
-def first_token_logprobs(
-    model: nn.Module, processor: Any, samples: Sequence[Sample], pipeline: Pipeline | None,
-    batch_size: int, device: str, progress: Callable[[int], None] | None = None,
-) -> Outcome:
-    """Run every sample once (prefill only) with `pipeline` applied (or none)."""
-    layers = model.config.get_text_config().num_hidden_layers
-    rows, seconds, lengths, kept = [], 0.0, [], []
-    for batch in batches(samples, batch_size):
-        prompts = [build_prompt(processor, s.question) for s in batch]
-        inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            if pipeline is None:
+def prefill(
+    model: nn.Module, processor: Any, batch: Sequence[Sample], pipeline: Pipeline | None, device: str
+) -> tuple[torch.Tensor, float, list[int], int | None]:
+    """One prefill of `batch` with `pipeline` applied (or none).
+
+    Returns:
+        first-token log-probabilities `[m, V]` (float32, CPU), seconds, tokens per decoder layer,
+        and visual tokens per image after the last stage (`None` unpruned).
+    """
+    prompts = [build_prompt(processor, s.question) for s in batch]
+    inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True).to(device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        if pipeline is None:
+            logits = model(**inputs).logits[:, -1]
+            lengths, kept = [inputs["input_ids"].shape[1]] * model.config.get_text_config().num_hidden_layers, None
+        else:
+            with apply(model, pipeline) as run:
                 logits = model(**inputs).logits[:, -1]
-                lengths.append([inputs["input_ids"].shape[1]] * layers)
-            else:
-                with apply(model, pipeline) as run:
-                    logits = model(**inputs).logits[:, -1]
-                forward = run.trace[-1]
-                lengths.append(forward.tokens_per_layer())
-                kept.append(forward.stages[-1].tokens_out)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - start
-        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-        if progress is not None:
-            progress(len(batch))
-    return Outcome(
-        logprobs=torch.cat(rows), seconds=seconds,
-        layer_tokens=[sum(column) / len(column) for column in zip(*lengths)],
-        kept=sum(kept) / len(kept) if kept else None,
-    )
+            lengths, kept = run.trace[-1].tokens_per_layer(), run.trace[-1].stages[-1].tokens_out
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return torch.log_softmax(logits.float(), dim=-1).cpu(), seconds, lengths, kept
+
+
+def evaluate(
+    model: nn.Module, processor: Any, samples: Sequence[Sample], pipelines: Sequence[Pipeline | None],
+    batch_size: int, device: str, shard: Shard = Shard(), progress: Callable[[int], None] | None = None,
+) -> list[list[BatchResult]]:
+    """Run this shard's batches of `samples` through each of `pipelines` (`None`: unpruned, which
+    reuses the reference forward) and reduce each against the unpruned model on the same batch.
+
+    Returns:
+        per pipeline, this shard's `BatchResult`s in batch order.
+    """
+    all_batches = list(batches(samples, batch_size))
+    results: list[list[BatchResult]] = [[] for _ in pipelines]
+    for index in shard.batch_indices(len(all_batches)):
+        batch = all_batches[index]
+        reference = prefill(model, processor, batch, None, device)
+        for slot, pipeline in enumerate(pipelines):
+            logprobs, seconds, lengths, kept = reference if pipeline is None else prefill(
+                model, processor, batch, pipeline, device)
+            ref = reference[0]
+            kl = (ref.exp() * (ref - logprobs)).sum(-1).clamp_min(0)
+            results[slot].append(BatchResult(index, logprobs.argmax(-1), ref.argmax(-1), kl, seconds, lengths, kept))
+            if progress is not None:
+                progress(len(batch))
+    return results
 
 
 def answer_ids(processor: Any, samples: Sequence[Sample]) -> torch.Tensor | None:
@@ -124,22 +157,24 @@ def answer_ids(processor: Any, samples: Sequence[Sample]) -> torch.Tensor | None
     return torch.tensor([tok(s.answer, add_special_tokens=False).input_ids[0] for s in samples])
 
 
-def flops(text_config: Any, outcome: Outcome) -> int:
-    """LLM prefill FLOPs for the (rounded) mean tokens per layer of `outcome`."""
-    return llm_flops(text_config, 0, [round(n) for n in outcome.layer_tokens])
-
-
-def metrics(reference: Outcome, outcome: Outcome, answers: torch.Tensor | None, text_config: Any,
-            n_samples: int) -> dict[str, Any]:
-    """Accuracy, agreement, KL and cost of `outcome` against the unpruned `reference`."""
-    pred = outcome.logprobs.argmax(-1)
-    ref = reference.logprobs
-    kl = (ref.exp() * (ref - outcome.logprobs)).sum(-1).clamp_min(0)
+def metrics(results: Sequence[BatchResult], reference: Sequence[BatchResult], answers: torch.Tensor | None,
+            text_config: Any) -> dict[str, Any]:
+    """Accuracy, agreement, KL and cost of one pipeline's `results` (every batch, in batch order)
+    against the unpruned model's `reference` results."""
+    pred = torch.cat([r.pred for r in results])
+    layer_tokens = _mean_lengths(results)
+    cost = llm_flops(text_config, 0, [round(n) for n in layer_tokens])
     return {
         "accuracy": None if answers is None else (pred == answers).float().mean().item(),
-        "agreement": (pred == ref.argmax(-1)).float().mean().item(),
-        "kl": kl.mean().item(),
-        "flops_ratio": flops(text_config, outcome) / flops(text_config, reference),
-        "seq_len": outcome.layer_tokens[0],
-        "latency_ms": 1000 * outcome.seconds / n_samples,
+        "agreement": (pred == torch.cat([r.reference for r in results])).float().mean().item(),
+        "kl": torch.cat([r.kl for r in results]).mean().item(),
+        "flops_ratio": cost / llm_flops(text_config, 0, [round(n) for n in _mean_lengths(reference)]),
+        "seq_len": layer_tokens[0],
+        "latency_ms": 1000 * sum(r.seconds for r in results) / len(pred),
+        "kept": None if results[0].kept is None else sum(r.kept for r in results) / len(results),
     }
+
+
+def _mean_lengths(results: Sequence[BatchResult]) -> list[float]:
+    """Mean over batches of the tokens each decoder layer saw."""
+    return [sum(column) / len(column) for column in zip(*(r.lengths for r in results))]

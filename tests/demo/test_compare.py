@@ -42,3 +42,32 @@ def test_compare_own_data_without_answers(tmp_path, tiny):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert rows[1]["accuracy"] is None and 0.0 <= rows[1]["agreement"] <= 1.0 and rows[1]["kept"] == 4
+
+
+def test_compare_sharded_over_two_processes_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): one results file, identical to one process's
+    but for the timings."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    args = ["compare", "--strategies", "vtc-cls,random,fastv", "--budgets", "0.25", "--limit", "10",
+            "--batch-size", "3", "--json"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "tokenprune.cli.app",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    sharded, single = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert json.loads(two.stdout) == sharded  # only rank 0 printed
+    assert sharded["meta"]["processes"] == 2 and single["meta"]["processes"] == 1
+    for row in sharded["rows"] + single["rows"]:
+        assert row.pop("latency_ms") > 0
+    assert sharded["rows"] == single["rows"]
+    assert [r["spec"] for r in single["rows"]] == ["", "vtc-cls@0.25", "random@0.25", "fastv@0.25"]

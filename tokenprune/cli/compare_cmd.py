@@ -14,7 +14,8 @@ from .. import report
 from ..adapters.base import find_adapter
 from ..budget import format_budget
 from ..errors import SpecError, TokenpruneError
-from ..evaluation import answer_ids, demo_samples, first_token_logprobs, jsonl_samples, metrics
+from ..distributed import Shard, shard_from_env
+from ..evaluation import answer_ids, demo_samples, evaluate, jsonl_samples, metrics
 from ..models import DEMO, load
 from ..pipeline import Pipeline
 from ..registry import list_strategies
@@ -68,8 +69,18 @@ def compare_command(
 ) -> None:
     """Compare strategies x budgets: accuracy, agreement and KL vs unpruned, FLOPs, latency.
 
+    Under `torchrun --nproc_per_node N` or `accelerate launch --num_processes N`, the batches are
+    shared among the processes and rank 0 writes one results file, identical to a one-process run's
+    but for the timings.
+
     Example: tokenprune compare --strategies vtc-cls,random,uniform --budgets 0.25,0.125 --limit 200
     """
+    with shard_from_env() as shard:
+        _compare(shard, model, strategies, budgets, limit, data, out, batch_size, shard.device(device), seed, json_out)
+
+
+def _compare(shard: Shard, model: str, strategies: str, budgets: str, limit: int, data: Path | None, out: Path,
+             batch_size: int, device: str, seed: int, json_out: bool) -> None:
     torch.manual_seed(seed)
     budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
     if not budget_list:
@@ -83,20 +94,23 @@ def compare_command(
     samples = jsonl_samples(data, limit) if data is not None else demo_samples(limit)
     answers = answer_ids(processor, samples)
     text_config = hf_model.config.get_text_config()
-    rows: list[dict[str, Any]] = []
     console = Console(stderr=True)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("comparing", total=len(samples) * (len(plan) + 1))
-        step = lambda n: progress.advance(task, n)  # noqa: E731
-        reference = first_token_logprobs(hf_model, processor, samples, None, batch_size, device, step)
-        base = metrics(reference, reference, answers, text_config, len(samples))
-        rows.append({"strategy": "unpruned", "budget": None, "spec": "", "kept": None, **base})
-        for name, budget, pipeline in plan:
-            outcome = first_token_logprobs(hf_model, processor, samples, pipeline, batch_size, device, step)
-            rows.append({"strategy": name, "budget": budget, "spec": pipeline.to_spec(),
-                         "kept": outcome.kept, **metrics(reference, outcome, answers, text_config, len(samples))})
+    with Progress(console=console, transient=True, disable=not shard.is_main) as progress:
+        mine = len(shard.batch_indices(-(-len(samples) // batch_size)))
+        task = progress.add_task("comparing", total=min(len(samples), mine * batch_size) * (len(plan) + 1))
+        local = evaluate(hf_model, processor, samples, [None] + [p for _, _, p in plan], batch_size, device, shard,
+                         lambda n: progress.advance(task, n))
+    results = [sorted(shard.gather(part), key=lambda r: r.batch) for part in local]
+    if not shard.is_main:
+        return
+    rows: list[dict[str, Any]] = [{"strategy": "unpruned", "budget": None, "spec": "",
+                                   **metrics(results[0], results[0], answers, text_config)}]
+    for (name, budget, pipeline), result in zip(plan, results[1:]):
+        rows.append({"strategy": name, "budget": budget, "spec": pipeline.to_spec(),
+                     **metrics(result, results[0], answers, text_config)})
     meta = {"model": model, "data": str(data) if data else "demo:eval", "limit": len(samples),
-            "seed": seed, "batch_size": batch_size, "budgets": budget_list, **environment()}
+            "seed": seed, "batch_size": batch_size, "budgets": budget_list, "processes": shard.world_size,
+            **environment()}
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", meta, rows)
     report.write_csv(out / "results.csv", rows)
@@ -109,4 +123,3 @@ def compare_command(
         return
     Console().print(report.table(rows, f"tokenprune compare: {model}, {len(samples)} samples"))
     console.print(f"results in {out}/ (results.json, results.csv, plots)")
-
