@@ -12,7 +12,8 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, VipLlavaConfig,
+                          VipLlavaForConditionalGeneration)
 
 from tokenprune.demo.tokenizer import llava_processor
 from tokenprune.models import build_prompt, load
@@ -35,7 +36,13 @@ class Tiny:
         return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
 
-def build_tiny(root: Path, name: str, seed: int = 0, **llava_kwargs: Any) -> Path:
+FAMILIES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
+            "vipllava": (VipLlavaConfig, VipLlavaForConditionalGeneration)}
+
+
+def build_tiny(root: Path, name: str, seed: int = 0, family: str = "llava", **llava_kwargs: Any) -> Path:
+    """A tiny random checkpoint of `family` (CLIP tower, Llama LLM) saved with its processor."""
+    config_cls, model_cls = FAMILIES[family]
     strategy = llava_kwargs.get("vision_feature_select_strategy", "default")
     processor = llava_processor(WORDS, IMAGE, PATCH, strategy=strategy)
     tok = processor.tokenizer
@@ -44,11 +51,11 @@ def build_tiny(root: Path, name: str, seed: int = 0, **llava_kwargs: Any) -> Pat
     text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2,
                        eos_token_id=3)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs)
+    config = config_cls(vision_config=vision, text_config=text,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs)
     torch.manual_seed(seed)
     path = root / name
-    LlavaForConditionalGeneration(config).save_pretrained(path)
+    model_cls(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 
 def cls_attention_eager(path: str, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Per block, `[I, N]` head-mean [CLS] attention over patches, from an eager-attention copy of
     the model run with `output_attentions=True` (the official VTC-CLS route)."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     with torch.no_grad():
         out = model.model.vision_tower(pixel_values, output_attentions=True)
     return [a.mean(dim=1)[:, 0, 1:] for a in out.attentions]
@@ -41,7 +41,7 @@ def manual_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
 def patch_keys_eager(path: str, pixel_values: torch.Tensor, block: int) -> torch.Tensor:
     """`[I, N, D]` key projections of the patch tokens in vision block `block`, recomputed from the
     block's input hidden state (its pre-attention LayerNorm, then `k_proj`)."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tower = model.model.vision_tower
     layers = getattr(tower, "vision_model", tower).encoder.layers
     block %= len(layers)  # hidden_states[block] is the input of block `block` (0: the embeddings)

@@ -1,5 +1,6 @@
 """Plugins found through real entry points (in a fresh interpreter): the example package in
-`plugins/` and a deliberately broken one. The example's strategies pass the contract suite."""
+`plugins/`, installed with pip, and a deliberately broken one. The example's strategies pass the
+contract suite; its VipLLaVA adapter passes the adapter checks."""
 
 import json
 import os
@@ -8,14 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import images
+import tokenprune as tp
+from conftest import N_PATCHES, Tiny, build_tiny, images
+from reference import cls_attention_eager, topk_reference
 from test_contract import check_contract
+from tokenprune.errors import UnsupportedModelError
+from tokenprune.models import load
 from tokenprune.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "tokenprune-example"
-EXAMPLE_EP = 'example = "tokenprune_example.strategies"'
 
 
 def make_dist(site: Path, name: str, entry_points: str) -> None:
@@ -28,11 +33,13 @@ def make_dist(site: Path, name: str, entry_points: str) -> None:
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory) -> dict[str, str]:
-    assert EXAMPLE_EP in (EXAMPLE / "pyproject.toml").read_text()
+    """An environment where the example plugin is pip-installed (into a target directory) and a
+    broken plugin's distribution record names a module that does not exist."""
     site = tmp_path_factory.mktemp("site")
-    make_dist(site, "tokenprune-example", "[tokenprune.strategies]\n" + EXAMPLE_EP.replace('"', "") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(EXAMPLE)], check=True, timeout=300)
     make_dist(site, "tokenprune-broken", "[tokenprune.strategies]\nbroken = tokenprune_no_such_module.strategies\n")
-    path = os.pathsep.join([str(site), str(EXAMPLE / "src"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     return os.environ | {"PYTHONPATH": path}
 
 
@@ -48,6 +55,8 @@ def test_list_names_plugins_with_origin_and_reports_the_broken_one(plugin_env):
     assert rows["example-norm"]["origin"] == "plugin tokenprune-example"
     assert rows["example-chunk-mean"]["role"] == "selector"
     assert rows["vtc-cls"]["origin"] == "built-in" and "broken" not in rows
+    assert rows["example-vipllava"]["role"] == "adapter" and rows["example-vipllava"]["origin"] == "plugin tokenprune-example"
+    assert rows["llava"]["role"] == "adapter" and rows["llava"]["origin"] == "built-in"
     assert "plugin 'broken'" in result.stderr and "tokenprune-broken" in result.stderr
 
 
@@ -77,3 +86,53 @@ def example_registered(monkeypatch):
 @pytest.mark.parametrize("name", ["example-norm", "example-chunk-mean"])
 def test_example_plugin_passes_the_contract(example_registered, tiny, name):
     check_contract(tiny, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_vipllava(tmp_path_factory) -> Tiny:
+    """A tiny VipLLaVA: its projector reads blocks -2 and -3 concatenated, without [CLS]."""
+    path = build_tiny(tmp_path_factory.mktemp("vip"), "vipllava", seed=4, family="vipllava", vision_feature_layer=[-2, -3])
+    model, processor = load(str(path))
+    return Tiny(path, model, processor)
+
+
+@pytest.fixture
+def vipllava_registered(monkeypatch):
+    REGISTRY.ensure_loaded()
+    saved = dict(REGISTRY._adapters)
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    import tokenprune_example.adapters  # noqa: F401  (registers on import)
+
+    yield
+    REGISTRY._adapters = saved
+    sys.modules.pop("tokenprune_example.adapters", None)
+
+
+def test_vipllava_is_unsupported_without_the_plugin(tiny_vipllava):
+    with pytest.raises(UnsupportedModelError, match="VipLlavaForConditionalGeneration.*supported models: LlavaForConditionalGeneration"):
+        with tp.apply(tiny_vipllava.model, "vtc-cls@4"):
+            pass
+
+
+@pytest.mark.parametrize("name", ["vtc-cls", "vtc-cls-ensemble", "fastv", "divprune", "pool"])
+def test_plugin_adapter_passes_the_contract(vipllava_registered, tiny_vipllava, name):
+    check_contract(tiny_vipllava, name)
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_plugin_adapter_vtc_cls_matches_eager_reference(vipllava_registered, tiny_vipllava, k):
+    inputs = tiny_vipllava.inputs(["what colour is the square"] * 2, images(2, seed=3))
+    with torch.no_grad(), tp.apply(tiny_vipllava.model, f"vtc-cls@{k}") as run:
+        tiny_vipllava.model(**inputs)
+    rows = cls_attention_eager(str(tiny_vipllava.path), inputs["pixel_values"])[2]  # feature block: max(-2, -3) of 4
+    assert [x.tolist() for x in run.trace[0].stages[0].kept] == [topk_reference(r.tolist(), k) for r in rows]
+    assert run.trace[0].seq_len_in - run.trace[0].seq_len_out == N_PATCHES - k
+
+
+def test_cli_runs_the_plugin_adapter(plugin_env, tiny_vipllava, tmp_path):
+    image = tmp_path / "img.png"
+    images(1)[0].save(image)
+    result = cli(plugin_env, "run", "--model", str(tiny_vipllava.path), "--image", str(image), "--prompt", "what",
+                 "--strategy", "vtc-cls@5", "--max-new-tokens", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stages"][0]["tokens_out"] == 5

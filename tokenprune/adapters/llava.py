@@ -73,6 +73,8 @@ class LlavaAdapter(ModelAdapter):
 
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
     places: ClassVar[tuple[str, ...]] = ("projector", "llm")
+    feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy")
+    """Config fields that shape the image features; per-call overrides of them are refused."""
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -94,6 +96,11 @@ class LlavaAdapter(ModelAdapter):
         self._projector_stages: list[Stage] = []
         self._decoder: DecoderStage | None = None
         self._record: ForwardRecord | None = None
+
+    def features_keep_cls(self) -> bool:
+        """Whether the projector's input starts with the [CLS] feature (`vision_feature_select_strategy="full"`);
+        a subclass for a family that always drops it returns False."""
+        return self.config.vision_feature_select_strategy == "full"
 
     def info(self) -> ModelInfo:
         layer = self.config.vision_feature_layer
@@ -148,7 +155,7 @@ class LlavaAdapter(ModelAdapter):
     def _prune_features(self, module: nn.Module, args: tuple) -> tuple:
         """Projector pre-hook: run the stages on the tower's features `[I, N(+1), D]`."""
         features = args[0]
-        full = self.config.vision_feature_select_strategy == "full"
+        full = self.features_keep_cls()
         tokens = features[:, 1:] if full else features
         signals = self._probe.values()
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
@@ -198,7 +205,7 @@ class LlavaAdapter(ModelAdapter):
         """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
         shorten the prompt to the kept image tokens."""
         input_ids: Tensor = kw["input_ids"]
-        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+        for key in self.feature_keys:
             if kw.get(key) is not None and kw[key] != getattr(self.config, key):
                 raise InputError(
                     f"{key}={kw[key]!r} differs from the model config ({getattr(self.config, key)!r}); "
