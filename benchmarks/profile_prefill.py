@@ -1,0 +1,80 @@
+"""Where a pruned prefill's time goes, next to the oracle's (a device-tool run; see docs/benchmarks.md).
+
+Times one prefill forward (as `generate` runs it: logits of the last position only) for the unpruned
+model, the oracle at k and `vtc-cls@k`, at each batch size, then profiles the pruned prefill at the
+first batch size: Python functions (cProfile, by own time) and device-runtime calls (torch.profiler).
+
+Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--k 64] [--batch 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tokenprune import apply, bench
+from tokenprune.versions import environment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", default="llava-1.5-7b")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = bench.build(args.arch, torch.bfloat16, "cuda")
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    spec = f"vtc-cls@{args.k}"
+    rows = []
+
+    def prefill(inputs: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+
+    for batch in (int(b) for b in args.batch.split(",")):
+        full, short = bench.inputs(model, batch, n), bench.inputs(model, batch, args.k)
+        row = {"batch": batch, "unpruned_ms": bench.timed(lambda: prefill(full), args.repeats, "cuda", 3)}
+        with bench.features_cut_to(model, lambda f: f[:, :args.k]):
+            row["oracle_ms"] = bench.timed(lambda: prefill(short), args.repeats, "cuda", 3)
+        with apply(model, spec):
+            row["pruned_ms"] = bench.timed(lambda: prefill(full), args.repeats, "cuda", 3)
+        row["pruned_over_oracle"] = row["pruned_ms"] / row["oracle_ms"]
+        row["speedup_share"] = (row["unpruned_ms"] / row["pruned_ms"]) / (row["unpruned_ms"] / row["oracle_ms"])
+        rows.append(row)
+        print(json.dumps(row))
+
+    batch = int(args.batch.split(",")[0])
+    full = bench.inputs(model, batch, n)
+    with apply(model, spec):
+        prefill(full)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.repeats):
+            prefill(full)
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+        (args.out / "cprofile.txt").write_text(text.getvalue())
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                prefill(full)
+            torch.cuda.synchronize()
+        (args.out / "torch_profile.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
+    (args.out / "prefill.json").write_text(json.dumps({"rows": rows, "spec": spec, "arch": args.arch, **environment()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
