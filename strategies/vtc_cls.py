@@ -1,5 +1,7 @@
 """VTC-CLS, single layer (arXiv 2412.05819)."""
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from tokenprune.errors import SignalError
@@ -24,9 +26,11 @@ class VTCCLS(ScoringStrategy):
 
     Score of a patch = post-softmax attention of [CLS] on it, mean over heads, in vision block
     `layer` (Python index; default `None`: the block whose output the projector uses, the
-    penultimate for LLaVA-1.5). Paired with `topk`; kept tokens return to raster order.
+    penultimate for LLaVA-1.5). Paired with `topk`; kept tokens return to raster order. Inside the
+    encoder (`vtc-cls(layer=4)@288@vision:8`) it prunes by an earlier block's [CLS] row.
     """
 
+    places: ClassVar[tuple[str, ...]] = ("projector", "vision")
     layer: int | None = None
 
     def block(self, info: ModelInfo) -> int:

@@ -96,3 +96,26 @@ def visionzip_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor
         outputs += [(t, torch.stack([x[m].double() for m in members]).mean(0)) for t, members in groups.items()]
     outputs.sort(key=lambda o: o[0])
     return [i for i, _ in outputs], torch.stack([t for _, t in outputs])
+
+
+def tome_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """ToMe rounds on one image with explicit loops: merged tokens, representatives, and how many
+    input tokens each output stands for."""
+    tokens = [(x[i].double(), 1.0, i) for i in range(x.shape[0])]  # (size-weighted mean, mass, repr)
+    while len(tokens) > k:
+        r = min(len(tokens) - k, len(tokens) // 2)
+        a, b = tokens[0::2], tokens[1::2]
+        unit = lambda v: v / v.norm()  # noqa: E731
+        best = []
+        for i, (va, _, _) in enumerate(a):
+            sims = [float(unit(va) @ unit(vb)) for vb, _, _ in b]
+            j = max(range(len(b)), key=lambda j: (sims[j], -j))
+            best.append((sims[j], i, j))
+        order = sorted(best, key=lambda t: (-t[0], t[1]))
+        merged, kept = order[:r], sorted(t[1] for t in order[r:])
+        b = list(b)
+        for _, i, j in merged:
+            (va, sa, _), (vb, sb, rb) = a[i], b[j]
+            b[j] = ((va * sa + vb * sb) / (sa + sb), sa + sb, rb)
+        tokens = sorted([a[i] for i in kept] + b, key=lambda t: t[2])
+    return torch.stack([t[0] for t in tokens]).float(), [t[2] for t in tokens], [round(t[1]) for t in tokens]

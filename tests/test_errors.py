@@ -69,6 +69,26 @@ def test_stage_order_and_budgets_validated():
 
 
 def test_unsupported_place_for_adapter(tiny):
-    with pytest.raises(tp.errors.PlaceError, match="supported places: projector, llm"):
-        with tp.apply(tiny.model, tp.Pipeline([tp.Stage(at="vision:1", selector="uniform", budget=4)])):
+    from tokenprune.adapters.llava import LlavaAdapter
+
+    class ProjectorOnly(LlavaAdapter):
+        name, places = "projector-only", ("projector",)
+
+    with pytest.raises(tp.errors.PlaceError, match="vision:1, which the 'projector-only' adapter does not support; supported places: projector"):
+        ProjectorOnly(tiny.model).check(tp.Pipeline([tp.Stage(at="vision:1", selector="uniform", budget=4)]))
+
+
+def test_vision_stage_after_the_feature_block_is_refused(tiny):
+    with pytest.raises(tp.errors.PlaceError, match="after block 2, whose output the projector reads; use vision:L with L <= 2"):
+        with tp.apply(tiny.model, "tome@4@vision:3"):
+            pass
+
+
+@pytest.mark.parametrize(("spec", "block"), [
+    ("tome@8@vision:2 > vtc-cls(layer=1)@4", 1),  # the projector stage reads a block before the merge
+    ("uniform@8@vision:1 > tome@4@vision:2 > vtc-cls(layer=0)@2", 0),
+])
+def test_signal_from_a_block_whose_tokens_are_gone_is_refused(tiny, spec, block):
+    with pytest.raises(tp.errors.SignalError, match=f"reads vision block {block}, but the tokens it receives exist in blocks"):
+        with tp.apply(tiny.model, spec):
             pass

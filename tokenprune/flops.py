@@ -1,4 +1,5 @@
-"""Theoretical FLOPs of the LLM for the token counts a pipeline produced (FastV's accounting)."""
+"""Theoretical FLOPs of the LLM and the vision encoder for the token counts a pipeline produced
+(FastV's accounting: every transformer layer costs `4nd² + 2n²d + 2ndm`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def llm_flops(config: object, seq_len: int, layers_tokens: Sequence[int] | None 
     for `seq_len` tokens in every layer, or per-layer counts `layers_tokens`."""
     counts = layers_tokens if layers_tokens is not None else [seq_len] * config.num_hidden_layers
     return prefill_flops(counts, config.hidden_size, config.intermediate_size)
+
+
+def vision_flops(config: object, tokens_per_block: Sequence[int]) -> int:
+    """FLOPs of a ViT encoder (HF vision config: `hidden_size`, `intermediate_size`) whose block `i`
+    sees `tokens_per_block[i]` tokens, with the same per-layer formula as the LLM."""
+    return prefill_flops(tokens_per_block, config.hidden_size, config.intermediate_size)
 
 
 def signal_flops(signal: Signal, tokens: int, width: int) -> int:

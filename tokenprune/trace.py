@@ -55,7 +55,9 @@ class ForwardRecord:
     sees it; `layer_tokens`: per decoder layer, the tokens it sees when a stage runs inside the
     LLM (`None`: every layer sees `seq_len_out`); `llm_shape`: the LLM's `(width, FFN width,
     layers)`, for the FLOPs; `scoring_flops`: the stages' scoring overhead per sequence
-    (`tokenprune.flops.signal_flops` of every signal they read).
+    (`tokenprune.flops.signal_flops` of every signal they read); `vision_tokens`: per encoder block,
+    the tokens ([CLS] included) it saw per image; `vision_shape`: the encoder's `(width, FFN width,
+    tokens per block unpruned)`.
     """
 
     stages: list[StageRecord]
@@ -64,6 +66,8 @@ class ForwardRecord:
     layer_tokens: list[int] | None = None
     llm_shape: tuple[int, int, int] | None = None
     scoring_flops: float = 0.0
+    vision_tokens: list[int] | None = None
+    vision_shape: tuple[int, int, int] | None = None
 
     def tokens_per_layer(self) -> list[int]:
         """Tokens each decoder layer saw in this prefill (needs `llm_shape`)."""
@@ -80,11 +84,23 @@ class ForwardRecord:
         return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned,
                 "scoring": self.scoring_flops, "ratio_with_scoring": (pruned + self.scoring_flops) / unpruned}
 
+    def vision_flops(self) -> dict[str, float] | None:
+        """Theoretical encoder FLOPs per image: `{"pruned", "unpruned", "ratio"}` (stages inside the
+        encoder shorten the blocks after them)."""
+        if self.vision_shape is None or self.vision_tokens is None:
+            return None
+        d, m, tokens = self.vision_shape
+        pruned = prefill_flops(self.vision_tokens, d, m)
+        unpruned = prefill_flops([tokens] * len(self.vision_tokens), d, m)
+        return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "seq_len_in": self.seq_len_in,
             "seq_len_out": self.seq_len_out,
             "layer_tokens": self.layer_tokens,
+            "vision_tokens": self.vision_tokens,
             "llm_flops": self.llm_flops(),
+            "vision_flops": self.vision_flops(),
             "stages": [s.to_json() for s in self.stages],
         }

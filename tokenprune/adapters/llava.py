@@ -4,7 +4,7 @@ decoder-only LLM; each image is a block of placeholder tokens in `input_ids`."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,6 +21,7 @@ from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
 from .decoder import DecoderStage
+from .encoder import EncoderStages, check_signal_blocks, current_grid
 from .sequence import Compaction, compact
 from .vision import VisionProbe
 
@@ -69,10 +70,11 @@ def _key_mask(mask: Tensor, length: int) -> Tensor:
 
 @register_adapter("llava")
 class LlavaAdapter(ModelAdapter):
-    """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes before the projector and inside the LLM."""
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes inside the vision encoder, before the
+    projector and inside the LLM."""
 
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
+    places: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
     feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy")
     """Config fields that shape the image features; per-call overrides of them are refused."""
 
@@ -94,6 +96,7 @@ class LlavaAdapter(ModelAdapter):
         self._probe: VisionProbe | None = None
         self._info: ModelInfo | None = None
         self._projector_stages: list[Stage] = []
+        self._encoder: EncoderStages | None = None
         self._decoder: DecoderStage | None = None
         self._record: ForwardRecord | None = None
 
@@ -102,11 +105,16 @@ class LlavaAdapter(ModelAdapter):
         a subclass for a family that always drops it returns False."""
         return self.config.vision_feature_select_strategy == "full"
 
-    def info(self) -> ModelInfo:
+    def _feature_blocks(self) -> list[int]:
+        """The blocks whose outputs the projector reads (`-1`: the embeddings)."""
         layer = self.config.vision_feature_layer
         depth = len(_encoder_layers(self.core.vision_tower))
         # hidden_states[h] is the output of block h - 1 (hidden_states[0]: the embeddings)
-        blocks = [(h % (depth + 1)) - 1 for h in ([layer] if isinstance(layer, int) else layer)]
+        return [(h % (depth + 1)) - 1 for h in ([layer] if isinstance(layer, int) else layer)]
+
+    def info(self) -> ModelInfo:
+        depth = len(_encoder_layers(self.core.vision_tower))
+        blocks = self._feature_blocks()
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         return ModelInfo(
@@ -122,18 +130,23 @@ class LlavaAdapter(ModelAdapter):
         image encoding inside the context is compressed), and the sequence rewrite before the LLM."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         info = self.info()
+        vision_stages = [s for s in pipeline.stages if s.place.kind == "vision"]
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         llm_stages = [s for s in pipeline.stages if s.place.kind == "llm"]
         if len(llm_stages) > 1:
             raise PlaceError("the llava adapter runs one llm:K stage per pipeline for now")
-        signals = required_signals(self._projector_stages, info)
+        check_signal_blocks(vision_stages + self._projector_stages, info, min(self._feature_blocks()))
+        signals = required_signals(vision_stages + self._projector_stages, info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
         if unknown:
-            raise SignalError(f"the llava adapter cannot provide {unknown} before the projector")
+            raise SignalError(f"the llava adapter cannot provide {unknown} in the vision encoder or before the projector")
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
         self._info = info
         handles = self._probe.attach()
+        self._encoder = EncoderStages(encoder, vision_stages, info, self._probe) if vision_stages else None
+        if self._encoder is not None:
+            handles += self._encoder.attach()
         self._decoder = None
         if llm_stages:
             self._decoder = DecoderStage(self.core.language_model.layers, self.core.language_model.norm, llm_stages[0], info)
@@ -158,11 +171,16 @@ class LlavaAdapter(ModelAdapter):
         full = self.features_keep_cls()
         tokens = features[:, 1:] if full else features
         signals = self._probe.values()
+        encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         records = []
+        if encoded is not None:
+            origin = encoded.origin
+            records = [(stage, n_in, r.k, kept, r.weights, scores) for stage, n_in, r, scores, kept in encoded.records]
         for stage in self._projector_stages:
             n_in = tokens.shape[1]
-            reduction, scores = run_stage(stage, tokens, self._info, signals)
+            info = replace(self._info, grid=current_grid(self._info, n_in))
+            reduction, scores = run_stage(stage, tokens, info, signals)
             origin = origin.gather(1, reduction.index)
             records.append((stage, n_in, reduction.k, origin, reduction.weights, scores))
             tokens = reduction.tokens
@@ -170,10 +188,13 @@ class LlavaAdapter(ModelAdapter):
         if full:
             tokens = torch.cat([features[:, :1], tokens], dim=1)
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
-        width, keys = self.config.vision_config.hidden_size, features.shape[1] + (0 if full else 1)
-        scoring = sum(signal_flops(s, keys, width) for s in self._probe.signals) * features.shape[0]
-        self._encoded = {"records": records, "slots": slots, "block": features.shape[1], "origin": origin,
-                         "scoring": scoring}
+        vision = self.config.vision_config
+        rows, cols = self._info.grid
+        block_tokens = self._encoder.tokens_per_block() if self._encoder is not None else [rows * cols + 1] * self._info.vision_layers
+        scoring = sum(signal_flops(s, block_tokens[s.layer], vision.hidden_size) for s in self._probe.signals)
+        self._encoded = {"records": records, "slots": slots, "block": rows * cols + full, "origin": origin,
+                         "scoring": scoring * features.shape[0], "vision_tokens": block_tokens,
+                         "vision_tokens_in": rows * cols + 1}
         return (tokens,) + tuple(args[1:])
 
     def _before_core(
@@ -247,7 +268,7 @@ class LlavaAdapter(ModelAdapter):
         self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
 
         image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
-        text = self.config.text_config
+        text, vision = self.config.text_config, self.config.vision_config
         self._record = ForwardRecord(
             stages=[
                 StageRecord(
@@ -262,6 +283,8 @@ class LlavaAdapter(ModelAdapter):
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
             scoring_flops=pruned["scoring"] / input_ids.shape[0],
+            vision_tokens=pruned["vision_tokens"],
+            vision_shape=(vision.hidden_size, vision.intermediate_size, pruned["vision_tokens_in"]),
         )
         self._run.record(self._record)
         if self._decoder is not None:

@@ -48,6 +48,8 @@ def run_command(
         "seq_len_out": forward.seq_len_out,
         "layer_tokens": forward.layer_tokens,
         "llm_flops": forward.llm_flops(),
+        "vision_flops": forward.vision_flops(),
+        "vision_tokens": forward.vision_tokens,
         "stages": [s.to_json() for s in forward.stages],
     }
     if json_out:
