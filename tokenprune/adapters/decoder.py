@@ -6,6 +6,10 @@ Layers `0..K-1` see every token; before layer `K` the stage picks the image toke
 layers `K..` get the shortened hidden states, 4D mask, rotary embeddings and position ids (kept
 tokens keep their original positions, as FastV does), so their KV cache holds only kept tokens.
 Later decoding steps keep their positions; only the mask columns of layers `K..` are remapped.
+
+Several stages chain (`fastv@0.5@llm:2 > uniform@0@llm:16`): each maps the kwargs it receives,
+already in the previous stage's frame, into its own, and hands the next stage the image columns,
+provenance and key mask of its output.
 """
 
 from __future__ import annotations
@@ -62,14 +66,15 @@ def received_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.
 
 
 @dataclass
-class _Prefill:
-    """The current prefill's image layout in the LLM sequence."""
+class ImageLayout:
+    """The current prefill's image layout in the sequence entering the stage's layer."""
 
-    positions: Tensor  # [I, n] columns of each image's stage tokens in the LLM input
+    positions: Tensor  # [I, n] columns of each image's stage tokens
     rows: Tensor  # [I] batch row of each image
     origin: Tensor  # [I, n] encoder patch index of each
     key_mask: Tensor  # [B, S] bool
-    record: Callable[[StageRecord, list[int], float], None]
+    record: Callable[[StageRecord, int, int, float], None]  # (record, from layer, tokens, scoring FLOPs)
+    offset: int = 0  # columns that earlier stages removed from the prompt
 
 
 class DecoderStage:
@@ -93,7 +98,9 @@ class DecoderStage:
             raise SignalError(f"{stage.to_spec()!r}: one llm:K stage reads one decoder layer, not {sorted(layers_read)}")
         self.read_layer = next(iter(layers_read), None)
         self.query = next((s.query for s in self.wanted if isinstance(s, TextAttention)), None)
-        self._prefill: _Prefill | None = None
+        self.next: DecoderStage | None = None  # the following llm:K stage, fed by this one's output
+        self._offset = 0
+        self._prefill: ImageLayout | None = None
         self._keep: Compaction | None = None
         self._padded = False  # whether the compaction added padding (computed once per prefill)
         self._captured: dict[str, Any] = {}
@@ -110,10 +117,10 @@ class DecoderStage:
             handles.append(self.layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
         return handles
 
-    def begin_prefill(self, positions: Tensor, rows: Tensor, origin: Tensor, key_mask: Tensor,
-                      record: Callable[[StageRecord, list[int], float], None]) -> None:
-        """Called by the adapter before the LLM runs a (compressed) prompt."""
-        self._prefill, self._keep = _Prefill(positions, rows, origin, key_mask, record), None
+    def begin_prefill(self, prefill: ImageLayout) -> None:
+        """Called before the LLM runs a (compressed) prompt (by the adapter), or by the previous
+        stage once it has pruned."""
+        self._prefill, self._keep, self._offset = prefill, None, prefill.offset
 
     def begin_decode(self) -> None:
         """Called by the adapter before a later forward of the same generation."""
@@ -215,8 +222,12 @@ class DecoderStage:
             weights=None if reduction.weights is None else [w.cpu() for w in reduction.weights],
             scores=None if scores is None else [row.float().cpu() for row in scores],
             image_sample=p.rows.tolist(),
-        ), [comp.length_in] * self.k + [comp.length_out] * (len(self.layers) - self.k),
-            sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted))
+        ), self.k, comp.length_out, sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted))
+        if self.next is not None:
+            self.next.begin_prefill(ImageLayout(
+                positions=new_col[p.rows[:, None], kept_cols], rows=p.rows, origin=origin,
+                key_mask=comp.gather(p.key_mask) & comp.valid, record=p.record,
+                offset=p.offset + comp.length_in - comp.length_out))
         return out
 
     def _remap(self, kwargs: dict[str, Any], prefill: bool, q_len: int) -> dict[str, Any]:
@@ -238,7 +249,7 @@ class DecoderStage:
             cols, rows = comp.source, comp.source
             valid = comp.valid
         else:
-            total = cache.get_seq_length(0) if cache is not None else comp.length_in
+            total = cache.get_seq_length(0) - self._offset if cache is not None else comp.length_in
             extra = torch.arange(comp.length_in, total, device=comp.source.device).expand(b, -1)
             cols = torch.cat([comp.source, extra], dim=1)
             valid = torch.cat([comp.valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)

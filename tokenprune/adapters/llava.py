@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import InputError, PlaceError, SignalError
+from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
@@ -20,7 +20,7 @@ from ..signals import ClsAttention, PatchKeys
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
-from .decoder import DecoderStage
+from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages, check_signal_blocks, current_grid
 from .sequence import Compaction, compact
 from .vision import VisionProbe
@@ -97,7 +97,7 @@ class LlavaAdapter(ModelAdapter):
         self._info: ModelInfo | None = None
         self._projector_stages: list[Stage] = []
         self._encoder: EncoderStages | None = None
-        self._decoder: DecoderStage | None = None
+        self._decoders: list[DecoderStage] = []
         self._record: ForwardRecord | None = None
 
     def features_keep_cls(self) -> bool:
@@ -133,8 +133,6 @@ class LlavaAdapter(ModelAdapter):
         vision_stages = [s for s in pipeline.stages if s.place.kind == "vision"]
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         llm_stages = [s for s in pipeline.stages if s.place.kind == "llm"]
-        if len(llm_stages) > 1:
-            raise PlaceError("the llava adapter runs one llm:K stage per pipeline for now")
         check_signal_blocks(vision_stages + self._projector_stages, info, min(self._feature_blocks()))
         signals = required_signals(vision_stages + self._projector_stages, info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
@@ -147,10 +145,12 @@ class LlavaAdapter(ModelAdapter):
         self._encoder = EncoderStages(encoder, vision_stages, info, self._probe) if vision_stages else None
         if self._encoder is not None:
             handles += self._encoder.attach()
-        self._decoder = None
-        if llm_stages:
-            self._decoder = DecoderStage(self.core.language_model.layers, self.core.language_model.norm, llm_stages[0], info)
-            handles += self._decoder.attach()
+        language_model = self.core.language_model
+        self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, info) for s in llm_stages]
+        for before, after in zip(self._decoders, self._decoders[1:]):
+            before.next = after
+        for decoder in self._decoders:
+            handles += decoder.attach()
         return handles + [
             self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
             self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
@@ -214,12 +214,12 @@ class LlavaAdapter(ModelAdapter):
                 raise InputError("images after the first chunk of a cached prompt are not supported")
             return (), self._compress_prefill(kw, encoded)
         if self._prefill is not None and past > 0:
-            if self._decoder is not None:
-                self._decoder.begin_decode()
+            for decoder in self._decoders:
+                decoder.begin_decode()
             return (), self._continue(kw, past)
         self._prefill = None
-        if self._decoder is not None:
-            self._decoder.reset()
+        for decoder in self._decoders:
+            decoder.reset()
         return None
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
@@ -287,14 +287,14 @@ class LlavaAdapter(ModelAdapter):
             vision_shape=(vision.hidden_size, vision.intermediate_size, pruned["vision_tokens_in"]),
         )
         self._run.record(self._record)
-        if self._decoder is not None:
+        if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(n_images, -1)
-            self._decoder.begin_prefill(
+            self._decoders[0].begin_prefill(ImageLayout(
                 positions=columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
                 rows=torch.tensor(image_sample, device=columns.device), origin=pruned["origin"],
                 key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
                 record=self._record_llm_stage,
-            )
+            ))
 
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=comp.positions(kw.get("position_ids"), self.positions))
@@ -303,10 +303,14 @@ class LlavaAdapter(ModelAdapter):
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return kw
 
-    def _record_llm_stage(self, stage: StageRecord, layer_tokens: list[int], scoring_flops: float) -> None:
-        self._record.stages.append(stage)
-        self._record.layer_tokens = layer_tokens
-        self._record.scoring_flops += scoring_flops
+    def _record_llm_stage(self, stage: StageRecord, from_layer: int, tokens: int, scoring_flops: float) -> None:
+        """An `llm:K` stage ran: decoder layers `from_layer..` now see `tokens` tokens."""
+        record = self._record
+        layers = record.llm_shape[2]
+        counts = record.layer_tokens or [record.seq_len_out] * layers
+        record.layer_tokens = counts[:from_layer] + [tokens] * (layers - from_layer)
+        record.stages.append(stage)
+        record.scoring_flops += scoring_flops
 
     def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """Map a later forward of the same generation (original frame) onto the compressed cache."""
