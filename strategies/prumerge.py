@@ -22,6 +22,7 @@ class PruMerge(VTCCLS):
 
     layer: int | None = -1
     default_selector = "prumerge-merge"
+    places = ("projector",)  # defined on the encoder's output, not inside it
 
 
 @register("prumerge-merge")

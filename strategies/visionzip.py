@@ -21,6 +21,7 @@ class VisionZip(VTCCLS):
     `visionzip-merge`."""
 
     default_selector = "visionzip-merge"
+    places = ("projector",)  # defined on the encoder's output, not inside it
 
 
 @register("visionzip-merge")

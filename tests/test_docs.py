@@ -57,3 +57,18 @@ def test_getting_started_example_runs():
     for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "index.md").read_text(), re.DOTALL):
         exec(compile(block, "docs/index.md", "exec"), scope)
     assert scope["run"].trace[0].stages[0].tokens_out == 36 and scope["out"].shape[0] == 1
+
+
+def test_strategy_catalogue_lists_every_built_in_with_its_places():
+    rows = {}
+    for line in (ROOT / "docs" / "strategies.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 6:
+            rows[cells[0].strip("`")] = cells
+    built_in = {name: e for name, e in tp.list_strategies().items() if e.origin == "built-in"}
+    assert set(rows) == set(built_in)
+    kinds = {"projector": "`projector`", "vision": "`vision:L`", "llm": "`llm:K`"}
+    for name, entry in built_in.items():
+        assert rows[name][1] == entry.role
+        if entry.role == "scorer":
+            assert rows[name][4] == ", ".join(kinds[k] for k in entry.cls.places)
