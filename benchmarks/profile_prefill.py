@@ -54,19 +54,29 @@ def main() -> None:
         print(json.dumps(row))
 
     batch = int(args.batch.split(",")[0])
-    full = bench.inputs(model, batch, n)
-    with apply(model, spec):
-        prefill(full)
+    full, short = bench.inputs(model, batch, n), bench.inputs(model, batch, args.k)
+
+    def python_profile(inputs: dict[str, torch.Tensor]) -> str:
+        """cProfile of `repeats` prefills: tokenprune's functions by cumulative time, then every
+        function by own time."""
+        prefill(inputs)
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.repeats):
-            prefill(full)
+            prefill(inputs)
         torch.cuda.synchronize()
         profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
-        (args.out / "cprofile.txt").write_text(text.getvalue())
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("cumulative").print_stats("tokenprune", 40)
+        stats.sort_stats("tottime").print_stats(30)
+        return text.getvalue()
+
+    with bench.features_cut_to(model, lambda f: f[:, :args.k]):
+        (args.out / "cprofile_oracle.txt").write_text(python_profile(short))
+    with apply(model, spec):
+        (args.out / "cprofile.txt").write_text(python_profile(full))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 prefill(full)

@@ -37,8 +37,9 @@ def check_budget(budget: object, allow_zero: bool = False) -> Budget:
     return budget
 
 
-def resolve_budget(budget: Budget, n: int, where: str = "stage") -> int:
-    """The number of tokens to keep out of `n`.
+def resolve_budget(budget: Budget, n: int, where: object = "stage") -> int:
+    """The number of tokens to keep out of `n`; `where` names the stage in the error (formatted
+    only when one is raised, so a stage can pass itself).
 
     A ratio keeps `round(ratio * n)` tokens (halves rounded up), at least 1; the int 0 keeps none.
 

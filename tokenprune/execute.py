@@ -26,7 +26,7 @@ def run_stage(
         ScoreError: the scorer returned scores of the wrong shape or with NaN.
     """
     n = tokens.shape[1]
-    k = resolve_budget(stage.budget, n, where=f"stage {stage.to_spec()!r} at {stage.at}")
+    k = resolve_budget(stage.budget, n, where=stage)
     scores = None
     if stage.scorer is not None:
         scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))

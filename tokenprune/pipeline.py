@@ -7,6 +7,7 @@ the three forms round-trip.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,11 @@ class Stage(BaseModel):
 
     def to_spec(self) -> str:
         """This stage in spec form, e.g. `vtc-cls@64` or `vtc-cls+topk@0.25@projector`."""
+        return self.spec
+
+    @cached_property
+    def spec(self) -> str:
+        """The spec form, formatted once (stages are frozen; adapters label every forward with it)."""
         terms = []
         if self.scorer is not None:
             terms.append(format_strategy(self.scorer.name, self.scorer.params()))
@@ -104,6 +110,9 @@ class Stage(BaseModel):
         default_at = self.scorer.default_place if self.scorer is not None else "projector"
         at = "" if self.at == str(Place.parse(default_at)) else f"@{self.at}"
         return "+".join(terms) + f"@{format_budget(self.budget)}" + at
+
+    def __str__(self) -> str:
+        return f"stage {self.to_spec()!r} at {self.at}"
 
     @model_serializer
     def _serialize(self) -> dict[str, Any]:

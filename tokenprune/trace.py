@@ -12,7 +12,7 @@ from .flops import prefill_flops
 
 @dataclass
 class StageRecord:
-    """One stage in one forward.
+    """One stage in one forward. Tensors stay on the model's device (recording copies nothing).
 
     Attributes:
         stage: the stage's spec, e.g. `vtc-cls@64`.

@@ -23,8 +23,8 @@ def processed_image(processor: Any, pixel_values: torch.Tensor) -> np.ndarray:
 def stage_maps(record: StageRecord, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Kept mask and score map of the first image, each `[rows, cols]`."""
     kept = np.zeros(grid[0] * grid[1], dtype=bool)
-    kept[record.kept[0].numpy()] = True
-    scores = None if record.scores is None else record.scores[0].numpy().reshape(grid)
+    kept[record.kept[0].cpu().numpy()] = True
+    scores = None if record.scores is None else record.scores[0].float().cpu().numpy().reshape(grid)
     return kept.reshape(grid), scores
 
 

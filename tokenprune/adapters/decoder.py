@@ -218,9 +218,9 @@ class DecoderStage:
         origin = p.origin.gather(1, reduction.index)
         p.record(StageRecord(
             stage=self.stage.to_spec(), at=self.stage.at, tokens_in=tokens.shape[1], tokens_out=reduction.k,
-            kept=[row.cpu() for row in origin],
-            weights=None if reduction.weights is None else [w.cpu() for w in reduction.weights],
-            scores=None if scores is None else [row.float().cpu() for row in scores],
+            kept=list(origin.unbind(0)),
+            weights=None if reduction.weights is None else list(reduction.weights.unbind(0)),
+            scores=None if scores is None else list(scores.unbind(0)),
             image_sample=p.rows.tolist(),
         ), self.k, comp.length_out, sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted))
         if self.next is not None:

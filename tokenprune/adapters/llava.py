@@ -273,9 +273,9 @@ class LlavaAdapter(ModelAdapter):
             stages=[
                 StageRecord(
                     stage=stage.to_spec(), at=stage.at, tokens_in=n_in, tokens_out=k,
-                    kept=[row.cpu() for row in origin],
-                    weights=None if weights is None else [w.cpu() for w in weights],
-                    scores=None if scores is None else [row.float().cpu() for row in scores],
+                    kept=list(origin.unbind(0)),
+                    weights=None if weights is None else list(weights.unbind(0)),
+                    scores=None if scores is None else list(scores.unbind(0)),
                     image_sample=image_sample,
                 )
                 for stage, n_in, k, origin, weights, scores in pruned["records"]
