@@ -13,7 +13,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,43 +179,91 @@ def official_route(model: nn.Module, k: int) -> Iterator[None]:
         tower._compiled_call_impl = compiled
 
 
-def measure(model: nn.Module, batch_inputs: dict[str, torch.Tensor], new_tokens: int, repeats: int,
-            device: str, warmup: int = 1, cache: StaticCache | None = None) -> dict[str, float | None]:
-    """Time to first token, decode throughput and peak memory of `generate` on `batch_inputs`
-    (with `cache`: on that static cache, reset before each call)."""
+@dataclass
+class RowPlan:
+    """One row to measure: a name, the inputs, and the context that installs its hooks."""
 
-    def generate(n: int) -> Any:
-        extra = {}
-        if cache is not None:
-            cache.reset()
-            extra["past_key_values"] = cache
-        return model.generate(**batch_inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    name: str
+    spec: str
+    kept: int
+    batch: int
+    inputs: dict[str, torch.Tensor]
+    enter: Callable[[], AbstractContextManager[Any]]
+    layer_tokens: Callable[[Any], list[int]]  # from what `enter` yielded, after the timed runs
 
+
+def clock(fn: Callable[[], Any], device: str) -> float:
+    """Wall time in ms of one call of `fn`, device work included."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return 1000 * (time.perf_counter() - start)
+
+
+def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_tokens: int, device: str,
+                 warmup: int, interleave: bool, compiled: bool) -> list[dict[str, Any]]:
+    """Encode time, time to first token, decode rate and peak memory of every plan: medians of
+    `repeats` runs. With `interleave`, each repeat runs every plan once in turn (after every plan's
+    warm-up), so drift in the machine's speed reaches all rows alike; otherwise plan after plan (as
+    compiled runs need: hooks that come and go would retrigger compilation)."""
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        ttft = timed(lambda: generate(1), repeats, device, warmup)
-        total = timed(lambda: generate(new_tokens), repeats, device, warmup)
-    batch = batch_inputs["input_ids"].shape[0]
-    return {
-        "ttft_ms": ttft,
-        "decode_tok_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9) * 1000,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-    }
+    times: list[dict[str, list[float]]] = [{"encode": [], "ttft": [], "total": []} for _ in plans]
+    peaks, handles = [0.0] * len(plans), [None] * len(plans)
+    caches = [static_cache(model, p.batch, p.inputs["input_ids"].shape[1] + new_tokens) if compiled else None
+              for p in plans]  # one per row, allocated once: fixed addresses for CUDA graphs
 
+    def generate(index: int, n: int) -> Any:
+        extra = {}
+        if caches[index] is not None:
+            caches[index].reset()
+            extra["past_key_values"] = caches[index]
+        return model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-def encode_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int, device: str, warmup: int = 1) -> float:
-    """Vision tower plus projector, as `get_image_features` runs them."""
-    with torch.inference_mode():
-        return timed(lambda: model.model.get_image_features(pixel_values=pixel_values), repeats, device, warmup)
+    def one(index: int, record: bool) -> None:
+        plan = plans[index]
+        with torch.inference_mode(), plan.enter() as handle:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            encode = clock(lambda: model.model.get_image_features(pixel_values=plan.inputs["pixel_values"]), device)
+            ttft = clock(lambda: generate(index, 1), device)
+            total = clock(lambda: generate(index, new_tokens), device)
+            handles[index] = handle
+        if record:
+            for key, value in (("encode", encode), ("ttft", ttft), ("total", total)):
+                times[index][key].append(value)
+            peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+    if interleave:
+        for index in range(len(plans)):
+            for _ in range(warmup):
+                one(index, record=False)
+        for _ in range(repeats):
+            for index in range(len(plans)):
+                one(index, record=True)
+    else:
+        for index in range(len(plans)):
+            for _ in range(warmup):
+                one(index, record=False)
+            for _ in range(repeats):
+                one(index, record=True)
+    rows = []
+    for plan, measured, peak, handle in zip(plans, times, peaks, handles):
+        ttft, total = statistics.median(measured["ttft"]), statistics.median(measured["total"])
+        rows.append({"row": plan.name, "spec": plan.spec, "kept": plan.kept, "batch": plan.batch,
+                     "encode_ms": statistics.median(measured["encode"]), "ttft_ms": ttft,
+                     "decode_tok_s": plan.batch * (new_tokens - 1) / max(total - ttft, 1e-9) * 1000,
+                     "peak_mem_gb": peak if cuda else None, "layer_tokens": plan.layer_tokens(handle)})
+    return rows
 
 
 def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
         dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0,
         compile_mode: str | None = None, progress: Callable[[str], None] | None = None,
         model_path: str | None = None) -> list[dict[str, Any]]:
-    """Every reference and strategy row, measured in one process on one model.
+    """Every reference and strategy row, measured in one process on one model; the rows of one
+    batch size are measured interleaved (see `measure_rows`), compiled runs row after row.
 
     `encode_ms` is the tower plus projector (`get_image_features`); `scoring_overhead_ms` is a
     row's `encode_ms` minus the oracle's at the same k and batch (both project k tokens). With
@@ -234,41 +283,30 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     text = model.config.text_config
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
-    rows: list[dict[str, Any]] = []
-
-    def add(name: str, spec: str, k: int, batch: int, pixels: torch.Tensor,
-            batch_inputs: dict[str, torch.Tensor], layer_tokens: Callable[[], list[int]]) -> None:
-        """Measure one row; `layer_tokens` is read after the timed runs (a strategy's trace)."""
-        cache = None
-        if compile_mode is not None:
-            cache = static_cache(model, batch, batch_inputs["input_ids"].shape[1] + new_tokens)
-        row = {"row": name, "spec": spec, "kept": k, "batch": batch,
-               "encode_ms": encode_ms(model, pixels, repeats, device, warmup),
-               **measure(model, batch_inputs, new_tokens, repeats, device, warmup, cache)}
-        flops = llm_flops(text, 0, layer_tokens())
-        rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
-        if progress is not None:
-            progress(f"{name} {spec or '-'} k={k} batch={batch}: TTFT {row['ttft_ms']:.1f} ms")
-
     layers = text.num_hidden_layers
+    fixed = lambda count: (lambda handle: [TEXT_TOKENS + count] * layers)  # noqa: E731
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         full = inputs(model, batch, n, seed)
-        pixels = full["pixel_values"]
-        add("unpruned", "", n, batch, pixels, full, lambda: [TEXT_TOKENS + n] * layers)
+        plans = [RowPlan("unpruned", "", n, batch, full, nullcontext, fixed(n))]
         for k in budgets:
-            short = inputs(model, batch, k, seed)
-            with features_cut_to(model, lambda f, k=k: f[:, :k]):
-                add("oracle", "", k, batch, pixels, short, lambda k=k: [TEXT_TOKENS + k] * layers)
-            oracle = rows[-1]["encode_ms"]
-            with official_route(model, k):
-                add("official", "vtc-cls (official route)", k, batch, pixels, short,
-                    lambda k=k: [TEXT_TOKENS + k] * layers)
-            rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
+            short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
+            plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: features_cut_to(model, lambda f: f[:, :k]), fixed(k)))
+            plans.append(RowPlan("official", "vtc-cls (official route)", k, batch, short,
+                                 lambda k=k: official_route(model, k), fixed(k)))
             for strategy in strategies:
                 spec = f"{strategy}@{k}"
-                with apply(model, spec) as applied:
-                    add(strategy, spec, k, batch, pixels, full, lambda: applied.trace[-1].tokens_per_layer())
-                rows[-1]["scoring_overhead_ms"] = rows[-1]["encode_ms"] - oracle
+                plans.append(RowPlan(strategy, spec, k, batch, full, lambda spec=spec: apply(model, spec),
+                                     lambda handle: handle.trace[-1].tokens_per_layer()))
+        measured = measure_rows(model, plans, repeats, new_tokens, device, warmup, compile_mode is None, compile_mode is not None)
+        oracle_encode = {r["kept"]: r["encode_ms"] for r in measured if r["row"] == "oracle"}
+        for row in measured:
+            flops = llm_flops(text, 0, row.pop("layer_tokens"))
+            if row["row"] not in ("unpruned", "oracle"):
+                row["scoring_overhead_ms"] = row["encode_ms"] - oracle_encode[row["kept"]]
+            rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
+            if progress is not None:
+                progress(f"{row['row']} {row['spec'] or '-'} k={row['kept']} batch={batch}: TTFT {row['ttft_ms']:.1f} ms")
     return rows
 
 

@@ -2,10 +2,13 @@
 column against the formula, JSON and markdown written. No timing is asserted."""
 
 import json
+from contextlib import contextmanager, nullcontext
 
+import torch
 from typer.testing import CliRunner
 
-from tokenprune.bench import ARCHS, TEXT_TOKENS
+import tokenprune as tp
+from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, inputs, measure_rows
 from tokenprune.cli.app import app
 from tokenprune.flops import prefill_flops
 
@@ -52,3 +55,36 @@ def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
 def test_bench_model_and_random_weights_exclude_each_other(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--model", "x", "--random-weights", "--device", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "exclude each other" in result.stderr
+
+
+def _plans(model, order: list[str]) -> list[RowPlan]:
+    """Unpruned and vtc-cls@4 rows on the tiny architecture; entering a row appends its name."""
+    full = inputs(model, 1, 16)
+
+    def entering(name, make):
+        @contextmanager
+        def enter():
+            order.append(name)
+            with make() as handle:
+                yield handle
+        return enter
+
+    return [RowPlan("unpruned", "", 16, 1, full, entering("unpruned", nullcontext), lambda h: [TEXT_TOKENS + 16] * 3),
+            RowPlan("vtc-cls", "vtc-cls@4", 4, 1, full, entering("vtc-cls", lambda: tp.apply(model, "vtc-cls@4")),
+                    lambda h: h.trace[-1].tokens_per_layer())]
+
+
+def test_rows_are_measured_round_robin_after_every_warm_up():
+    model, order = build("tiny", torch.float32, "cpu"), []
+    rows = measure_rows(model, _plans(model, order), repeats=3, new_tokens=2, device="cpu", warmup=1,
+                        interleave=True, compiled=False)
+    assert order == ["unpruned", "vtc-cls"] + ["unpruned", "vtc-cls"] * 3
+    assert [r["layer_tokens"] for r in rows] == [[TEXT_TOKENS + 16] * 3, [TEXT_TOKENS + 4] * 3]
+
+
+def test_static_cache_rows_run_plan_after_plan():
+    model, order = build("tiny", torch.float32, "cpu"), []
+    rows = measure_rows(model, _plans(model, order), repeats=2, new_tokens=3, device="cpu", warmup=1,
+                        interleave=False, compiled=True)
+    assert order == ["unpruned"] * 3 + ["vtc-cls"] * 3
+    assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
