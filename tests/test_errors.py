@@ -92,3 +92,31 @@ def test_signal_from_a_block_whose_tokens_are_gone_is_refused(tiny, spec, block)
     with pytest.raises(tp.errors.SignalError, match=f"reads vision block {block}, but the tokens it receives exist in blocks"):
         with tp.apply(tiny.model, spec):
             pass
+
+
+def test_nan_scores_inside_a_model_are_refused_before_the_llm_runs(tiny):
+    """The adapter defers the NaN check to the host sync of the prompt rewrite; it still fires,
+    naming the image, before any decoder layer runs."""
+    from tokenprune.registry import REGISTRY
+
+    REGISTRY.ensure_loaded()
+    saved = dict(REGISTRY._strategies)
+
+    @tp.register("nan-for-second-image")
+    class NanForSecondImage(tp.ScoringStrategy):
+        def score(self, ctx):
+            scores = ctx.tokens.float().norm(dim=-1)
+            scores[1, 2] = float("nan")
+            return scores
+
+    layers_run = []
+    handle = tiny.model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: layers_run.append(1))
+    try:
+        inputs = tiny.inputs(["what colour is the square", "how many"], images(2, seed=43))
+        with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[1\]\)"):
+            with tp.apply(tiny.model, "nan-for-second-image@4"):
+                tiny.model(**inputs)
+        assert layers_run == []
+    finally:
+        handle.remove()
+        REGISTRY._strategies = saved

@@ -12,14 +12,15 @@ from .errors import ScoreError
 from .pipeline import Stage
 from .reduction import Reduction
 from .signals import Signal
-from .strategy import ModelInfo, ScoringContext
+from .strategy import DeferredCheck, ModelInfo, ScoringContext
 
 
 def run_stage(
-    stage: Stage, tokens: Tensor, info: ModelInfo, signals: Mapping[Signal, Tensor]
+    stage: Stage, tokens: Tensor, info: ModelInfo, signals: Mapping[Signal, Tensor],
+    deferred: list[DeferredCheck] | None = None,
 ) -> tuple[Reduction, Tensor | None]:
     """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance, and the
-    scorer's scores `[B, N]` (`None` for a score-free selector).
+    scorer's scores `[B, N]` (`None` for a score-free selector). `deferred`: see `Selector.reduce`.
 
     Raises:
         BudgetError: the budget does not fit the `N` tokens reaching the stage.
@@ -38,7 +39,7 @@ def run_stage(
     wanted = stage.selector.signals(info)
     context = ScoringContext(tokens=tokens, info=info, signals=signals)
     given = {s: context[s] for s in wanted} if wanted else None
-    return stage.selector.reduce(tokens, scores, k, info.grid, given), scores
+    return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:

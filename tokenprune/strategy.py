@@ -126,6 +126,38 @@ class ScoringStrategy(Strategy):
         """Importance `[B, N]` of each visual token in `ctx.tokens`."""
 
 
+@dataclass(frozen=True)
+class DeferredCheck:
+    """A validation computed on the device and read later, at a host sync the caller makes anyway.
+
+    Attributes:
+        bad: `[B]` bool, True for each image whose scores contain NaN.
+        selector: the selector that received them, for the message.
+    """
+
+    bad: Tensor
+    selector: str
+
+
+def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[int | float | bool]:
+    """Read every deferred check, and the scalar tensors `values` the caller needs anyway, in one
+    device-to-host copy; returns the values.
+
+    Raises:
+        ScoreError: some scores contained NaN (the message names the images).
+    """
+    read = torch.stack([*(v.to(torch.float64) for v in values), *(c.bad.any().double() for c in checks)]).tolist() \
+        if checks or values else []
+    for check, failed in zip(checks, read[len(values):]):
+        if failed:
+            bad = check.bad.nonzero().flatten().tolist()
+            raise ScoreError(
+                f"scores given to selector {check.selector!r} contain NaN (images {bad}); "
+                "a scorer must return finite values or ±inf"
+            )
+    return read[:len(values)]
+
+
 class Selector(Strategy):
     """Turns tokens `[B, N, D]` (and scores `[B, N]`) into `k` tokens with provenance.
 
@@ -143,9 +175,12 @@ class Selector(Strategy):
 
     def reduce(
         self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None,
+        signals: Mapping[Signal, Tensor] | None = None, deferred: list[DeferredCheck] | None = None,
     ) -> Reduction:
         """Validate the inputs, select, and check that exactly `k` tokens come out per image.
+
+        `deferred`: when given, the NaN check is appended to it (a device-side flag, no host sync)
+        instead of run now; the caller must pass the list to `raise_deferred` before using the output.
 
         Raises:
             BudgetError: `k` outside `[0, N]` (`0`: every token withdrawn, an empty reduction).
@@ -163,11 +198,11 @@ class Selector(Strategy):
                 raise ScoreError(
                     f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]"
                 )
-            if torch.isnan(scores).any():
-                bad = torch.isnan(scores).any(dim=1).nonzero().flatten().tolist()
-                raise ScoreError(
-                    f"scores contain NaN (images {bad}); a scorer must return finite values or ±inf"
-                )
+            check = DeferredCheck(torch.isnan(scores).any(dim=1), self.name)
+            if deferred is None:
+                raise_deferred([check])
+            else:
+                deferred.append(check)
         extra = {"signals": signals or {}} if type(self).signals is not Selector.signals else {}
         reduction = self.select(tokens, scores, k, grid, **extra)
         if reduction.index.shape != (b, k) or reduction.tokens.shape[:2] != (b, k):

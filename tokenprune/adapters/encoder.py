@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import PlaceError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
-from ..strategy import ModelInfo
+from ..strategy import DeferredCheck, ModelInfo
 from .vision import VisionProbe
 
 
@@ -36,12 +36,14 @@ class EncoderState:
         size: `[I, n]` float, how many original patches each token stands for.
         merged: whether any stage merged tokens (then later blocks get proportional attention).
         records: per stage run, `(stage, tokens_in, reduction, scores, origin)`.
+        deferred: the stages' NaN checks, for the owning adapter to read at its next host sync.
     """
 
     origin: Tensor
     size: Tensor
     merged: bool
     records: list[tuple[Stage, int, Any, Tensor | None, Tensor]]
+    deferred: list[DeferredCheck]
 
 
 def current_grid(info: ModelInfo, n: int) -> tuple[int, int] | None:
@@ -107,7 +109,7 @@ class EncoderStages:
         hidden = args[0] if args else kwargs["hidden_states"]
         n = hidden.shape[1] - 1
         origin = torch.arange(n, device=hidden.device).expand(hidden.shape[0], -1)
-        self.state = EncoderState(origin, torch.ones(origin.shape, device=hidden.device), False, [])
+        self.state = EncoderState(origin, torch.ones(origin.shape, device=hidden.device), False, [], [])
 
     def _before(self, stage: Stage | None) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -132,7 +134,7 @@ class EncoderStages:
         """Run `stage` on the patch tokens of `hidden` `[I, 1 + n, D]`; returns `[I, 1 + k, D]`."""
         state, tokens = self.state, hidden[:, 1:]
         info = replace(self.info, grid=current_grid(self.info, tokens.shape[1]))
-        reduction, scores = run_stage(stage, tokens, info, self.probe.values())
+        reduction, scores = run_stage(stage, tokens, info, self.probe.values(), state.deferred)
         if reduction.weights is None:
             size = state.size.gather(1, reduction.index)
         else:

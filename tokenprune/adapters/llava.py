@@ -17,7 +17,7 @@ from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
 from ..signals import ClsAttention, PatchKeys
-from ..strategy import ModelInfo
+from ..strategy import ModelInfo, raise_deferred
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
 from .decoder import DecoderStage, ImageLayout
@@ -173,14 +173,14 @@ class LlavaAdapter(ModelAdapter):
         signals = self._probe.values()
         encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        records = []
+        records, deferred = [], []  # NaN checks read at the prompt rewrite's host sync, not here
         if encoded is not None:
-            origin = encoded.origin
+            origin, deferred = encoded.origin, list(encoded.deferred)
             records = [(stage, n_in, r.k, kept, r.weights, scores) for stage, n_in, r, scores, kept in encoded.records]
         for stage in self._projector_stages:
             n_in = tokens.shape[1]
             info = replace(self._info, grid=current_grid(self._info, n_in))
-            reduction, scores = run_stage(stage, tokens, info, signals)
+            reduction, scores = run_stage(stage, tokens, info, signals, deferred)
             origin = origin.gather(1, reduction.index)
             records.append((stage, n_in, reduction.k, origin, reduction.weights, scores))
             tokens = reduction.tokens
@@ -194,7 +194,7 @@ class LlavaAdapter(ModelAdapter):
         scoring = sum(signal_flops(s, block_tokens[s.layer], vision.hidden_size) for s in self._probe.signals)
         self._encoded = {"records": records, "slots": slots, "block": rows * cols + full, "origin": origin,
                          "scoring": scoring * features.shape[0], "vision_tokens": block_tokens,
-                         "vision_tokens_in": rows * cols + 1}
+                         "vision_tokens_in": rows * cols + 1, "deferred": deferred}
         return (tokens,) + tuple(args[1:])
 
     def _before_core(
@@ -245,9 +245,11 @@ class LlavaAdapter(ModelAdapter):
         slots, block = pruned["slots"], pruned["block"]
         image_mask = input_ids == self.config.image_token_id
         n_images = slots.shape[0]
-        if int(image_mask.sum()) != n_images * block:
+        (image_tokens,) = raise_deferred(pruned["deferred"], image_mask.sum())  # one host sync for both
+        image_tokens = int(image_tokens)
+        if image_tokens != n_images * block:
             raise InputError(
-                f"the prompt holds {int(image_mask.sum())} image tokens but {n_images} image(s) need "
+                f"the prompt holds {image_tokens} image tokens but {n_images} image(s) need "
                 f"{n_images * block} ({block} each); build inputs with the model's processor"
             )
         slot_keep = torch.zeros(n_images, block, dtype=torch.bool, device=input_ids.device)
