@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, VipLlavaConfig,
-                          VipLlavaForConditionalGeneration)
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                          LlavaNextProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration)
 
-from tokenprune.demo.tokenizer import llava_processor
+from tokenprune.demo.tokenizer import CHAT_TEMPLATE, llava_processor, word_tokenizer
 from tokenprune.models import build_prompt, load
 
 WORDS = "what colour is the square circle red blue green yes no left right how many".split()
@@ -60,6 +61,37 @@ def build_tiny(root: Path, name: str, seed: int = 0, family: str = "llava", **ll
     return path
 
 
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # anyres grids of 1x2, 2x1 and 2x2 crops of 32 px
+
+
+def build_tiny_next(root: Path, name: str = "llava-next", seed: int = 3) -> Path:
+    """A tiny random LLaVA-NeXT (anyres over `PINPOINTS`, 4x4 patches per crop) with its processor."""
+    tok = word_tokenizer(WORDS)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+                                   vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=PATCH)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=PINPOINTS)
+    torch.manual_seed(seed)
+    path = root / name
+    LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
+    """Random RGB images of the given `(height, width)`."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
 def images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(n)]
@@ -101,3 +133,10 @@ def keyed_token_cases(draw, max_n: int, key_width: int, salt: int):
     k = draw(st.integers(1, n))
     g = torch.Generator().manual_seed(n * salt + k)
     return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, key_width, generator=g), k
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    path = build_tiny_next(tmp_path_factory.mktemp("next"))
+    model, processor = load(str(path))
+    return Tiny(path, model, processor)

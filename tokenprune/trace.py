@@ -24,6 +24,8 @@ class StageRecord:
         scores: per image, the scorer's `[N]` scores over the tokens reaching the stage; `None`
             for a score-free selector.
         image_sample: per image, the batch row whose prompt holds it.
+        counts: per image, `(tokens in, tokens out)` when they differ between images (LLaVA-NeXT:
+            each image has its own number of tokens); `tokens_in`/`tokens_out` are then the largest.
     """
 
     stage: str
@@ -34,6 +36,7 @@ class StageRecord:
     weights: list[Tensor] | None = None
     scores: list[Tensor] | None = None
     image_sample: list[int] = field(default_factory=list)
+    counts: list[tuple[int, int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-compatible summary (kept indices as lists)."""
@@ -44,6 +47,7 @@ class StageRecord:
             "tokens_out": self.tokens_out,
             "kept": [idx.tolist() for idx in self.kept],
             "image_sample": list(self.image_sample),
+            "counts": self.counts,
         }
 
 

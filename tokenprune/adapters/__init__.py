@@ -2,5 +2,6 @@
 
 from .base import ModelAdapter, find_adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-__all__ = ["LlavaAdapter", "ModelAdapter", "find_adapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "find_adapter"]

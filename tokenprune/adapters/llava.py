@@ -17,7 +17,7 @@ from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
 from ..signals import ClsAttention, PatchKeys
-from ..strategy import ModelInfo, raise_deferred
+from ..strategy import DeferredCheck, ModelInfo, raise_deferred
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
 from .decoder import DecoderStage, ImageLayout
@@ -225,13 +225,7 @@ class LlavaAdapter(ModelAdapter):
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
         """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
         shorten the prompt to the kept image tokens."""
-        input_ids: Tensor = kw["input_ids"]
-        for key in self.feature_keys:
-            if kw.get(key) is not None and kw[key] != getattr(self.config, key):
-                raise InputError(
-                    f"{key}={kw[key]!r} differs from the model config ({getattr(self.config, key)!r}); "
-                    "per-call overrides are not supported inside tokenprune.apply: set it in the config"
-                )
+        self._refuse_feature_overrides(kw)
         if encoded is None:
             extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
             encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], return_dict=True, **extra)
@@ -243,33 +237,12 @@ class LlavaAdapter(ModelAdapter):
         features = features.reshape(-1, features.shape[-1])
 
         slots, block = pruned["slots"], pruned["block"]
-        image_mask = input_ids == self.config.image_token_id
         n_images = slots.shape[0]
-        (image_tokens,) = raise_deferred(pruned["deferred"], image_mask.sum())  # one host sync for both
-        image_tokens = int(image_tokens)
-        if image_tokens != n_images * block:
-            raise InputError(
-                f"the prompt holds {image_tokens} image tokens but {n_images} image(s) need "
-                f"{n_images * block} ({block} each); build inputs with the model's processor"
-            )
-        slot_keep = torch.zeros(n_images, block, dtype=torch.bool, device=input_ids.device)
-        slot_keep.scatter_(1, slots.to(input_ids.device), True)
-        keep = ~image_mask
-        keep[image_mask] = slot_keep.flatten()
-        comp = compact(keep)
-
-        new_ids = comp.gather(input_ids)
-        embeds = self.core.get_input_embeddings()(new_ids)
-        new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
-        features = features.to(embeds.device, embeds.dtype)
-        embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
-        mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() == 4:
-            mask = _key_mask(mask, input_ids.shape[1])
-        mask = comp.attention_mask(mask)
-        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
-
-        image_sample = image_mask.nonzero()[:, 0].view(n_images, block)[:, 0].tolist()
+        slot_keep = torch.zeros(n_images, block, dtype=torch.bool, device=kw["input_ids"].device)
+        slot_keep.scatter_(1, slots.to(slot_keep.device), True)
+        batch = kw["input_ids"].shape[0]
+        comp, new_ids, new_image_mask, mask, image_sample = self._rewrite_prompt(
+            kw, slot_keep.flatten(), features, [block] * n_images, pruned["deferred"])
         text, vision = self.config.text_config, self.config.vision_config
         self._record = ForwardRecord(
             stages=[
@@ -284,7 +257,7 @@ class LlavaAdapter(ModelAdapter):
             ],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
-            scoring_flops=pruned["scoring"] / input_ids.shape[0],
+            scoring_flops=pruned["scoring"] / batch,
             vision_tokens=pruned["vision_tokens"],
             vision_shape=(vision.hidden_size, vision.intermediate_size, pruned["vision_tokens_in"]),
         )
@@ -297,13 +270,63 @@ class LlavaAdapter(ModelAdapter):
                 key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
                 record=self._record_llm_stage,
             ))
+        return kw
 
+    def _refuse_feature_overrides(self, kw: dict[str, Any]) -> None:
+        for key in self.feature_keys:
+            if kw.get(key) is not None and kw[key] != getattr(self.config, key):
+                raise InputError(
+                    f"{key}={kw[key]!r} differs from the model config ({getattr(self.config, key)!r}); "
+                    "per-call overrides are not supported inside tokenprune.apply: set it in the config"
+                )
+
+    def _rewrite_prompt(
+        self, kw: dict[str, Any], slot_keep: Tensor, features: Tensor, blocks: list[int],
+        deferred: list[DeferredCheck],
+    ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
+        """Shorten `kw`'s prompt to the kept image slots and put `features` in them; rewrites `kw`
+        (embeddings, mask, positions, cache positions) and the decode state.
+
+        Args:
+            slot_keep: `[T]` bool over every image placeholder of the batch, in prompt order.
+            features: `[M, D]` the kept image tokens, in prompt order (`M = slot_keep.sum()`).
+            blocks: placeholders per image, in prompt order (`sum(blocks) = T`).
+            deferred: checks to read at this rewrite's host sync.
+        Returns:
+            the compaction, the new ids `[B, P']`, the new image mask `[B, P']`, the new
+            attention mask, and the batch row of each image.
+
+        Raises:
+            InputError: the prompt's placeholders do not match the images.
+        """
+        input_ids: Tensor = kw["input_ids"]
+        image_mask = input_ids == self.config.image_token_id
+        (image_tokens,) = raise_deferred(deferred, image_mask.sum())  # one host sync for both
+        if int(image_tokens) != sum(blocks):
+            raise InputError(
+                f"the prompt holds {int(image_tokens)} image tokens but its {len(blocks)} image(s) need "
+                f"{sum(blocks)} ({', '.join(map(str, blocks))}); build inputs with the model's processor"
+            )
+        keep = ~image_mask
+        keep[image_mask] = slot_keep
+        comp = compact(keep)
+        new_ids = comp.gather(input_ids)
+        embeds = self.core.get_input_embeddings()(new_ids)
+        new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
+        embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            mask = _key_mask(mask, input_ids.shape[1])
+        mask = comp.attention_mask(mask)
+        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
+        starts = torch.tensor([0] + blocks[:-1], device=input_ids.device).cumsum(0)
+        image_sample = image_mask.nonzero()[starts, 0].tolist()
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=comp.positions(kw.get("position_ids"), self.positions))
         kw.pop("mm_encoder_outputs", None)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
-        return kw
+        return comp, new_ids, new_image_mask, mask, image_sample
 
     def _record_llm_stage(self, stage: StageRecord, from_layer: int, tokens: int, scoring_flops: float) -> None:
         """An `llm:K` stage ran: decoder layers `from_layer..` now see `tokens` tokens."""

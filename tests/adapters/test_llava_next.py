@@ -1,0 +1,128 @@
+"""LLaVA-NeXT (anyres): the packed-token provenance against HF's own packing, VTC-CLS against eager
+per-crop [CLS] attention, exact counts with the newline rule, keep-all bit-identical and the model
+restored, batch equals single prompts, generate() equals a manual decode loop."""
+
+import pytest
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+import tokenprune as tp
+from conftest import PINPOINTS, sized_images
+from reference import cls_attention_eager, manual_greedy, topk_reference
+from tokenprune.adapters.llava_next import LlavaNextAdapter
+
+SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
+P = 16  # patches per 32-px crop
+
+
+def inputs_for(tiny, sizes, seed=0, questions=None):
+    questions = questions or ["what colour is the square"] * len(sizes)
+    return tiny.inputs(questions, sized_images(sizes, seed))
+
+
+def valid_crops(tiny, inputs) -> tuple[torch.Tensor, list[int]]:
+    """`[C, 3, H, W]` every real crop of the batch (padding crops dropped), and crops per image."""
+    crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=PINPOINTS, patch_size=32)
+             for s in inputs["image_sizes"].tolist()]
+    return torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops)]), crops
+
+
+@torch.no_grad()
+def test_provenance_matches_hf_packing(tiny_next):
+    """Gathering independently computed per-crop features by the layout reproduces HF's packed
+    features token for token; newline positions hold `image_newline`."""
+    model = tiny_next.model
+    inputs = inputs_for(tiny_next, SIZES)
+    pixels, crops = valid_crops(tiny_next, inputs)
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    per_crop = model.model.multi_modal_projector(hidden).flatten(0, 1)  # [C * P, D]
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                            return_dict=True).pooler_output
+    adapter = LlavaNextAdapter(model)
+    adapter._info = adapter.info()
+    for features, where in zip(packed, adapter.layout(inputs["image_sizes"], crops)):
+        assert torch.equal(features[where >= 0], per_crop[where[where >= 0]])
+        assert torch.equal(features[where < 0], model.model.image_newline.expand(int((where < 0).sum()), -1))
+    assert sorted(torch.cat(adapter.layout(inputs["image_sizes"], crops)).tolist())[-1] < sum(crops) * P
+
+
+def newlines_kept_by_hand(where: list[int], kept_positions: set[int], has_crops: bool) -> int:
+    """Grid rows (tokens after the base image, ended by a newline) that keep one of their tokens."""
+    count, row_has_kept = 0, False
+    for position, value in enumerate(where):
+        if value < 0:
+            count += row_has_kept
+            row_has_kept = False
+        elif position in kept_positions and (not has_crops or position >= P):
+            row_has_kept = True
+    return count
+
+
+@pytest.mark.parametrize("k", [1, 7, 20])
+@torch.no_grad()
+def test_vtc_cls_keeps_the_top_k_over_all_crops_and_rows_keep_their_newline(tiny_next, k):
+    model = tiny_next.model
+    inputs = inputs_for(tiny_next, SIZES, seed=1)
+    with tp.apply(model, f"vtc-cls@{k}") as run:
+        model(**inputs)
+    pixels, crops = valid_crops(tiny_next, inputs)
+    rows = cls_attention_eager(str(tiny_next.path), pixels)[-2].flatten()  # [C * P], block 2 of 4
+    adapter = LlavaNextAdapter(model)
+    adapter._info = adapter.info()
+    stage, width = run.trace[0].stages[0], inputs["input_ids"].shape[1]
+    row_lengths = []
+    for i, where in enumerate(adapter.layout(inputs["image_sizes"], crops)):
+        patch_ids = where[where >= 0]
+        chosen = topk_reference(rows[patch_ids].tolist(), k)
+        assert stage.kept[i].tolist() == patch_ids[chosen].tolist()
+        positions = set((where >= 0).nonzero()[:, 0][chosen].tolist())
+        kept = k + newlines_kept_by_hand(where.tolist(), positions, crops[i] > 1)
+        row_lengths.append(width - len(where) + kept)  # text and padding columns stay
+    assert stage.counts == [(len(w[w >= 0]), k) for w in adapter.layout(inputs["image_sizes"], crops)]
+    assert run.trace[0].seq_len_in == width and run.trace[0].seq_len_out == max(row_lengths)
+
+
+@torch.no_grad()
+def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_next):
+    model = tiny_next.model
+    inputs = inputs_for(tiny_next, SIZES, seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with tp.apply(model, "vtc-cls@1.0") as run:
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
+        assert "get_image_features" in model.model.__dict__
+    assert "get_image_features" not in model.model.__dict__
+    assert torch.equal(model(**inputs).logits, reference)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert run.trace[0].seq_len_in == run.trace[0].seq_len_out
+
+
+@pytest.mark.parametrize("spec", ["vtc-cls@6", "vtc-cls-ensemble@0.25", "divprune@8", "tome@5"])
+@torch.no_grad()
+def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_next, spec):
+    model = tiny_next.model
+    imgs = sized_images(SIZES, seed=3)
+    questions = ["what colour is the square", "how many"]
+    inputs = tiny_next.inputs(questions, imgs)
+    with tp.apply(model, spec) as run:
+        batch = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        manual = manual_greedy(model, inputs, 4)
+        singles = [model(**tiny_next.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
+    eos = model.generation_config.eos_token_id
+    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
+        end = expected.index(eos) + 1 if eos in expected else len(expected)  # generate pads after EOS
+        assert row[:end] == expected[:end]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+    if spec == "vtc-cls@6":
+        assert [len(k) for k in run.trace[0].stages[0].kept] == [6, 6]
+
+
+def test_places_other_than_projector_are_refused_with_the_supported_ones(tiny_next):
+    for spec in ("fastv@0.5", "tome@8@vision:1"):
+        with pytest.raises(tp.errors.PlaceError, match="'llava-next' adapter does not support; supported places: projector"):
+            with tp.apply(tiny_next.model, spec):
+                pass

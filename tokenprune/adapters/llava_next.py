@@ -1,0 +1,179 @@
+"""LLaVA-NeXT adapter (`LlavaNextForConditionalGeneration`, anyres): prunes each image's packed tokens
+before the LLM.
+
+HF packs an image as the base image's `P` patch tokens, then the high-resolution crops tiled into one
+grid, unpadded to the image's aspect ratio, with an `image_newline` token ending each grid row. The
+adapter:
+
+* finds which crop and patch each packed token is by running HF's own `pack_image_features` on an
+  index tensor (newline tokens: none), so each token gets its crop's signals ([CLS] attention, keys);
+* applies the budget per image over all its crops (`k` tokens, or a ratio of its non-newline
+  tokens): with `topk` that is allocation by global score, each crop's [CLS] row summing to at most 1;
+* keeps a row's newline token while the row keeps at least one token (the base image has none);
+* records in `kept` each output's `crop * P + patch` (crop 0 is the base image), in packed order.
+
+Stages run per image (images have different token counts). Places: `projector` only: a stage inside
+the tower would break the crops' grids, and `llm:K` stages need equal image token counts per image.
+
+`generate` encodes the images before its first forward and drops `image_sizes`, which the layout
+needs; inside the context the core's `get_image_features` is wrapped on the instance to record them
+(`SizesCapture`, removed on exit like a hook).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import InputError, SignalError
+from ..execute import required_signals, run_stage
+from ..flops import signal_flops
+from ..pipeline import Pipeline
+from ..registry import register_adapter
+from ..signals import ClsAttention, PatchKeys
+from ..strategy import DeferredCheck
+from ..trace import ForwardRecord, StageRecord
+from .llava import LlavaAdapter, _encoder_layers
+from .vision import VisionProbe
+
+if TYPE_CHECKING:
+    from ..apply import Run
+
+
+class SizesCapture:
+    """Records the `image_sizes` a module's `get_image_features` receives, by wrapping it on the
+    instance; `remove()` deletes the wrapper, so the class's method shows through again."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.sizes = module, None
+        original = module.get_image_features
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            self.sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
+            return original(*args, **kwargs)
+
+        object.__setattr__(module, "get_image_features", recording)
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("get_image_features", None)
+
+
+@register_adapter("llava-next")
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): prunes each image's packed crops before the LLM."""
+
+    model_class: ClassVar[str] = "LlavaNextForConditionalGeneration"
+    places: ClassVar[tuple[str, ...]] = ("projector",)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return isinstance(model, LlavaNextForConditionalGeneration)
+
+    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+        """Hooks: the [CLS] probe on the blocks scorers read (every crop), and the sequence rewrite
+        before the LLM, which prunes the packed features."""
+        if self.features_keep_cls():
+            raise InputError("the llava-next adapter needs vision_feature_select_strategy='default' (crops without [CLS])")
+        self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
+        self._info = self.info()
+        self._projector_stages = list(pipeline.stages)
+        signals = required_signals(self._projector_stages, self._info)
+        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
+        if unknown:
+            raise SignalError(f"the llava-next adapter cannot provide {unknown} before the LLM")
+        encoder = _encoder_layers(self.core.vision_tower)
+        self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
+        self._encoder, self._decoders = None, []
+        self._sizes = SizesCapture(self.core)
+        return self._probe.attach() + [self._sizes,
+            self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+            self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
+        ]
+
+    def layout(self, image_sizes: Tensor, crops: list[int]) -> list[Tensor]:
+        """Per image, `[n_i]` long: the `crop * P + patch` of each packed token (crops numbered
+        across the batch, base image first), `-1` for newline tokens. `crops[i]`: crops of image i."""
+        rows, cols = self._info.grid
+        patches = rows * cols
+        first = [sum(crops[:i]) for i in range(len(crops))]
+        index = [torch.arange(start * patches, (start + n) * patches, device=image_sizes.device, dtype=torch.float32)
+                 .view(n, patches, 1) for start, n in zip(first, crops)]
+        newline = torch.tensor([-1.0], device=image_sizes.device)
+        packed, _ = self.core.pack_image_features(index, image_sizes, "default", image_newline=newline)
+        return [p[:, 0].round().long() for p in packed]
+
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+        """Encode the images unless `generate` already did, prune each image's packed tokens, then
+        shorten the prompt to what is kept."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        self._refuse_feature_overrides(kw)
+        sizes = kw.get("image_sizes") if kw.get("image_sizes") is not None else self._sizes.sizes
+        if sizes is None:
+            raise InputError("LLaVA-NeXT inputs need image_sizes (as the model's processor returns them)")
+        if encoded is None:
+            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_sizes=sizes, return_dict=True)
+        packed = list(getattr(encoded, "pooler_output", encoded))
+        vision = self.config.vision_config
+        crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                           patch_size=vision.image_size) for s in sizes.tolist()]
+        signals = {s: v.flatten(0, 1) for s, v in self._probe.values().items()}  # [C * P] or [C * P, d]
+        stage = self._projector_stages[0]
+        info, deferred = replace(self._info, grid=None), []
+        slot_keep, features, outputs = [], [], []
+        for tokens, where, n_crops in zip(packed, self.layout(sizes, crops), crops):
+            kept, out, reduction, scores = self._prune_image(stage, info, tokens, where, n_crops, signals, deferred)
+            slot_keep.append(kept)
+            features.append(out)
+            outputs.append((where[(where >= 0)].numel(), reduction, scores, where))
+        comp, _, _, _, image_sample = self._rewrite_prompt(
+            kw, torch.cat(slot_keep), torch.cat(features), [len(w) for _, _, _, w in outputs], deferred)
+        patches = self._info.grid[0] * self._info.grid[1]
+        counts = [(n_in, r.k) for n_in, r, _, _ in outputs]
+        text = self.config.text_config
+        self._record = ForwardRecord(
+            stages=[StageRecord(
+                stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
+                kept=[w[w >= 0][r.index[0]] for _, r, _, w in outputs],
+                weights=None if outputs[0][1].weights is None else [r.weights[0] for _, r, _, _ in outputs],
+                scores=None if outputs[0][2] is None else [s[0] for _, _, s, _ in outputs],
+                image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
+            )],
+            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
+            scoring_flops=sum(signal_flops(s, patches + 1, vision.hidden_size) for s in self._probe.signals)
+            * sum(crops) / kw["inputs_embeds"].shape[0],
+            vision_tokens=[patches + 1] * self._info.vision_layers,
+            vision_shape=(vision.hidden_size, vision.intermediate_size, patches + 1),
+        )
+        self._run.record(self._record)
+        return kw
+
+    def _prune_image(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int,
+                     signals: dict[Any, Tensor], deferred: list[DeferredCheck]) -> tuple[Tensor, Tensor, Any, Tensor | None]:
+        """Run `stage` on one image's packed `tokens` `[n, D]` (`where`: their `crop * P + patch`, -1 for
+        newlines). Returns the kept slots `[n]` bool, the kept tokens in packed order, the reduction
+        and the scores."""
+        patch = (where >= 0).nonzero()[:, 0]  # packed positions of patch tokens
+        ids = where[patch]
+        local = {s: v[ids][None] for s, v in signals.items()}
+        reduction, scores = run_stage(stage, tokens[patch][None], info, local, deferred)
+        kept_at = patch[reduction.index[0]]
+        newline = where < 0
+        row = newline.long().cumsum(0) - newline.long()  # each token's grid row (its newline's index)
+        if n_crops > 1:
+            base = (where >= 0) & (where < (where[where >= 0].min() + self._info.grid[0] * self._info.grid[1]))
+            row = row.masked_fill(base, -1)  # the base image has no rows of its own
+        kept = torch.zeros_like(newline)
+        kept[kept_at] = True
+        rows_with_tokens = row[kept_at].unique()
+        kept |= newline & torch.isin(row, rows_with_tokens)
+        out = tokens.clone()
+        out[kept_at] = reduction.tokens[0].to(out.dtype)
+        return kept, out[kept], reduction, scores
