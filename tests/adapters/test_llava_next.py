@@ -126,3 +126,27 @@ def test_places_other_than_projector_are_refused_with_the_supported_ones(tiny_ne
         with pytest.raises(tp.errors.PlaceError, match="'llava-next' adapter does not support; supported places: projector"):
             with tp.apply(tiny_next.model, spec):
                 pass
+
+
+def test_cli_runs_and_compares_on_a_saved_llava_next(tiny_next, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokenprune.cli.app import app
+
+    image = tmp_path / "wide.png"
+    sized_images([(40, 70)])[0].save(image)
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_next.path), "--image", str(image), "--prompt", "what colour",
+                                      "--strategy", "vtc-cls@5", "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stages"][0]["tokens_out"] == 5
+    (tmp_path / "data.jsonl").write_text("\n".join([json.dumps({"image": "wide.png", "question": "what colour"})] * 2))
+    result = CliRunner().invoke(app, ["compare", "--model", str(tiny_next.path), "--data", str(tmp_path / "data.jsonl"),
+                                      "--strategies", "vtc-cls,fastv", "--budgets", "0.5", "--json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "'llava-next' adapter does not support" in result.output
+    result = CliRunner().invoke(app, ["compare", "--model", str(tiny_next.path), "--data", str(tmp_path / "data.jsonl"),
+                                      "--budgets", "0.5", "--json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert "fastv@0.5" not in [r["spec"] for r in rows] and {"vtc-cls@0.5", "tome@0.5"} <= {r["spec"] for r in rows}
