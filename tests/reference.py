@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -36,6 +39,39 @@ def manual_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
         out = model(input_ids=nxt, attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(tokens, dim=1)
+
+
+@contextmanager
+def layer_lengths(model) -> Iterator[dict[int, list[int]]]:
+    """Inside, `seen[i]` lists the sequence length decoder layer `i`'s attention receives, per call."""
+    layers = model.model.language_model.layers
+    seen: dict[int, list[int]] = {i: [] for i in range(len(layers))}
+    handles = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen[i].append(kw["hidden_states"].shape[1]), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_generate_matches(tiny, spec: str, questions: list[str], imgs: list, steps: int = 4):
+    """Under `spec`, batched `generate()` equals the manual decode loop and each prompt generated
+    alone; returns the run."""
+    import tokenprune as tp
+
+    inputs = tiny.inputs(questions, imgs)
+    with torch.no_grad(), tp.apply(tiny.model, spec) as run:
+        generated = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        manual = manual_greedy(tiny.model, inputs, steps)
+        singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=steps, do_sample=False)
+                   for i, q in enumerate(questions)]
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(generated[:, width:], manual)
+    for i, single in enumerate(singles):
+        assert torch.equal(generated[i, width:], single[0, -steps:])
+    return run
 
 
 def patch_keys_eager(path: str, pixel_values: torch.Tensor, block: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 `plugins/`, installed with pip, and a deliberately broken one. The example's strategies pass the
 contract suite; its VipLLaVA adapter passes the adapter checks."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -71,16 +72,20 @@ def test_cli_runs_plugin_strategies(plugin_env, tiny, tmp_path):
         assert stage["tokens_out"] == (8 if spec.endswith("0.5") else 4)
 
 
+def register_example(monkeypatch, module: str, table: str):
+    """Import a module of the example plugin (it registers on import); restore the registry after."""
+    REGISTRY.ensure_loaded()
+    saved = dict(getattr(REGISTRY, table))
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    importlib.import_module(module)
+    yield
+    setattr(REGISTRY, table, saved)
+    sys.modules.pop(module, None)
+
+
 @pytest.fixture
 def example_registered(monkeypatch):
-    REGISTRY.ensure_loaded()
-    saved = dict(REGISTRY._strategies)
-    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
-    import tokenprune_example.strategies  # noqa: F401  (registers on import)
-
-    yield
-    REGISTRY._strategies = saved
-    sys.modules.pop("tokenprune_example.strategies", None)
+    yield from register_example(monkeypatch, "tokenprune_example.strategies", "_strategies")
 
 
 @pytest.mark.parametrize("name", ["example-norm", "example-chunk-mean"])
@@ -98,14 +103,7 @@ def tiny_vipllava(tmp_path_factory) -> Tiny:
 
 @pytest.fixture
 def vipllava_registered(monkeypatch):
-    REGISTRY.ensure_loaded()
-    saved = dict(REGISTRY._adapters)
-    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
-    import tokenprune_example.adapters  # noqa: F401  (registers on import)
-
-    yield
-    REGISTRY._adapters = saved
-    sys.modules.pop("tokenprune_example.adapters", None)
+    yield from register_example(monkeypatch, "tokenprune_example.adapters", "_adapters")
 
 
 def test_vipllava_is_unsupported_without_the_plugin(tiny_vipllava):

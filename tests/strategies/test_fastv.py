@@ -7,7 +7,7 @@ from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
 from conftest import N_PATCHES, images
-from reference import manual_greedy, topk_reference
+from reference import assert_generate_matches, layer_lengths, topk_reference
 from tokenprune.flops import layer_flops
 
 QUESTIONS = ["what colour is the square", "how many"]
@@ -42,16 +42,8 @@ def test_kept_indices_match_eager_attention(tiny, query, layer):
 def test_layers_see_exact_lengths_in_prefill_and_decode(tiny):
     inputs = tiny.inputs(["what colour is the square"], images(2), per_prompt=2)
     seq = inputs["input_ids"].shape[1]
-    seen = {i: [] for i in range(3)}
-    handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: seen[i].append(
-        kw["hidden_states"].shape[1]), with_kwargs=True)
-        for i, layer in enumerate(tiny.model.model.language_model.layers)]
-    try:
-        with tp.apply(tiny.model, "fastv@3@llm:2") as run:
-            out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with layer_lengths(tiny.model) as seen, tp.apply(tiny.model, "fastv@3@llm:2") as run:
+        out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     short = seq - 2 * (N_PATCHES - 3)
     assert seen[0] == seen[1] == [seq, 1, 1] and seen[2] == [short, 1, 1]
     cache = out.past_key_values
@@ -62,19 +54,8 @@ def test_layers_see_exact_lengths_in_prefill_and_decode(tiny):
 
 
 @pytest.mark.parametrize("spec", ["fastv@4@llm:1", "fastv(query='mean')@0.5", "vtc-cls@9 > fastv@4@llm:2"])
-@torch.no_grad()
 def test_generate_equals_manual_loop_and_batch_equals_single(tiny, spec):
-    imgs = images(2, seed=17)
-    inputs = tiny.inputs(QUESTIONS, imgs)
-    with tp.apply(tiny.model, spec):
-        gen = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        manual = manual_greedy(tiny.model, inputs, 4)
-        singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=4, do_sample=False)
-                   for i, q in enumerate(QUESTIONS)]
-    width = inputs["input_ids"].shape[1]
-    assert torch.equal(gen[:, width:], manual)
-    for i, single in enumerate(singles):
-        assert torch.equal(gen[i, width:], single[0, -4:])
+    assert_generate_matches(tiny, spec, QUESTIONS, images(2, seed=17))
 
 
 @torch.no_grad()

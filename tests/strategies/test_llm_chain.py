@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenprune as tp
 from conftest import N_PATCHES, images
-from reference import manual_greedy, topk_reference
+from reference import assert_generate_matches, layer_lengths, topk_reference
 
 QUESTIONS = ["what colour is the square", "how many"]
 CHAINS = {"fastv@8@llm:1 > fastv@4@llm:2": [(1, 8), (2, 4)], "fastv@6@llm:1 > uniform@0@llm:2": [(1, 6), (2, 0)]}
@@ -77,15 +77,8 @@ def test_chain_matches_layers_run_by_hand(tiny, spec):
 def test_each_layer_sees_its_stage_count_in_prefill_cache_and_decode(tiny):
     inputs = tiny.inputs(["what colour is the square"], images(2), per_prompt=2)
     seq = inputs["input_ids"].shape[1]
-    seen = {i: [] for i in range(3)}
-    handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: seen[i].append(
-        kw["hidden_states"].shape[1]), with_kwargs=True) for i, layer in enumerate(tiny.model.model.language_model.layers)]
-    try:
-        with tp.apply(tiny.model, "fastv@8@llm:1 > fastv@4@llm:2") as run:
-            out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with layer_lengths(tiny.model) as seen, tp.apply(tiny.model, "fastv@8@llm:1 > fastv@4@llm:2") as run:
+        out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     first, second = seq - 2 * (N_PATCHES - 8), seq - 2 * (N_PATCHES - 4)
     assert seen == {0: [seq, 1, 1], 1: [first, 1, 1], 2: [second, 1, 1]}
     cache = out.past_key_values
@@ -97,19 +90,8 @@ def test_each_layer_sees_its_stage_count_in_prefill_cache_and_decode(tiny):
 
 
 @pytest.mark.parametrize("spec", [*CHAINS, "vtc-cls@12 > fastv@8@llm:1 > fastv@4@llm:2"])
-@torch.no_grad()
 def test_generate_equals_manual_loop_and_batch_equals_single(tiny, spec):
-    imgs = images(2, seed=37)
-    inputs = tiny.inputs(QUESTIONS, imgs)
-    with tp.apply(tiny.model, spec) as run:
-        generated = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        manual = manual_greedy(tiny.model, inputs, 4)
-        singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=4, do_sample=False)
-                   for i, q in enumerate(QUESTIONS)]
-    width = inputs["input_ids"].shape[1]
-    assert torch.equal(generated[:, width:], manual)
-    for i, single in enumerate(singles):
-        assert torch.equal(generated[i, width:], single[0, -4:])
+    run = assert_generate_matches(tiny, spec, QUESTIONS, images(2, seed=37))
     assert len(run.trace[0].stages) == spec.count(">") + 1
 
 
