@@ -211,12 +211,14 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
     cuda = device.startswith("cuda")
     times: list[dict[str, list[float]]] = [{"encode": [], "ttft": [], "total": []} for _ in plans]
     peaks, handles = [0.0] * len(plans), [None] * len(plans)
-    caches = [static_cache(model, p.batch, p.inputs["input_ids"].shape[1] + new_tokens) if compiled else None
-              for p in plans]  # one per row, allocated once: fixed addresses for CUDA graphs
+    caches: dict[int, StaticCache] = {}  # compiled rows: one cache per row while it is measured
 
     def generate(index: int, n: int) -> Any:
         extra = {}
-        if caches[index] is not None:
+        if compiled:
+            if index not in caches:  # allocated once per row: fixed addresses for CUDA graphs
+                plan = plans[index]
+                caches[index] = static_cache(model, plan.batch, plan.inputs["input_ids"].shape[1] + new_tokens)
             caches[index].reset()
             extra["past_key_values"] = caches[index]
         return model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -248,6 +250,7 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                 one(index, record=False)
             for _ in range(repeats):
                 one(index, record=True)
+            caches.pop(index, None)  # free this row's KV cache before the next row's
     rows = []
     for plan, measured, peak, handle in zip(plans, times, peaks, handles):
         ttft, total = statistics.median(measured["ttft"]), statistics.median(measured["total"])
