@@ -5,7 +5,11 @@ reference rows measured in the same run:
 * `oracle`: the LLM fed only k visual tokens per image, no scoring (the prompt holds k placeholders
   and the tower's features are cut to k before the projector) — the best any pruner can do;
 * `official`: VTC-CLS as its official code computes it: the whole tower in eager attention with
-  `output_attentions=True`, [CLS] row of the penultimate block, top-k, then the LLM on k tokens.
+  `output_attentions=True`, [CLS] row of the penultimate block, top-k, then the LLM on k tokens
+  (LLaVA-1.5 architectures only: the official code targets LLaVA-1.5).
+
+LLaVA-NeXT architectures (`llava-v1.6-vicuna-7b`) are benchmarked on one `image` (height, width) per
+prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     StaticCache,
 )
 
@@ -49,6 +56,20 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
         "text": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                      num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096),
     },
+    "llava-v1.6-vicuna-7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+        "next": dict(pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], image=(672, 672)),
+    },
+    "tiny-next": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
+        "next": dict(pinpoints=[[32, 64], [64, 32], [64, 64]], image=(64, 64)),
+    },
     "tiny": {
         "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                        image_size=32, patch_size=8),
@@ -58,18 +79,43 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A random-weight LLaVA of the named architecture's shapes."""
+def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
+    """A random-weight LLaVA (or LLaVA-NeXT) of the named architecture's shapes."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
     text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text,
-                         image_token_id=text.vocab_size - 1)
+    common = dict(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1)
+    if "next" in shapes:
+        config, cls = LlavaNextConfig(**common, image_grid_pinpoints=shapes["next"]["pinpoints"]), LlavaNextForConditionalGeneration
+    else:
+        config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
+        model = cls(config)
+    model.bench_image = shapes["next"]["image"] if "next" in shapes else None
     return model.to(dtype).eval()
+
+
+def is_next(model: nn.Module) -> bool:
+    return isinstance(model, LlavaNextForConditionalGeneration)
+
+
+def image_tokens(model: nn.Module) -> int:
+    """Placeholder tokens of one benchmark image: the patch grid for LLaVA-1.5; for LLaVA-NeXT the
+    packed count of the benchmark image (base, unpadded crops, newlines), from HF's own packing."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    if not is_next(model):
+        return patches
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    size = torch.tensor([model.bench_image])
+    crops = image_size_to_num_patches(image_size=model.bench_image, grid_pinpoints=model.config.image_grid_pinpoints,
+                                      patch_size=vision.image_size)
+    packed, _ = model.model.pack_image_features([torch.zeros(crops, patches, 1)], size, "default",
+                                                image_newline=torch.zeros(1))
+    return packed[0].shape[0]
 
 
 def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
@@ -78,19 +124,30 @@ def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> LlavaForCondi
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a LLaVA checkpoint from {path!r}: {exc}") from None
+    model.bench_image = None
     return model.to(device).eval()
 
 
 def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders."""
+    """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders (for
+    LLaVA-NeXT, pixel values of the benchmark image's anyres crops and its `image_sizes`)."""
     config, device = model.config, model.device
     g = torch.Generator().manual_seed(seed)
     words = torch.randint(3, config.image_token_id, (batch, TEXT_TOKENS), generator=g)
     image = torch.full((batch, image_tokens), config.image_token_id)
     ids = torch.cat([words[:, :4], image, words[:, 4:]], dim=1).to(device)
     size = config.vision_config.image_size
-    pixels = torch.randn(batch, 3, size, size, generator=g).to(device, model.dtype)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if is_next(model):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crops = image_size_to_num_patches(image_size=model.bench_image, grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=size)
+        out["pixel_values"] = torch.randn(batch, crops, 3, size, size, generator=g).to(device, model.dtype)
+        out["image_sizes"] = torch.tensor([model.bench_image] * batch, device=device)
+    else:
+        out["pixel_values"] = torch.randn(batch, 3, size, size, generator=g).to(device, model.dtype)
+    return out
 
 
 def compile_model(model: nn.Module, mode: str) -> None:
@@ -145,6 +202,30 @@ def features_cut_to(model: nn.Module, select: Callable[[torch.Tensor], torch.Ten
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def packed_cut_to(model: nn.Module, k: int) -> Iterator[None]:
+    """Inside, LLaVA-NeXT's `get_image_features` returns each image's first k packed tokens (the
+    oracle: no scoring, the LLM sees k tokens per image); wrapped on the instance, removed on exit."""
+    original = model.model.get_image_features
+
+    @wraps(original)  # generate inspects its signature to pre-encode images
+    def cut(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        out.pooler_output = [features[:k] for features in out.pooler_output]
+        return out
+
+    object.__setattr__(model.model, "get_image_features", cut)
+    try:
+        yield
+    finally:
+        model.model.__dict__.pop("get_image_features", None)
+
+
+def oracle_route(model: nn.Module, k: int) -> AbstractContextManager[None]:
+    """The LLM on k image tokens per image, with no scoring (see the module docstring)."""
+    return packed_cut_to(model, k) if is_next(model) else features_cut_to(model, lambda f: f[:, :k])
 
 
 @contextmanager
@@ -228,7 +309,8 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
         with torch.inference_mode(), plan.enter() as handle:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            encode = clock(lambda: model.model.get_image_features(pixel_values=plan.inputs["pixel_values"]), device)
+            images = {k: v for k, v in plan.inputs.items() if k in ("pixel_values", "image_sizes")}
+            encode = clock(lambda: model.model.get_image_features(**images), device)
             ttft = clock(lambda: generate(index, 1), device)
             total = clock(lambda: generate(index, new_tokens), device)
             handles[index] = handle
@@ -284,7 +366,7 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
         compile_model(model, compile_mode)
         warmup = 3
     text = model.config.text_config
-    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    n = image_tokens(model)
     unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
     layers = text.num_hidden_layers
     fixed = lambda count: (lambda handle: [TEXT_TOKENS + count] * layers)  # noqa: E731
@@ -294,9 +376,10 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
         plans = [RowPlan("unpruned", "", n, batch, full, nullcontext, fixed(n))]
         for k in budgets:
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
-            plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: features_cut_to(model, lambda f: f[:, :k]), fixed(k)))
-            plans.append(RowPlan("official", "vtc-cls (official route)", k, batch, short,
-                                 lambda k=k: official_route(model, k), fixed(k)))
+            plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: oracle_route(model, k), fixed(k)))
+            if not is_next(model):
+                plans.append(RowPlan("official", "vtc-cls (official route)", k, batch, short,
+                                     lambda k=k: official_route(model, k), fixed(k)))
             for strategy in strategies:
                 spec = f"{strategy}@{k}"
                 plans.append(RowPlan(strategy, spec, k, batch, full, lambda spec=spec: apply(model, spec),

@@ -88,3 +88,22 @@ def test_static_cache_rows_run_plan_after_plan():
                         interleave=False, compiled=True)
     assert order == ["unpruned"] * 3 + ["vtc-cls"] * 3
     assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+
+
+def test_bench_tiny_llava_next_rows_and_flops(tmp_path):
+    """The anyres architecture: 88 packed tokens for its 64x64 image (16 base, 8x8 crops, 8
+    newlines); the oracle keeps k per image, no official row (LLaVA-1.5 only)."""
+    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-next", "--strategies", "vtc-cls", "--budgets", "16,4",
+                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
+                                      "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 88), ("oracle", 16), ("vtc-cls", 16), ("oracle", 4), ("vtc-cls", 4)]
+    text = ARCHS["tiny-next"]["text"]
+    d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    for r in rows:
+        if r["row"] != "vtc-cls":
+            assert r["llm_flops"] == prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m)
+        else:  # k tokens plus the newlines of the grid rows that keep one
+            assert prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m) <= r["llm_flops"] \
+                <= prefill_flops([TEXT_TOKENS + r["kept"] + 8] * layers, d, m)

@@ -23,6 +23,7 @@ needs; inside the context the core's `get_image_features` is wrapped on the inst
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import wraps
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -52,6 +53,7 @@ class SizesCapture:
         self.module, self.sizes = module, None
         original = module.get_image_features
 
+        @wraps(original)  # generate inspects its signature to pre-encode images
         def recording(*args: Any, **kwargs: Any) -> Any:
             self.sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
             return original(*args, **kwargs)
