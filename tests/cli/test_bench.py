@@ -39,7 +39,7 @@ def test_bench_tiny_writes_every_row(tmp_path):
 
 def test_bench_unknown_arch_lists_known(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--arch", "llava-9b", "--device", "cpu", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, tiny" in result.stderr
+    assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, tiny" in result.stderr
 
 
 def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
