@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                          LlavaNextProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration)
+                          LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                          LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig, VipLlavaConfig,
+                          VipLlavaForConditionalGeneration)
 
 from tokenprune.demo.tokenizer import CHAT_TEMPLATE, llava_processor, word_tokenizer
 from tokenprune.models import build_prompt, load
@@ -86,6 +88,52 @@ def build_tiny_next(root: Path, name: str = "llava-next", seed: int = 3) -> Path
     return path
 
 
+OV_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 5) for w in range(1, 5)]  # up to 4x4 crops: beyond anyres_max_9
+
+
+@dataclass
+class TinyOnevision:
+    """A loaded tiny LLaVA-OneVision. Its processor needs a video processor, which needs torchvision
+    (not installable beside the CPU torch wheel), so `inputs` expands the placeholders itself, as
+    many per image as HF's own packing gives (HF's forward checks the count)."""
+
+    path: Path
+    model: Any
+    image_processor: Any
+    tokenizer: Any
+
+    def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        pixels = dict(self.image_processor(images=images, return_tensors="pt"))
+        with torch.no_grad():
+            packed = self.model.model.get_image_features(
+                pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], return_dict=True).pooler_output
+        image = self.model.config.image_token_id
+        rows = [[2] + [image] * len(features) + self.tokenizer(q, add_special_tokens=False).input_ids
+                for features, q in zip(packed, questions)]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        return {"input_ids": ids, "attention_mask": (torch.arange(width)[None] >= torch.tensor(
+            [width - len(r) for r in rows])[:, None]).long(), **pixels}
+
+
+def build_tiny_onevision(root: Path, seed: int = 5) -> Path:
+    """A tiny random LLaVA-OneVision: SigLIP tower (no [CLS], 4x4 patches per crop), Qwen2 LLM."""
+    tok = word_tokenizer(WORDS)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=IMAGE, patch_size=PATCH)
+    text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  image_grid_pinpoints=OV_PINPOINTS, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    path = root / "onevision"
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=OV_PINPOINTS,
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     """Random RGB images of the given `(height, width)`."""
     rng = np.random.default_rng(seed)
@@ -140,3 +188,13 @@ def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     path = build_tiny_next(tmp_path_factory.mktemp("next"))
     model, processor = load(str(path))
     return Tiny(path, model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(tmp_path_factory: pytest.TempPathFactory) -> TinyOnevision:
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+    path = build_tiny_onevision(tmp_path_factory.mktemp("onevision"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyOnevision(path, model, LlavaOnevisionImageProcessorPil.from_pretrained(path),
+                         PreTrainedTokenizerFast.from_pretrained(path))

@@ -155,3 +155,16 @@ def tome_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int], li
             b[j] = ((va * sa + vb * sb) / (sa + sb), sa + sb, rb)
         tokens = sorted([a[i] for i in kept] + b, key=lambda t: t[2])
     return torch.stack([t[0] for t in tokens]).float(), [t[2] for t in tokens], [round(t[1]) for t in tokens]
+
+
+def newlines_kept_by_hand(where: list[int], kept_positions: set[int], has_crops: bool, base: int) -> int:
+    """Grid rows of one packed image (`where`: provenance, -1 at newlines; the first `base` tokens are
+    the base image when `has_crops`) that keep one of their tokens, each ended by a newline."""
+    count, row_has_kept = 0, False
+    for position, value in enumerate(where):
+        if value < 0:
+            count += row_has_kept
+            row_has_kept = False
+        elif position in kept_positions and (not has_crops or position >= base):
+            row_has_kept = True
+    return count

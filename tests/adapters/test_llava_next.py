@@ -8,7 +8,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import tokenprune as tp
 from conftest import PINPOINTS, sized_images
-from reference import cls_attention_eager, manual_greedy, topk_reference
+from reference import cls_attention_eager, manual_greedy, newlines_kept_by_hand, topk_reference
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
@@ -46,18 +46,6 @@ def test_provenance_matches_hf_packing(tiny_next):
     assert sorted(torch.cat(adapter.layout(inputs["image_sizes"], crops)).tolist())[-1] < sum(crops) * P
 
 
-def newlines_kept_by_hand(where: list[int], kept_positions: set[int], has_crops: bool) -> int:
-    """Grid rows (tokens after the base image, ended by a newline) that keep one of their tokens."""
-    count, row_has_kept = 0, False
-    for position, value in enumerate(where):
-        if value < 0:
-            count += row_has_kept
-            row_has_kept = False
-        elif position in kept_positions and (not has_crops or position >= P):
-            row_has_kept = True
-    return count
-
-
 @pytest.mark.parametrize("k", [1, 7, 20])
 @torch.no_grad()
 def test_vtc_cls_keeps_the_top_k_over_all_crops_and_rows_keep_their_newline(tiny_next, k):
@@ -76,7 +64,7 @@ def test_vtc_cls_keeps_the_top_k_over_all_crops_and_rows_keep_their_newline(tiny
         chosen = topk_reference(rows[patch_ids].tolist(), k)
         assert stage.kept[i].tolist() == patch_ids[chosen].tolist()
         positions = set((where >= 0).nonzero()[:, 0][chosen].tolist())
-        kept = k + newlines_kept_by_hand(where.tolist(), positions, crops[i] > 1)
+        kept = k + newlines_kept_by_hand(where.tolist(), positions, crops[i] > 1, P)
         row_lengths.append(width - len(where) + kept)  # text and padding columns stay
     assert stage.counts == [(len(w[w >= 0]), k) for w in adapter.layout(inputs["image_sizes"], crops)]
     assert run.trace[0].seq_len_in == width and run.trace[0].seq_len_out == max(row_lengths)

@@ -17,11 +17,12 @@ the tower would break the crops' grids, and `llm:K` stages need equal image toke
 
 `generate` encodes the images before its first forward and drops `image_sizes`, which the layout
 needs; inside the context the core's `get_image_features` is wrapped on the instance to record them
-(`SizesCapture`, removed on exit like a hook).
+(`CallCapture`, removed on exit like a hook).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,17 +46,18 @@ if TYPE_CHECKING:
     from ..apply import Run
 
 
-class SizesCapture:
-    """Records the `image_sizes` a module's `get_image_features` receives, by wrapping it on the
-    instance; `remove()` deletes the wrapper, so the class's method shows through again."""
+class CallCapture:
+    """Records the arguments a module's `get_image_features` receives (by name), by wrapping it on
+    the instance; `remove()` deletes the wrapper, so the class's method shows through again."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.sizes = module, None
+        self.module, self.arguments = module, {}
         original = module.get_image_features
+        signature = inspect.signature(original)
 
         @wraps(original)  # generate inspects its signature to pre-encode images
         def recording(*args: Any, **kwargs: Any) -> Any:
-            self.sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
+            self.arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
             return original(*args, **kwargs)
 
         object.__setattr__(module, "get_image_features", recording)
@@ -80,51 +82,67 @@ class LlavaNextAdapter(LlavaAdapter):
     def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
         """Hooks: the [CLS] probe on the blocks scorers read (every crop), and the sequence rewrite
         before the LLM, which prunes the packed features."""
-        if self.features_keep_cls():
-            raise InputError("the llava-next adapter needs vision_feature_select_strategy='default' (crops without [CLS])")
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         self._info = self.info()
+        if self.features_keep_cls() and self._info.has_cls:
+            raise InputError(f"the {self.name} adapter needs vision_feature_select_strategy='default' (crops without [CLS])")
         self._projector_stages = list(pipeline.stages)
         signals = required_signals(self._projector_stages, self._info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
         if unknown:
             raise SignalError(f"the llava-next adapter cannot provide {unknown} before the LLM")
         encoder = _encoder_layers(self.core.vision_tower)
-        self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
+        self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals, self._info.has_cls)
         self._encoder, self._decoders = None, []
-        self._sizes = SizesCapture(self.core)
-        return self._probe.attach() + [self._sizes,
+        self._calls = CallCapture(self.core)
+        return self._probe.attach() + [self._calls,
             self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
             self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
         ]
 
     def layout(self, image_sizes: Tensor, crops: list[int]) -> list[Tensor]:
         """Per image, `[n_i]` long: the `crop * P + patch` of each packed token (crops numbered
-        across the batch, base image first), `-1` for newline tokens. `crops[i]`: crops of image i."""
+        across the batch, base image first), `-1` for newline tokens. `crops[i]`: crops of image i.
+
+        HF's packing runs on three channels, crop and patch row and column; where it interpolates
+        (LLaVA-OneVision's large images), a token's provenance is the nearest patch."""
         rows, cols = self._info.grid
-        patches = rows * cols
-        first = [sum(crops[:i]) for i in range(len(crops))]
-        index = [torch.arange(start * patches, (start + n) * patches, device=image_sizes.device, dtype=torch.float32)
-                 .view(n, patches, 1) for start, n in zip(first, crops)]
-        newline = torch.tensor([-1.0], device=image_sizes.device)
-        packed, _ = self.core.pack_image_features(index, image_sizes, "default", image_newline=newline)
-        return [p[:, 0].round().long() for p in packed]
+        index = []
+        for start, n in zip([sum(crops[:i]) for i in range(len(crops))], crops):
+            crop, row, col = torch.meshgrid(torch.arange(start, start + n), torch.arange(rows), torch.arange(cols), indexing="ij")
+            index.append(torch.stack([crop, row, col], dim=-1).flatten(1, 2).float().to(image_sizes.device))
+        packed = self.pack(index, image_sizes, torch.full((3,), -1.0, device=image_sizes.device))
+        out = []
+        for tokens in packed:
+            crop, row, col = tokens.round().long().unbind(-1)
+            out.append(torch.where(crop < 0, -1, (crop * rows + row) * cols + col))
+        return out
+
+    def pack(self, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
+        """HF's packing of per-image crop features `[crops, P, C]` with `newline` `[C]`."""
+        return self.core.pack_image_features(features, image_sizes, "default", image_newline=newline)[0]
+
+    def crops(self, sizes: Tensor, arguments: dict[str, Any]) -> list[int]:
+        """Crops the tower encoded per image (anyres tiles plus the base image)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                          patch_size=self.config.vision_config.image_size) for s in sizes.tolist()]
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's packed tokens, then
         shorten the prompt to what is kept."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         self._refuse_feature_overrides(kw)
-        sizes = kw.get("image_sizes") if kw.get("image_sizes") is not None else self._sizes.sizes
+        arguments = kw if kw.get("image_sizes") is not None else self._calls.arguments
+        sizes = arguments.get("image_sizes")
         if sizes is None:
-            raise InputError("LLaVA-NeXT inputs need image_sizes (as the model's processor returns them)")
+            raise InputError(f"{self.model_class} inputs need image_sizes (as the model's processor returns them)")
         if encoded is None:
-            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_sizes=sizes, return_dict=True)
+            extra = {k: kw[k] for k in ("batch_num_images",) if kw.get(k) is not None}
+            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_sizes=sizes, return_dict=True, **extra)
         packed = list(getattr(encoded, "pooler_output", encoded))
         vision = self.config.vision_config
-        crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
-                                           patch_size=vision.image_size) for s in sizes.tolist()]
+        crops = self.crops(sizes, arguments)
         signals = {s: v.flatten(0, 1) for s, v in self._probe.values().items()}  # [C * P] or [C * P, d]
         stage = self._projector_stages[0]
         info, deferred = replace(self._info, grid=None), []
@@ -137,6 +155,7 @@ class LlavaNextAdapter(LlavaAdapter):
         comp, _, _, _, image_sample = self._rewrite_prompt(
             kw, torch.cat(slot_keep), torch.cat(features), [len(w) for _, _, _, w in outputs], deferred)
         patches = self._info.grid[0] * self._info.grid[1]
+        tokens_per_crop = patches + int(self._info.has_cls)
         counts = [(n_in, r.k) for n_in, r, _, _ in outputs]
         text = self.config.text_config
         self._record = ForwardRecord(
@@ -149,10 +168,10 @@ class LlavaNextAdapter(LlavaAdapter):
             )],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
-            scoring_flops=sum(signal_flops(s, patches + 1, vision.hidden_size) for s in self._probe.signals)
+            scoring_flops=sum(signal_flops(s, tokens_per_crop, vision.hidden_size) for s in self._probe.signals)
             * sum(crops) / kw["inputs_embeds"].shape[0],
-            vision_tokens=[patches + 1] * self._info.vision_layers,
-            vision_shape=(vision.hidden_size, vision.intermediate_size, patches + 1),
+            vision_tokens=[tokens_per_crop] * self._info.vision_layers,
+            vision_shape=(vision.hidden_size, vision.intermediate_size, tokens_per_crop),
         )
         self._run.record(self._record)
         return kw

@@ -33,11 +33,14 @@ class VisionProbe:
 
     Forward hooks on each chosen block's `k_proj` (and `q_proj` for [CLS] rows) keep their outputs:
     `rows[layer]` is the `[B, N]` [CLS] attention row (one `[B, H, 1, 1 + N]` product, once both
-    fired), `keys[layer]` the `[B, N, D]` patch keys. `attach` installs the hooks and returns them.
+    fired), `keys[layer]` the `[B, N, D]` patch keys (the [CLS] key dropped when `has_cls`).
+    `attach` installs the hooks and returns them.
     """
 
-    def __init__(self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys]) -> None:
+    def __init__(self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys],
+                 has_cls: bool = True) -> None:
         self.attention = dict(attention)
+        self.first_patch = 1 if has_cls else 0
         self.signals = signals
         self.cls_layers = {s.layer for s in signals if isinstance(s, ClsAttention)}
         self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys)}
@@ -48,7 +51,7 @@ class VisionProbe:
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             if part == "k" and layer in self.key_layers:
-                self.keys[layer] = output[:, 1:]
+                self.keys[layer] = output[:, self.first_patch:]
             if layer not in self.cls_layers:
                 return
             pending = self._pending.setdefault(layer, {})

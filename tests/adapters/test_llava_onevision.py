@@ -1,0 +1,98 @@
+"""LLaVA-OneVision (SigLIP, no [CLS]; anyres_max_9 downsampling of large images): provenance against
+HF's packing, exact counts with the newline rule, keep-all bit-identical and the model restored,
+batch equals single prompts, generate() equals a manual decode loop, [CLS] scorers refused."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from conftest import sized_images
+from reference import manual_greedy, newlines_kept_by_hand
+from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
+
+SIZES = [(40, 70), (128, 120)]  # a 2x3 grid, and a 4x4 grid that HF downsamples (anyres_max_9)
+P = 16
+
+
+def adapter_for(model) -> LlavaOnevisionAdapter:
+    adapter = LlavaOnevisionAdapter(model)
+    adapter._info = adapter.info()
+    return adapter
+
+
+@torch.no_grad()
+def test_provenance_matches_hf_packing_and_downsampled_tokens_point_into_their_image(tiny_onevision):
+    model = tiny_onevision.model
+    inputs = tiny_onevision.inputs(["what colour"] * 2, sized_images(SIZES))
+    adapter = adapter_for(model)
+    crops = adapter.crops(inputs["image_sizes"], {})
+    assert crops == [7, 17]  # a 2x3 grid plus the base image; 4x4 plus the base
+    pixels = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops)])
+    per_crop = model.model.multi_modal_projector(
+        model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]).flatten(0, 1)
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                            return_dict=True).pooler_output
+    small, large = adapter.layout(inputs["image_sizes"], crops)
+    assert torch.equal(packed[0][small >= 0], per_crop[small[small >= 0]])  # no interpolation: exact
+    assert [len(small), len(large)] == [len(p) for p in packed]
+    assert bool(((large[large >= 0] >= 7 * P) & (large[large >= 0] < 24 * P)).all())  # nearest patch, own crops
+
+
+@torch.no_grad()
+def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_onevision):
+    model = tiny_onevision.model
+    inputs = tiny_onevision.inputs(["what colour", "how many"], sized_images(SIZES, seed=1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with tp.apply(model, "divprune@1.0"):
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
+    assert "get_image_features" not in model.model.__dict__
+    assert torch.equal(model(**inputs).logits, reference)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("k", [1, 9])
+@torch.no_grad()
+def test_counts_follow_the_budget_and_the_newline_rule(tiny_onevision, k):
+    model = tiny_onevision.model
+    inputs = tiny_onevision.inputs(["what colour"] * 2, sized_images(SIZES, seed=2))
+    with tp.apply(model, f"divprune@{k}") as run:
+        model(**inputs)
+    adapter = adapter_for(model)
+    crops = adapter.crops(inputs["image_sizes"], {})
+    stage, width, lengths = run.trace[0].stages[0], inputs["input_ids"].shape[1], []
+    for i, where in enumerate(adapter.layout(inputs["image_sizes"], crops)):
+        patch_positions = (where >= 0).nonzero()[:, 0]
+        provenance = where[patch_positions].tolist()
+        kept_positions = {int(patch_positions[provenance.index(v)]) for v in stage.kept[i].tolist()}
+        lengths.append(width - len(where) + k + newlines_kept_by_hand(where.tolist(), kept_positions, crops[i] > 1, P))
+    assert stage.counts == [(int((w >= 0).sum()), k) for w in adapter.layout(inputs["image_sizes"], crops)]
+    assert run.trace[0].seq_len_out == max(lengths)
+
+
+@pytest.mark.parametrize("spec", ["divprune@6", "tome@0.25", "random@5"])
+@torch.no_grad()
+def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_onevision, spec):
+    model, imgs, questions = tiny_onevision.model, sized_images(SIZES, seed=3), ["what colour", "how many"]
+    inputs = tiny_onevision.inputs(questions, imgs)
+    with tp.apply(model, spec):
+        batch = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        manual = manual_greedy(model, inputs, 4)
+        singles = [model(**tiny_onevision.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
+    eos = model.generation_config.eos_token_id
+    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
+        end = expected.index(eos) + 1 if eos in expected else len(expected)
+        assert row[:end] == expected[:end]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vtc-cls", "vtc-cls-ensemble", "fastervlm", "prumerge", "visionzip"])
+def test_cls_scorers_are_refused_naming_what_runs_instead(tiny_onevision, name):
+    with pytest.raises(tp.errors.SignalError, match=f"'{name}' scores tokens by \\[CLS\\] attention, but this model's vision "
+                                                    "encoder has no \\[CLS\\] token; use a scorer that needs none"):
+        with tp.apply(tiny_onevision.model, f"{name}@4"):
+            pass
