@@ -168,3 +168,16 @@ def newlines_kept_by_hand(where: list[int], kept_positions: set[int], has_crops:
         elif position in kept_positions and (not has_crops or position >= base):
             row_has_kept = True
     return count
+
+
+def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
+    """Greedy max-min diversity, one image, explicit loops."""
+    n = x.shape[0]
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    d = [[1.0 - float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
+    nearest = [min(d[i][j] for j in range(n) if j != i) if n > 1 else 0.0 for i in range(n)]
+    chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(chosen) < k:
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (min(d[i][c] for c in chosen), -i)))
+    return sorted(chosen)

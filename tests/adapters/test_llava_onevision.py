@@ -7,7 +7,7 @@ import torch
 
 import tokenprune as tp
 from conftest import sized_images
-from reference import manual_greedy, newlines_kept_by_hand
+from reference import divprune_reference, manual_greedy, newlines_kept_by_hand
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 
 SIZES = [(40, 70), (128, 120)]  # a 2x3 grid, and a 4x4 grid that HF downsamples (anyres_max_9)
@@ -96,3 +96,20 @@ def test_cls_scorers_are_refused_naming_what_runs_instead(tiny_onevision, name):
                                                     "encoder has no \\[CLS\\] token; use a scorer that needs none"):
         with tp.apply(tiny_onevision.model, f"{name}@4"):
             pass
+
+
+@pytest.mark.parametrize("k", [3, 12])
+@torch.no_grad()
+def test_divprune_keeps_the_reference_subset_of_each_images_packed_tokens(tiny_onevision, k):
+    """DivPrune runs on each image's packed non-newline tokens (the projected features the LLM
+    would see); its kept tokens equal an explicit-loop max-min reference on those features."""
+    model = tiny_onevision.model
+    inputs = tiny_onevision.inputs(["what colour"] * 2, sized_images(SIZES, seed=4))
+    with tp.apply(model, f"divprune@{k}") as run:
+        model(**inputs)
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                            return_dict=True).pooler_output
+    adapter = adapter_for(model)
+    for i, (features, where) in enumerate(zip(packed, adapter.layout(inputs["image_sizes"], adapter.crops(inputs["image_sizes"], {})))):
+        chosen = divprune_reference(features[where >= 0], k)
+        assert run.trace[0].stages[0].kept[i].tolist() == where[where >= 0][chosen].tolist()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenprune as tp
-from reference import tome_reference
+from reference import divprune_reference, tome_reference
 
 
 def test_pool_2d_matches_adaptive_avg_pool2d():
@@ -30,19 +30,6 @@ def test_pool_falls_back_or_matches_torch(n, k, grid):
     else:
         ref = torch.nn.functional.adaptive_avg_pool1d(tokens.transpose(1, 2), k).transpose(1, 2)
     torch.testing.assert_close(red.tokens, ref)
-
-
-def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
-    """Greedy max-min diversity, one image, explicit loops."""
-    n = x.shape[0]
-    unit = torch.nn.functional.normalize(x.double(), dim=-1)
-    d = [[1.0 - float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
-    nearest = [min(d[i][j] for j in range(n) if j != i) if n > 1 else 0.0 for i in range(n)]
-    chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
-    while len(chosen) < k:
-        rest = [i for i in range(n) if i not in chosen]
-        chosen.append(max(rest, key=lambda i: (min(d[i][c] for c in chosen), -i)))
-    return sorted(chosen)
 
 
 @st.composite
