@@ -138,3 +138,24 @@ def test_cli_runs_and_compares_on_a_saved_llava_next(tiny_next, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert "fastv@0.5" not in [r["spec"] for r in rows] and {"vtc-cls@0.5", "tome@0.5"} <= {r["spec"] for r in rows}
+
+
+@pytest.mark.parametrize("spec", ["vtc-cls@7", "tome@0.25"])
+@torch.no_grad()
+def test_images_of_one_size_pruned_together_equal_each_alone(tiny_next, spec):
+    """Images of one size and crop count share a layout and are pruned as one batch."""
+    model = tiny_next.model
+    imgs = sized_images([(40, 70), (64, 48), (40, 70)], seed=6)
+    questions = ["what colour is the square", "how many", "what colour"]
+    inputs = tiny_next.inputs(questions, imgs)
+    with tp.apply(model, spec) as run:
+        batch = model(**inputs).logits[:, -1]
+    crops = LlavaNextAdapter(model).crops(inputs["image_sizes"], {})
+    for i, q in enumerate(questions):
+        with tp.apply(model, spec) as alone:
+            single = model(**tiny_next.inputs([q], [imgs[i]])).logits[0, -1]
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+        first_crop = sum(crops[:i])  # the batch numbers crops across its images
+        assert torch.equal(run.trace[0].stages[0].kept[i] - first_crop * P, alone.trace[0].stages[0].kept[0])
+    counts = run.trace[0].stages[0].counts
+    assert counts[0] == counts[2] != counts[1]

@@ -146,24 +146,30 @@ class LlavaNextAdapter(LlavaAdapter):
         signals = {s: v.flatten(0, 1) for s, v in self._probe.values().items()}  # [C * P] or [C * P, d]
         stage = self._projector_stages[0]
         info, deferred = replace(self._info, grid=None), []
-        slot_keep, features, outputs = [], [], []
-        for tokens, where, n_crops in zip(packed, self.layout(sizes, crops), crops):
-            kept, out, reduction, scores = self._prune_image(stage, info, tokens, where, n_crops, signals, deferred)
-            slot_keep.append(kept)
-            features.append(out)
-            outputs.append((where[(where >= 0)].numel(), reduction, scores, where))
+        firsts = [sum(crops[:i]) for i in range(len(crops))]
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
+        for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops)):
+            groups.setdefault((*size, n_crops), []).append(i)
+        results: list[Any] = [None] * len(packed)
+        for members in groups.values():
+            where = self.layout(sizes[members[:1]], crops[members[0]:members[0] + 1])[0]  # crops numbered from 0
+            outputs = self._prune_group(stage, info, torch.stack([packed[i] for i in members]), where,
+                                        crops[members[0]], [firsts[i] for i in members], signals, deferred)
+            for i, result in zip(members, outputs):
+                results[i] = result
         comp, _, _, _, image_sample = self._rewrite_prompt(
-            kw, torch.cat(slot_keep), torch.cat(features), [len(w) for _, _, _, w in outputs], deferred)
+            kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results], deferred)
         patches = self._info.grid[0] * self._info.grid[1]
         tokens_per_crop = patches + int(self._info.has_cls)
-        counts = [(n_in, r.k) for n_in, r, _, _ in outputs]
+        counts = [(r["tokens_in"], len(r["kept"])) for r in results]
         text = self.config.text_config
         self._record = ForwardRecord(
             stages=[StageRecord(
                 stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
-                kept=[w[w >= 0][r.index[0]] for _, r, _, w in outputs],
-                weights=None if outputs[0][1].weights is None else [r.weights[0] for _, r, _, _ in outputs],
-                scores=None if outputs[0][2] is None else [s[0] for _, _, s, _ in outputs],
+                kept=[r["kept"] for r in results],
+                weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
+                scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
                 image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
             )],
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
@@ -176,25 +182,30 @@ class LlavaNextAdapter(LlavaAdapter):
         self._run.record(self._record)
         return kw
 
-    def _prune_image(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int,
-                     signals: dict[Any, Tensor], deferred: list[DeferredCheck]) -> tuple[Tensor, Tensor, Any, Tensor | None]:
-        """Run `stage` on one image's packed `tokens` `[n, D]` (`where`: their `crop * P + patch`, -1 for
-        newlines). Returns the kept slots `[n]` bool, the kept tokens in packed order, the reduction
-        and the scores."""
+    def _prune_group(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int, firsts: list[int],
+                     signals: dict[Any, Tensor], deferred: list[DeferredCheck]) -> list[dict[str, Any]]:
+        """Run `stage` on `G` images of one layout: packed `tokens` `[G, n, D]`, `where` `[n]` their
+        `crop * P + patch` counted from the image's first crop (`-1` at newlines), `firsts` each
+        image's first crop in the batch. Per image: the kept slots `[n]`, the kept tokens in packed
+        order, its tokens in, and the trace's kept provenance, weights and scores."""
+        patches = self._info.grid[0] * self._info.grid[1]
         patch = (where >= 0).nonzero()[:, 0]  # packed positions of patch tokens
-        ids = where[patch]
-        local = {s: v[ids][None] for s, v in signals.items()}
-        reduction, scores = run_stage(stage, tokens[patch][None], info, local, deferred)
-        kept_at = patch[reduction.index[0]]
+        ids = where[patch][None] + torch.tensor(firsts, device=where.device)[:, None] * patches  # [G, m]
+        local = {s: v[ids] for s, v in signals.items()}
+        reduction, scores = run_stage(stage, tokens[:, patch], info, local, deferred)
+        kept_at = patch[reduction.index]  # [G, k] packed positions
         newline = where < 0
         row = newline.long().cumsum(0) - newline.long()  # each token's grid row (its newline's index)
         if n_crops > 1:
-            base = (where >= 0) & (where < (where[where >= 0].min() + self._info.grid[0] * self._info.grid[1]))
-            row = row.masked_fill(base, -1)  # the base image has no rows of its own
-        kept = torch.zeros_like(newline)
-        kept[kept_at] = True
-        rows_with_tokens = row[kept_at].unique()
-        kept |= newline & torch.isin(row, rows_with_tokens)
+            row = row.masked_fill((where >= 0) & (where < patches), -1)  # the base image has no rows
+        kept = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, kept_at, True)
+        rows_hit = torch.zeros(tokens.shape[0], len(where) + 1, dtype=torch.bool, device=tokens.device)
+        rows_hit.scatter_(1, row[kept_at] + 1, True)  # column 0 collects the base image's tokens
+        kept[:, newline] |= rows_hit[:, row[newline] + 1]
         out = tokens.clone()
-        out[kept_at] = reduction.tokens[0].to(out.dtype)
-        return kept, out[kept], reduction, scores
+        out.scatter_(1, kept_at[..., None].expand(-1, -1, tokens.shape[-1]), reduction.tokens.to(out.dtype))
+        features = out[kept].split(kept.sum(1).tolist())
+        return [{"slots": kept[g], "features": features[g], "tokens_in": len(patch),
+                 "kept": ids[g][reduction.index[g]],
+                 "weights": None if reduction.weights is None else reduction.weights[g],
+                 "scores": None if scores is None else scores[g]} for g in range(tokens.shape[0])]
