@@ -123,3 +123,14 @@ def test_generate_with_an_encoder_stage_equals_manual_decoding(tiny):
         manual = manual_greedy(tiny.model, inputs, 4)
     assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], manual)
     assert all(f.stages[0].tokens_out == 6 for f in run.trace)
+
+
+@pytest.mark.parametrize("name", ["tome", "uniform"])
+def test_encoder_stages_with_full_features_and_multi_layer_features(tiny_full, tiny_multilayer, name):
+    """`full` keeps [CLS] before the projector (the stage acts on the patches); with features from
+    blocks 1 and 2, a stage before block 1 shortens both."""
+    check_contract(tiny_full, name, at="vision:2")
+    check_contract(tiny_multilayer, name, at="vision:1")
+    with pytest.raises(tp.errors.PlaceError, match="use vision:L with L <= 1"):
+        with tp.apply(tiny_multilayer.model, f"{name}@4@vision:2"):
+            pass
