@@ -12,8 +12,9 @@ adapter:
 * keeps a row's newline token while the row keeps at least one token (the base image has none);
 * records in `kept` each output's `crop * P + patch` (crop 0 is the base image), in packed order.
 
-Stages run per image (images have different token counts). Places: `projector` only: a stage inside
-the tower would break the crops' grids, and `llm:K` stages need equal image token counts per image.
+Images have different token counts; those of one size and crop count share a layout and run as one
+batch. Places: `projector` only: a stage inside the tower would break the crops' grids, and `llm:K`
+stages need equal image token counts per image.
 
 `generate` encodes the images before its first forward and drops `image_sizes`, which the layout
 needs; inside the context the core's `get_image_features` is wrapped on the instance to record them

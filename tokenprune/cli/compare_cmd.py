@@ -13,8 +13,8 @@ from rich.progress import Progress
 from .. import report
 from ..adapters.base import find_adapter
 from ..budget import format_budget
-from ..errors import SpecError, TokenpruneError
 from ..distributed import Shard, shard_from_env
+from ..errors import SpecError, TokenpruneError
 from ..evaluation import answer_ids, demo_samples, evaluate, jsonl_samples, metrics
 from ..models import DEMO, load
 from ..pipeline import Pipeline
