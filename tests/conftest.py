@@ -134,6 +134,57 @@ def build_tiny_onevision(root: Path, seed: int = 5) -> Path:
     return path
 
 
+@dataclass
+class TinyQwen:
+    """A loaded tiny Qwen2-VL. Its processor needs a video processor (torchvision), so `inputs`
+    expands `<image>` into `t*h*w/4` placeholders itself, as Qwen's processor does."""
+
+    path: Path
+    model: Any
+    image_processor: Any
+    tokenizer: Any
+
+    def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        pixels = dict(self.image_processor(images=images, return_tensors="pt"))
+        image = self.model.config.image_token_id
+        counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+        rows = [[2] + [image] * n + self.tokenizer(q, add_special_tokens=False).input_ids for n, q in zip(counts, questions)]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image).int(), **pixels}
+
+
+def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path:
+    """A tiny random Qwen2-VL or Qwen2.5-VL (window attention in the tower): 8-px patches merged 2x2,
+    M-RoPE sections (1, 1, 2)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+
+    tok = word_tokenizer(WORDS)
+    if family == "qwen2-vl":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=PATCH,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    else:
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=PATCH,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1], in_channels=3)
+    config = config_cls(
+        vision_config=vision,
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_start_token_id=2, vision_end_token_id=3)
+    torch.manual_seed(seed)
+    path = root / family
+    model_cls(config).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=2, temporal_patch_size=2,
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     """Random RGB images of the given `(height, width)`."""
     rng = np.random.default_rng(seed)
@@ -198,3 +249,12 @@ def tiny_onevision(tmp_path_factory: pytest.TempPathFactory) -> TinyOnevision:
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return TinyOnevision(path, model, LlavaOnevisionImageProcessorPil.from_pretrained(path),
                          PreTrainedTokenizerFast.from_pretrained(path))
+
+
+@pytest.fixture(scope="session", params=["qwen2-vl", "qwen2.5-vl"])
+def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyQwen:
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    path = build_tiny_qwen(tmp_path_factory.mktemp("qwen"), request.param)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyQwen(path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path))

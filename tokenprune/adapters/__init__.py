@@ -4,5 +4,6 @@ from .base import ModelAdapter, find_adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "ModelAdapter", "find_adapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "ModelAdapter", "Qwen2VLAdapter", "find_adapter"]

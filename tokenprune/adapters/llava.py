@@ -322,11 +322,21 @@ class LlavaAdapter(ModelAdapter):
         starts = torch.tensor([0] + blocks[:-1], device=input_ids.device).cumsum(0)
         image_sample = image_mask.nonzero()[starts, 0].tolist()
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
-                  position_ids=comp.positions(kw.get("position_ids"), self.positions))
+                  position_ids=self._prefill_positions(kw, comp))
         kw.pop("mm_encoder_outputs", None)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return comp, new_ids, new_image_mask, mask, image_sample
+
+    def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor | None:
+        """Position ids `[B, P']` of the compressed prompt (see `positions`); `None` keeps HF's default."""
+        return comp.positions(kw.get("position_ids"), self.positions)
+
+    def _decode_positions(self, mask: Tensor | None, start: int, step: int) -> Tensor:
+        """Original-frame position ids `[B, step]` of a later forward's tokens, the first at `start`
+        (`mask`: the forward's original-frame 2D attention mask, or `None`)."""
+        batch = self._prefill.compaction.source.shape[0]
+        return (torch.arange(step, device=self._prefill.compaction.source.device) + start).expand(batch, -1)
 
     def _record_llm_stage(self, stage: StageRecord, from_layer: int, tokens: int, scoring_flops: float) -> None:
         """An `llm:K` stage ran: decoder layers `from_layer..` now see `tokens` tokens."""
@@ -364,8 +374,7 @@ class LlavaAdapter(ModelAdapter):
         if position_ids is not None:
             kw["position_ids"] = position_ids - state.position_shift.to(position_ids.device)[:, None]
         elif self.positions == "original":
-            offset = past + comp.length_in - comp.length_out
-            kw["position_ids"] = (torch.arange(step, device=comp.source.device) + offset).expand(batch, -1)
+            kw["position_ids"] = self._decode_positions(mask, past + comp.length_in - comp.length_out, step)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = kw["cache_position"] - (comp.length_in - comp.length_out)
         return kw

@@ -1,0 +1,98 @@
+"""Qwen2-VL and Qwen2.5-VL: pruning the merged image tokens before the LLM keeps each kept token's original M-RoPE
+position. Checked against the compressed prompt built by hand (kept features, positions from the
+model's own `get_rope_index` over the full prompt), keep-all bit-identical, batch equals single
+prompts, generate() equals a manual decode loop, and the refusals."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from conftest import sized_images
+
+SIZES = [(40, 70), (64, 48)]  # merged grids 2x4 and 4x3
+QUESTIONS = ["what colour is the square", "how many"]
+
+
+@pytest.mark.parametrize(("spec", "kept"), [("pool@4", (4, 4)), ("divprune@5", (5, 5)), ("tome@0.5", (4, 6)), ("uniform@3", (3, 3))])
+@torch.no_grad()
+def test_logits_equal_the_compressed_prompt_built_by_hand(tiny_qwen, spec, kept):
+    model = tiny_qwen.model
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(SIZES, seed=1))
+    with tp.apply(model, spec) as run:
+        got = model(**inputs).logits[:, -1]
+    ids, mask, image = inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id
+    positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=mask)
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                                              return_dict=True).pooler_output
+    stage = run.trace[0].stages[0]
+    rows, width = [], 0
+    for b in range(2):  # one image per prompt: keep text and padding, and the kept image slots
+        slots = (ids[b] == image).nonzero()[:, 0]
+        keep = torch.ones(ids.shape[1], dtype=torch.bool)
+        keep[slots] = False
+        keep[slots[stage.kept[b]]] = True
+        rows.append(keep)
+        width = max(width, int(keep.sum()))
+    for b in range(2):
+        columns = rows[b].nonzero()[:, 0]
+        embeds = model.model.get_input_embeddings()(ids[b, columns])
+        is_image = ids[b, columns] == image
+        if stage.weights is None:
+            embeds[is_image] = features[b][stage.kept[b]]
+        else:
+            embeds[is_image] = stage.weights[b].to(features[b].dtype) @ features[b]
+        out = model(inputs_embeds=embeds[None], attention_mask=mask[b, columns][None],
+                    position_ids=positions[:, b:b + 1, columns]).logits[0, -1]
+        torch.testing.assert_close(got[b], out, atol=1e-5, rtol=1e-5)
+    assert stage.counts == [(8, kept[0]), (12, kept[1])]
+
+
+@torch.no_grad()
+def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_qwen):
+    model = tiny_qwen.model
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(SIZES, seed=2))
+    reference = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with tp.apply(model, "divprune@1.0") as run:
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
+    assert "get_image_features" not in model.model.__dict__
+    assert torch.equal(model(**inputs).logits, reference)
+    assert run.trace[0].stages[0].counts == [(8, 8), (12, 12)]
+
+
+@pytest.mark.parametrize("spec", ["pool@4", "divprune@5", "random@6"])
+@torch.no_grad()
+def test_batch_equals_single_prompts_and_decode_logits_equal_a_manual_loop(tiny_qwen, spec):
+    """Four decode steps' raw logits from generate() (its own M-RoPE position ids) equal a manual loop
+    fed the same tokens without position ids (the adapter continues each row at its original next
+    position plus its M-RoPE delta)."""
+    model, imgs = tiny_qwen.model, sized_images(SIZES, seed=3)
+    inputs = tiny_qwen.inputs(QUESTIONS, imgs)
+    width = inputs["input_ids"].shape[1]
+    with tp.apply(model, spec):
+        batch = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        new = generated.sequences[:, width:]
+        out = model(**inputs, use_cache=True)
+        manual, mask = [out.logits[:, -1]], inputs["attention_mask"]
+        for step in range(3):
+            mask = torch.cat([mask, torch.ones_like(new[:, :1])], dim=1)
+            out = model(input_ids=new[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            manual.append(out.logits[:, -1])
+        singles = [model(**tiny_qwen.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(QUESTIONS)]
+    for step, logits in enumerate(manual):
+        torch.testing.assert_close(generated.logits[step], logits, atol=1e-5, rtol=1e-5)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+
+
+def test_refusals_name_what_runs(tiny_qwen):
+    with pytest.raises(tp.errors.SignalError, match="has no \\[CLS\\] token"):
+        with tp.apply(tiny_qwen.model, "vtc-cls@4"):
+            pass
+    with pytest.raises(tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector"):
+        with tp.apply(tiny_qwen.model, "fastv@0.5"):
+            pass

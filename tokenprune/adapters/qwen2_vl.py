@@ -1,0 +1,144 @@
+"""Qwen2-VL / Qwen2.5-VL adapter: prunes each image's merged tokens (after the 2x2 patch merger)
+before the LLM; kept tokens keep their original 3D (M-RoPE) position ids.
+
+* No [CLS] token: [CLS]-based scorers are refused (no substitute score is made up); score-free
+  selectors (`divprune`, `tome`, `pool`, `uniform`) and `random` run. Grid selectors use each image's
+  merged grid (`h/2 x w/2` for a single frame).
+* Budget per image: `k` tokens, or a ratio of the image's merged tokens; images of one grid run as
+  one batch.
+* Positions: the model's own `get_rope_index` over the full prompt, gathered at the kept columns
+  (or `generate`'s own position ids, gathered likewise); later tokens continue at their original
+  position plus the row's M-RoPE delta. The `positions` option of `tp.apply` does not apply: M-RoPE
+  positions are always the original ones.
+* Places: `projector` only. `llm:K` stages (FastV, DART, VTW) need M-RoPE in the decoder stage, and
+  vision signals need Qwen's fused `qkv` projections in the probe: neither is there yet, and both are
+  refused clearly.
+
+`generate` encodes the images before its first forward and drops `image_grid_thw`; it is recorded
+from the core's `get_image_features` as for LLaVA-NeXT (`CallCapture`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import InputError, SignalError
+from ..execute import required_signals, run_stage
+from ..pipeline import Pipeline
+from ..registry import register_adapter
+from ..strategy import ModelInfo
+from ..trace import ForwardRecord, StageRecord
+from .llava import LlavaAdapter
+from .llava_next import CallCapture
+from .sequence import Compaction
+
+if TYPE_CHECKING:
+    from ..apply import Run
+
+
+@register_adapter("qwen2-vl")
+class Qwen2VLAdapter(LlavaAdapter):
+    """Qwen2-VL and Qwen2.5-VL: prunes each image's merged tokens before the LLM, M-RoPE positions kept."""
+
+    model_class: ClassVar[str] = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
+    places: ClassVar[tuple[str, ...]] = ("projector",)
+    feature_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        return isinstance(model, Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration)
+
+    def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
+        super().__init__(model, positions)
+        self.positions = "original"  # M-RoPE: kept tokens always keep their original 3D positions
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(vision_layers=len(self.core.visual.blocks), feature_layer=len(self.core.visual.blocks) - 1,
+                         has_cls=False, grid=None, llm_layers=self.config.text_config.num_hidden_layers)
+
+    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+        """Hooks: the sequence rewrite before the LLM (which prunes the merged image tokens)."""
+        self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
+        self._info = self.info()
+        self._projector_stages = list(pipeline.stages)
+        signals = required_signals(self._projector_stages, self._info)
+        if signals:
+            raise SignalError(f"the qwen2-vl adapter provides no vision signals yet (asked for {sorted(map(repr, signals))}); "
+                              "use score-free selectors (divprune, tome, pool, uniform) or random")
+        self._encoder, self._decoders, self._deltas = None, [], None
+        self._calls = CallCapture(self.core)
+        return [self._calls, self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+                self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
+
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+        grid = kw.get("image_grid_thw") if kw.get("image_grid_thw") is not None else self._calls.arguments.get("image_grid_thw")
+        if grid is None:
+            raise InputError("Qwen2-VL inputs need image_grid_thw (as the model's processor returns them)")
+        if kw.get("pixel_values_videos") is not None:
+            raise InputError("the qwen2-vl adapter prunes images; videos are not supported yet")
+        if encoded is None:
+            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True)
+        packed = list(getattr(encoded, "pooler_output", encoded))
+        ids, mask = kw["input_ids"], kw.get("attention_mask")
+        types = kw.get("mm_token_type_ids")
+        types = types if types is not None else (ids == self.config.image_token_id).int()
+        positions, self._deltas = self.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+        if kw.get("position_ids") is None:
+            kw["position_ids"] = positions
+        merge = self.core.visual.spatial_merge_size
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid run as one batch
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            groups.setdefault((t, h // merge, w // merge), []).append(i)
+        stage, deferred, results = self._projector_stages[0], [], [None] * len(packed)
+        for (t, rows, cols), members in groups.items():
+            info = replace(self._info, grid=(rows, cols) if t == 1 else None)
+            tokens = torch.stack([packed[i] for i in members])
+            reduction, scores = run_stage(stage, tokens, info, {}, deferred)
+            slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, reduction.index, True)
+            for g, i in enumerate(members):
+                results[i] = {"slots": slots[g], "features": reduction.tokens[g], "kept": reduction.index[g],
+                              "weights": None if reduction.weights is None else reduction.weights[g],
+                              "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
+        comp, _, _, _, image_sample = self._rewrite_prompt(
+            kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results], deferred)
+        if kw.get("mm_token_type_ids") is not None:
+            kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
+        counts = [(r["tokens_in"], len(r["kept"])) for r in results]
+        text = self.config.text_config
+        self._record = ForwardRecord(
+            stages=[StageRecord(
+                stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
+                kept=[r["kept"] for r in results],
+                weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
+                scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
+                image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
+            )],
+            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
+        )
+        self._run.record(self._record)
+        return kw
+
+    def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor:
+        """The prompt's M-RoPE ids `[R, B, P]` (R = 3, or 4 with generate's text row) at the kept columns."""
+        positions = kw["position_ids"]
+        index = comp.source[None].expand(positions.shape[0], -1, -1)
+        return positions.gather(2, index).masked_fill(~comp.valid[None], 0)
+
+    def _decode_positions(self, mask: Tensor | None, start: int, step: int) -> Tensor:
+        """`[3, B, step]`: each row's text position (counted on its original mask, as HF counts it,
+        padding excluded) plus its M-RoPE delta."""
+        batch = self._prefill.compaction.source.shape[0]
+        if mask is not None:
+            text = (mask.long().cumsum(-1) - 1)[:, -step:].to(self._deltas.device)
+        else:
+            text = (torch.arange(step, device=self._deltas.device) + start)[None].expand(batch, -1)
+        return (text + self._deltas.view(batch, 1))[None].expand(3, -1, -1)
