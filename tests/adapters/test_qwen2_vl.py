@@ -93,6 +93,60 @@ def test_refusals_name_what_runs(tiny_qwen):
     with pytest.raises(tp.errors.SignalError, match="has no \\[CLS\\] token"):
         with tp.apply(tiny_qwen.model, "vtc-cls@4"):
             pass
-    with pytest.raises(tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector"):
-        with tp.apply(tiny_qwen.model, "fastv@0.5"):
+    with pytest.raises(tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector, llm"):
+        with tp.apply(tiny_qwen.model, "tome@4@vision:1"):
             pass
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(SIZES))  # 8 and 12 tokens reach the LLM
+    with pytest.raises(tp.errors.InputError, match="same number of tokens, but they bring \\[8, 12\\]"):
+        with torch.no_grad(), tp.apply(tiny_qwen.model, "fastv@0.5@llm:1"):
+            tiny_qwen.model(**inputs)
+
+
+EQUAL = [(40, 70), (40, 70)]  # both images 8 merged tokens
+
+
+@pytest.mark.parametrize("k", [2, 5])
+@torch.no_grad()
+def test_fastv_keeps_the_top_k_of_the_unpruned_models_eager_attention(tiny_qwen, k):
+    from transformers import AutoModelForImageTextToText
+
+    from reference import topk_reference
+
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=5))
+    with tp.apply(tiny_qwen.model, f"fastv@{k}@llm:1") as run:
+        tiny_qwen.model(**inputs)
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_qwen.path, attn_implementation="eager").eval()
+    attention = eager(**inputs, output_attentions=True).attentions[0].mean(dim=1)  # layer K-1 = 0, [B, S, S]
+    image = inputs["input_ids"] == tiny_qwen.model.config.image_token_id
+    expected = [topk_reference(attention[b, -1][image[b]].tolist(), k) for b in range(2)]
+    assert [x.tolist() for x in run.trace[0].stages[0].kept] == expected
+    width = inputs["input_ids"].shape[1]
+    assert run.trace[0].layer_tokens == [width, width - (8 - k), width - (8 - k)]
+
+
+@pytest.mark.parametrize("spec", ["fastv@4@llm:1", "pool@4 > fastv@2@llm:2", "fastv@4@llm:1 > uniform@0@llm:2"])
+@torch.no_grad()
+def test_llm_stages_decode_like_a_manual_loop(tiny_qwen, spec):
+    model = tiny_qwen.model
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=6))
+    width = inputs["input_ids"].shape[1]
+    with tp.apply(model, spec):
+        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        new = generated.sequences[:, width:]
+        out = model(**inputs, use_cache=True)
+        manual, mask = [out.logits[:, -1]], inputs["attention_mask"]
+        for step in range(3):
+            mask = torch.cat([mask, torch.ones_like(new[:, :1])], dim=1)
+            out = model(input_ids=new[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            manual.append(out.logits[:, -1])
+    for step, logits in enumerate(manual):
+        torch.testing.assert_close(generated.logits[step], logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_keep_all_inside_the_llm_is_bit_identical(tiny_qwen):
+    inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=7))
+    reference = tiny_qwen.model(**inputs).logits
+    with tp.apply(tiny_qwen.model, "fastv@1.0@llm:1 > fastv@1.0@llm:2"):
+        assert torch.equal(tiny_qwen.model(**inputs).logits, reference)

@@ -10,9 +10,11 @@ before the LLM; kept tokens keep their original 3D (M-RoPE) position ids.
   (or `generate`'s own position ids, gathered likewise); later tokens continue at their original
   position plus the row's M-RoPE delta. The `positions` option of `tp.apply` does not apply: M-RoPE
   positions are always the original ones.
-* Places: `projector` only. `llm:K` stages (FastV, DART, VTW) need M-RoPE in the decoder stage, and
-  vision signals need Qwen's fused `qkv` projections in the probe: neither is there yet, and both are
-  refused clearly.
+* Places: `projector` and `llm:K`. The decoder layers get M-RoPE already combined into their rotary
+  tables, so FastV, DART and VTW run as on LLaMA; an `llm:K` stage needs every image to reach it
+  with the same number of tokens (images of one size, or a projector stage with an integer budget),
+  else it is refused. Vision signals need Qwen's fused `qkv` projections in the probe: not there
+  yet, refused clearly.
 
 `generate` encodes the images before its first forward and drops `image_grid_thw`; it is recorded
 from the core's `get_image_features` as for LLaVA-NeXT (`CallCapture`).
@@ -30,9 +32,11 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Pipeline
+from ..reduction import Reduction
 from ..registry import register_adapter
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
+from .decoder import DecoderStage, ImageLayout
 from .llava import LlavaAdapter
 from .llava_next import CallCapture
 from .sequence import Compaction
@@ -46,7 +50,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     """Qwen2-VL and Qwen2.5-VL: prunes each image's merged tokens before the LLM, M-RoPE positions kept."""
 
     model_class: ClassVar[str] = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector",)
+    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
     feature_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -67,15 +71,23 @@ class Qwen2VLAdapter(LlavaAdapter):
         """Hooks: the sequence rewrite before the LLM (which prunes the merged image tokens)."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         self._info = self.info()
-        self._projector_stages = list(pipeline.stages)
+        self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         signals = required_signals(self._projector_stages, self._info)
         if signals:
             raise SignalError(f"the qwen2-vl adapter provides no vision signals yet (asked for {sorted(map(repr, signals))}); "
                               "use score-free selectors (divprune, tome, pool, uniform) or random")
-        self._encoder, self._decoders, self._deltas = None, [], None
+        language_model = self.core.language_model
+        self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, self._info)
+                          for s in pipeline.stages if s.place.kind == "llm"]
+        for before, after in zip(self._decoders, self._decoders[1:]):
+            before.next = after
+        self._encoder, self._deltas = None, None
         self._calls = CallCapture(self.core)
-        return [self._calls, self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
-                self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
+        handles = [self._calls]
+        for decoder in self._decoders:
+            handles += decoder.attach()
+        return handles + [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+                          self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
         grid = kw.get("image_grid_thw") if kw.get("image_grid_thw") is not None else self._calls.arguments.get("image_grid_thw")
@@ -96,17 +108,22 @@ class Qwen2VLAdapter(LlavaAdapter):
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid run as one batch
         for i, (t, h, w) in enumerate(grid.tolist()):
             groups.setdefault((t, h // merge, w // merge), []).append(i)
-        stage, deferred, results = self._projector_stages[0], [], [None] * len(packed)
+        stage = self._projector_stages[0] if self._projector_stages else None
+        deferred, results = [], [None] * len(packed)
         for (t, rows, cols), members in groups.items():
             info = replace(self._info, grid=(rows, cols) if t == 1 else None)
             tokens = torch.stack([packed[i] for i in members])
-            reduction, scores = run_stage(stage, tokens, info, {}, deferred)
+            if stage is None:  # only llm:K stages: every image token reaches the LLM
+                index = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+                reduction, scores = Reduction.drop(tokens, index), None
+            else:
+                reduction, scores = run_stage(stage, tokens, info, {}, deferred)
             slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, reduction.index, True)
             for g, i in enumerate(members):
                 results[i] = {"slots": slots[g], "features": reduction.tokens[g], "kept": reduction.index[g],
                               "weights": None if reduction.weights is None else reduction.weights[g],
                               "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
-        comp, _, _, _, image_sample = self._rewrite_prompt(
+        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
             [len(r["slots"]) for r in results], deferred)
         if kw.get("mm_token_type_ids") is not None:
@@ -114,7 +131,7 @@ class Qwen2VLAdapter(LlavaAdapter):
         counts = [(r["tokens_in"], len(r["kept"])) for r in results]
         text = self.config.text_config
         self._record = ForwardRecord(
-            stages=[StageRecord(
+            stages=[] if stage is None else [StageRecord(
                 stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
                 kept=[r["kept"] for r in results],
                 weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
@@ -125,6 +142,20 @@ class Qwen2VLAdapter(LlavaAdapter):
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
         )
         self._run.record(self._record)
+        if self._decoders:
+            if len({c[1] for c in counts}) > 1:
+                raise InputError(
+                    f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on qwen2-vl need every image to reach them with "
+                    f"the same number of tokens, but they bring {[c[1] for c in counts]}; use images of one size or a "
+                    "projector stage with an integer budget first"
+                )
+            columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
+            self._decoders[0].begin_prefill(ImageLayout(
+                positions=columns, rows=torch.tensor(image_sample, device=columns.device),
+                origin=torch.stack([r["kept"] for r in results]),
+                key_mask=new_mask.bool() if new_mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
+                record=self._record_llm_stage,
+            ))
         return kw
 
     def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor:
