@@ -90,6 +90,8 @@ class Qwen2VLAdapter(LlavaAdapter):
                           self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+        """Encode the images unless `generate` already did, prune each image's merged tokens (images
+        of one grid together), then shorten the prompt, M-RoPE positions kept."""
         grid = kw.get("image_grid_thw") if kw.get("image_grid_thw") is not None else self._calls.arguments.get("image_grid_thw")
         if grid is None:
             raise InputError("Qwen2-VL inputs need image_grid_thw (as the model's processor returns them)")
@@ -123,6 +125,13 @@ class Qwen2VLAdapter(LlavaAdapter):
                 results[i] = {"slots": slots[g], "features": reduction.tokens[g], "kept": reduction.index[g],
                               "weights": None if reduction.weights is None else reduction.weights[g],
                               "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
+        reaching = [len(r["kept"]) for r in results]
+        if self._decoders and len(set(reaching)) > 1:
+            raise InputError(
+                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on qwen2-vl need every image to reach them with "
+                f"the same number of tokens, but they bring {reaching}; use images of one size or a projector stage "
+                "with an integer budget first"
+            )
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
             [len(r["slots"]) for r in results], deferred)
@@ -143,12 +152,6 @@ class Qwen2VLAdapter(LlavaAdapter):
         )
         self._run.record(self._record)
         if self._decoders:
-            if len({c[1] for c in counts}) > 1:
-                raise InputError(
-                    f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on qwen2-vl need every image to reach them with "
-                    f"the same number of tokens, but they bring {[c[1] for c in counts]}; use images of one size or a "
-                    "projector stage with an integer budget first"
-                )
             columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
             self._decoders[0].begin_prefill(ImageLayout(
                 positions=columns, rows=torch.tensor(image_sample, device=columns.device),
