@@ -9,7 +9,10 @@ reference rows measured in the same run:
   (LLaVA-1.5 architectures only: the official code targets LLaVA-1.5).
 
 LLaVA-NeXT architectures (`llava-v1.6-vicuna-7b`) are benchmarked on one `image` (height, width) per
-prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k.
+prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k. Qwen2-VL
+architectures (`qwen2-vl-7b`) encode one image of that size into merged tokens; their oracle cuts
+them to k and gives the prompt k placeholders with text-style positions (positions do not change the
+cost; the tower still encodes the whole image).
 """
 
 from __future__ import annotations
@@ -70,6 +73,22 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
         "next": dict(pinpoints=[[32, 64], [64, 32], [64, 64]], image=(64, 64)),
     },
+    "qwen2-vl-7b": {
+        "qwen": dict(vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                                 spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+                     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                               rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+                     image=(672, 672)),
+    },
+    "tiny-qwen": {
+        "qwen": dict(vision=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=8,
+                                 spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+                     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+                               rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}),
+                     image=(64, 64)),
+    },
     "tiny": {
         "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                        image_size=32, patch_size=8),
@@ -80,21 +99,36 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    """A random-weight LLaVA (or LLaVA-NeXT) of the named architecture's shapes."""
+    """A random-weight LLaVA, LLaVA-NeXT or Qwen2-VL of the named architecture's shapes."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
-    text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    common = dict(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1)
-    if "next" in shapes:
-        config, cls = LlavaNextConfig(**common, image_grid_pinpoints=shapes["next"]["pinpoints"]), LlavaNextForConditionalGeneration
+    if "qwen" in shapes:
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        spec = shapes["qwen"]
+        vocab = spec["text"]["vocab_size"]
+        config = Qwen2VLConfig(vision_config=spec["vision"], text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1,
+                                                                          "eos_token_id": 2},
+                               image_token_id=vocab - 1, vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 3)
+        cls, image = Qwen2VLForConditionalGeneration, spec["image"]
     else:
-        config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
+        text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        common = dict(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1)
+        if "next" in shapes:
+            config, cls = LlavaNextConfig(**common, image_grid_pinpoints=shapes["next"]["pinpoints"]), LlavaNextForConditionalGeneration
+        else:
+            config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
+        image = shapes["next"]["image"] if "next" in shapes else None
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls(config)
-    model.bench_image = shapes["next"]["image"] if "next" in shapes else None
+    model.bench_image = image
     return model.to(dtype).eval()
+
+
+def is_qwen(model: nn.Module) -> bool:
+    return hasattr(model.model, "visual")
 
 
 def is_next(model: nn.Module) -> bool:
@@ -104,6 +138,9 @@ def is_next(model: nn.Module) -> bool:
 def image_tokens(model: nn.Module) -> int:
     """Placeholder tokens of one benchmark image: the patch grid for LLaVA-1.5; for LLaVA-NeXT the
     packed count of the benchmark image (base, unpadded crops, newlines), from HF's own packing."""
+    if is_qwen(model):
+        patch = model.config.vision_config.patch_size
+        return (model.bench_image[0] // patch) * (model.bench_image[1] // patch) // 4
     vision = model.config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     if not is_next(model):
@@ -136,8 +173,17 @@ def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> di
     words = torch.randint(3, config.image_token_id, (batch, TEXT_TOKENS), generator=g)
     image = torch.full((batch, image_tokens), config.image_token_id)
     ids = torch.cat([words[:, :4], image, words[:, 4:]], dim=1).to(device)
-    size = config.vision_config.image_size
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if is_qwen(model):
+        vision = config.vision_config
+        h, w = (side // vision.patch_size for side in model.bench_image)
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        out["pixel_values"] = torch.randn(batch * h * w, width, generator=g).to(device, model.dtype)
+        out["image_grid_thw"] = torch.tensor([[1, h, w]] * batch, device=device)
+        if image_tokens == h * w // 4:  # the full prompt; the oracle's k placeholders get text positions
+            out["mm_token_type_ids"] = (ids == config.image_token_id).int()
+        return out
+    size = config.vision_config.image_size
     if is_next(model):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -225,7 +271,7 @@ def packed_cut_to(model: nn.Module, k: int) -> Iterator[None]:
 
 def oracle_route(model: nn.Module, k: int) -> AbstractContextManager[None]:
     """The LLM on k image tokens per image, with no scoring (see the module docstring)."""
-    return packed_cut_to(model, k) if is_next(model) else features_cut_to(model, lambda f: f[:, :k])
+    return packed_cut_to(model, k) if is_next(model) or is_qwen(model) else features_cut_to(model, lambda f: f[:, :k])
 
 
 @contextmanager
@@ -309,7 +355,7 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
         with torch.inference_mode(), plan.enter() as handle:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            images = {k: v for k, v in plan.inputs.items() if k in ("pixel_values", "image_sizes")}
+            images = {k: v for k, v in plan.inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
             encode = clock(lambda: model.model.get_image_features(**images), device)
             ttft = clock(lambda: generate(index, 1), device)
             total = clock(lambda: generate(index, new_tokens), device)
@@ -377,7 +423,7 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
         for k in budgets:
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
             plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: oracle_route(model, k), fixed(k)))
-            if not is_next(model):
+            if not is_next(model) and not is_qwen(model):
                 plans.append(RowPlan("official", "vtc-cls (official route)", k, batch, short,
                                      lambda k=k: official_route(model, k), fixed(k)))
             for strategy in strategies:

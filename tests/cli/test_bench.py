@@ -39,7 +39,7 @@ def test_bench_tiny_writes_every_row(tmp_path):
 
 def test_bench_unknown_arch_lists_known(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--arch", "llava-9b", "--device", "cpu", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, tiny" in result.stderr
+    assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, qwen2-vl-7b, tiny-qwen, tiny" in result.stderr
 
 
 def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
@@ -107,3 +107,19 @@ def test_bench_tiny_llava_next_rows_and_flops(tmp_path):
         else:  # k tokens plus the newlines of the grid rows that keep one
             assert prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m) <= r["llm_flops"] \
                 <= prefill_flops([TEXT_TOKENS + r["kept"] + 8] * layers, d, m)
+
+
+def test_bench_tiny_qwen2_vl_rows_and_flops(tmp_path):
+    """Qwen2-VL: 16 merged tokens for the 64x64 image; the oracle keeps k, no official row; FastV
+    inside the LLM runs too."""
+    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-qwen", "--strategies", "pool,fastv", "--budgets", "4",
+                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
+                                      "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 16), ("oracle", 4), ("pool", 4), ("fastv", 4)]
+    text = ARCHS["tiny-qwen"]["qwen"]["text"]
+    d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    assert [r["llm_flops"] for r in rows] == [
+        prefill_flops([TEXT_TOKENS + 16] * layers, d, m), prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m), prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4], d, m)]
