@@ -113,3 +113,30 @@ def test_divprune_keeps_the_reference_subset_of_each_images_packed_tokens(tiny_o
     for i, (features, where) in enumerate(zip(packed, adapter.layout(inputs["image_sizes"], adapter.crops(inputs["image_sizes"], {})))):
         chosen = divprune_reference(features[where >= 0], k)
         assert run.trace[0].stages[0].kept[i].tolist() == where[where >= 0][chosen].tolist()
+
+
+@torch.no_grad()
+def test_fastv_inside_its_qwen2_llm(tiny_onevision):
+    """Two images of one size (88 patch tokens each, after the 2x3 grid's unpadding): keep-all is
+    bit-identical; FastV leaves exactly k patch tokens per image in layers K..; decode steps agree."""
+    model = tiny_onevision.model
+    inputs = tiny_onevision.inputs(["what colour", "how many"], sized_images([(40, 70), (40, 70)], seed=5))
+    width, reference = inputs["input_ids"].shape[1], model(**inputs).logits
+    with tp.apply(model, "fastv@1.0@llm:1"):
+        assert torch.equal(model(**inputs).logits, reference)
+    with tp.apply(model, "fastv@6@llm:1") as run:
+        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        out = model(**inputs, use_cache=True)
+        logits, mask = [out.logits[:, -1]], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        for step in range(2):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=generated.sequences[:, width + step:width + step + 1], attention_mask=mask,
+                        position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    layer_tokens = run.trace[0].layer_tokens
+    assert layer_tokens[1:] == [layer_tokens[0] - (88 - 6)] * 2 and run.trace[0].stages[0].tokens_out == 6
+    for step, step_logits in enumerate(logits):
+        torch.testing.assert_close(generated.logits[step], step_logits, atol=2e-3, rtol=0)

@@ -13,8 +13,10 @@ adapter:
 * records in `kept` each output's `crop * P + patch` (crop 0 is the base image), in packed order.
 
 Images have different token counts; those of one size and crop count share a layout and run as one
-batch. Places: `projector` only: a stage inside the tower would break the crops' grids, and `llm:K`
-stages need equal image token counts per image.
+batch. Places: `projector` and `llm:K` (a stage inside the tower would break the crops' grids). In the
+LLM, the kept patch tokens are the image tokens (newline tokens stay, like text), and every image must
+reach the stage with the same number of them (images of one size, or a projector stage with an
+integer budget first), else the stage is refused.
 
 `generate` encodes the images before its first forward and drops `image_sizes`, which the layout
 needs; inside the context the core's `get_image_features` is wrapped on the instance to record them
@@ -36,10 +38,12 @@ from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline
+from ..reduction import Reduction
 from ..registry import register_adapter
 from ..signals import ClsAttention, PatchKeys
 from ..strategy import DeferredCheck
 from ..trace import ForwardRecord, StageRecord
+from .decoder import DecoderStage, ImageLayout
 from .llava import LlavaAdapter, _encoder_layers
 from .vision import VisionProbe
 
@@ -72,7 +76,7 @@ class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): prunes each image's packed crops before the LLM."""
 
     model_class: ClassVar[str] = "LlavaNextForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector",)
+    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -87,19 +91,25 @@ class LlavaNextAdapter(LlavaAdapter):
         self._info = self.info()
         if self.features_keep_cls() and self._info.has_cls:
             raise InputError(f"the {self.name} adapter needs vision_feature_select_strategy='default' (crops without [CLS])")
-        self._projector_stages = list(pipeline.stages)
+        self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         signals = required_signals(self._projector_stages, self._info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
         if unknown:
             raise SignalError(f"the llava-next adapter cannot provide {unknown} before the LLM")
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals, self._info.has_cls)
-        self._encoder, self._decoders = None, []
+        language_model = self.core.language_model
+        self._encoder = None
+        self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, self._info)
+                          for s in pipeline.stages if s.place.kind == "llm"]
+        for before, after in zip(self._decoders, self._decoders[1:]):
+            before.next = after
         self._calls = CallCapture(self.core)
-        return self._probe.attach() + [self._calls,
-            self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
-            self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
-        ]
+        handles = self._probe.attach() + [self._calls]
+        for decoder in self._decoders:
+            handles += decoder.attach()
+        return handles + [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+                          self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
 
     def layout(self, image_sizes: Tensor, crops: list[int]) -> list[Tensor]:
         """Per image, `[n_i]` long: the `crop * P + patch` of each packed token (crops numbered
@@ -145,7 +155,7 @@ class LlavaNextAdapter(LlavaAdapter):
         vision = self.config.vision_config
         crops = self.crops(sizes, arguments)
         signals = {s: v.flatten(0, 1) for s, v in self._probe.values().items()}  # [C * P] or [C * P, d]
-        stage = self._projector_stages[0]
+        stage = self._projector_stages[0] if self._projector_stages else None
         info, deferred = replace(self._info, grid=None), []
         firsts = [sum(crops[:i]) for i in range(len(crops))]
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
@@ -158,7 +168,14 @@ class LlavaNextAdapter(LlavaAdapter):
                                         crops[members[0]], [firsts[i] for i in members], signals, deferred)
             for i, result in zip(members, outputs):
                 results[i] = result
-        comp, _, _, _, image_sample = self._rewrite_prompt(
+        reaching = [len(r["kept"]) for r in results]
+        if self._decoders and len(set(reaching)) > 1:
+            raise InputError(
+                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on {self.name} need every image to reach them with "
+                f"the same number of patch tokens, but they bring {reaching}; use images of one size or a projector "
+                "stage with an integer budget first"
+            )
+        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
             [len(r["slots"]) for r in results], deferred)
         patches = self._info.grid[0] * self._info.grid[1]
@@ -166,7 +183,7 @@ class LlavaNextAdapter(LlavaAdapter):
         counts = [(r["tokens_in"], len(r["kept"])) for r in results]
         text = self.config.text_config
         self._record = ForwardRecord(
-            stages=[StageRecord(
+            stages=[] if stage is None else [StageRecord(
                 stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
                 kept=[r["kept"] for r in results],
                 weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
@@ -181,6 +198,14 @@ class LlavaNextAdapter(LlavaAdapter):
             vision_shape=(vision.hidden_size, vision.intermediate_size, tokens_per_crop),
         )
         self._run.record(self._record)
+        if self._decoders:  # the kept patch tokens are the image tokens; newline tokens stay like text
+            columns = new_image_mask.nonzero()[:, 1][torch.cat([r["patch_kept"] for r in results])]
+            self._decoders[0].begin_prefill(ImageLayout(
+                positions=columns.view(len(results), -1), rows=torch.tensor(image_sample, device=columns.device),
+                origin=torch.stack([r["kept"] for r in results]),
+                key_mask=new_mask.bool() if new_mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
+                record=self._record_llm_stage,
+            ))
         return kw
 
     def _prune_group(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int, firsts: list[int],
@@ -193,7 +218,11 @@ class LlavaNextAdapter(LlavaAdapter):
         patch = (where >= 0).nonzero()[:, 0]  # packed positions of patch tokens
         ids = where[patch][None] + torch.tensor(firsts, device=where.device)[:, None] * patches  # [G, m]
         local = {s: v[ids] for s, v in signals.items()}
-        reduction, scores = run_stage(stage, tokens[:, patch], info, local, deferred)
+        if stage is None:  # only llm:K stages: every image token reaches the LLM
+            index = torch.arange(len(patch), device=tokens.device).expand(tokens.shape[0], -1)
+            reduction, scores = Reduction.drop(tokens[:, patch], index), None
+        else:
+            reduction, scores = run_stage(stage, tokens[:, patch], info, local, deferred)
         kept_at = patch[reduction.index]  # [G, k] packed positions
         newline = where < 0
         row = newline.long().cumsum(0) - newline.long()  # each token's grid row (its newline's index)
@@ -206,7 +235,7 @@ class LlavaNextAdapter(LlavaAdapter):
         out = tokens.clone()
         out.scatter_(1, kept_at[..., None].expand(-1, -1, tokens.shape[-1]), reduction.tokens.to(out.dtype))
         features = out[kept].split(kept.sum(1).tolist())
-        return [{"slots": kept[g], "features": features[g], "tokens_in": len(patch),
+        return [{"slots": kept[g], "features": features[g], "tokens_in": len(patch), "patch_kept": (where >= 0)[kept[g]],
                  "kept": ids[g][reduction.index[g]],
                  "weights": None if reduction.weights is None else reduction.weights[g],
                  "scores": None if scores is None else scores[g]} for g in range(tokens.shape[0])]
