@@ -9,7 +9,8 @@ reference rows measured in the same run:
   (LLaVA-1.5 architectures only: the official code targets LLaVA-1.5).
 
 LLaVA-NeXT architectures (`llava-v1.6-vicuna-7b`) are benchmarked on one `image` (height, width) per
-prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k. Qwen2-VL
+prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k. LLaVA-OneVision
+(`llava-onevision-qwen2-7b`) takes the same path with its own packing (anyres_max_9). Qwen2-VL
 architectures (`qwen2-vl-7b`) encode one image of that size into merged tokens; their oracle cuts
 them to k and gives the prompt k placeholders with text-style positions (positions do not change the
 cost; the tower still encodes the whole image).
@@ -73,6 +74,20 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
         "next": dict(pinpoints=[[32, 64], [64, 32], [64, 64]], image=(64, 64)),
     },
+    "llava-onevision-qwen2-7b": {
+        "onevision": dict(vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                      image_size=384, patch_size=14),
+                          text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
+                          pinpoints=[[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)], image=(768, 768)),
+    },
+    "tiny-onevision": {
+        "onevision": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      image_size=32, patch_size=8),
+                          text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
+                          pinpoints=[[32 * h, 32 * w] for h in range(1, 5) for w in range(1, 5)], image=(64, 64)),
+    },
     "qwen2-vl-7b": {
         "qwen": dict(vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
                                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
@@ -103,7 +118,16 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
-    if "qwen" in shapes:
+    if "onevision" in shapes:
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+        spec = shapes["onevision"]
+        text = Qwen2Config(**spec["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**spec["vision"]), text_config=text,
+                                      image_token_id=text.vocab_size - 1, image_grid_pinpoints=spec["pinpoints"],
+                                      vision_feature_layer=-1)
+        cls, image = LlavaOnevisionForConditionalGeneration, spec["image"]
+    elif "qwen" in shapes:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         spec = shapes["qwen"]
@@ -132,7 +156,10 @@ def is_qwen(model: nn.Module) -> bool:
 
 
 def is_next(model: nn.Module) -> bool:
-    return isinstance(model, LlavaNextForConditionalGeneration)
+    """LLaVA-NeXT or LLaVA-OneVision: anyres crops packed per image."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return isinstance(model, LlavaNextForConditionalGeneration | LlavaOnevisionForConditionalGeneration)
 
 
 def image_tokens(model: nn.Module) -> int:
@@ -150,8 +177,12 @@ def image_tokens(model: nn.Module) -> int:
     size = torch.tensor([model.bench_image])
     crops = image_size_to_num_patches(image_size=model.bench_image, grid_pinpoints=model.config.image_grid_pinpoints,
                                       patch_size=vision.image_size)
-    packed, _ = model.model.pack_image_features([torch.zeros(crops, patches, 1)], size, "default",
-                                                image_newline=torch.zeros(1))
+    features, newline = [torch.zeros(crops, patches, 1)], torch.zeros(1)
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        packed, _ = model.model.pack_image_features(features, size, "default", image_newline=newline)
+    else:
+        packed, _ = model.model.pack_image_features(features, size, image_newline=newline,
+                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
     return packed[0].shape[0]
 
 

@@ -39,7 +39,8 @@ def test_bench_tiny_writes_every_row(tmp_path):
 
 def test_bench_unknown_arch_lists_known(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--arch", "llava-9b", "--device", "cpu", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, qwen2-vl-7b, tiny-qwen, tiny" in result.stderr
+    assert result.exit_code == 2 and ("known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
+                                      "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny") in result.stderr
 
 
 def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
@@ -123,3 +124,16 @@ def test_bench_tiny_qwen2_vl_rows_and_flops(tmp_path):
     assert [r["llm_flops"] for r in rows] == [
         prefill_flops([TEXT_TOKENS + 16] * layers, d, m), prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
         prefill_flops([TEXT_TOKENS + 4] * layers, d, m), prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4], d, m)]
+
+
+def test_bench_tiny_llava_onevision_rows(tmp_path):
+    """LLaVA-OneVision (SigLIP, Qwen2 LLM): 88 packed tokens for its 64x64 image; the oracle keeps k."""
+    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-onevision", "--strategies", "divprune", "--budgets", "16",
+                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
+                                      "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 88), ("oracle", 16), ("divprune", 16)]
+    text = ARCHS["tiny-onevision"]["onevision"]["text"]
+    assert rows[1]["llm_flops"] == prefill_flops([TEXT_TOKENS + 16] * text["num_hidden_layers"], text["hidden_size"],
+                                                 text["intermediate_size"])
