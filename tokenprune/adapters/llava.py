@@ -264,13 +264,47 @@ class LlavaAdapter(ModelAdapter):
         self._run.record(self._record)
         if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(n_images, -1)
-            self._decoders[0].begin_prefill(ImageLayout(
-                positions=columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
-                rows=torch.tensor(image_sample, device=columns.device), origin=pruned["origin"],
-                key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
-                record=self._record_llm_stage,
-            ))
+            self._begin_decoders(columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
+                                 image_sample, pruned["origin"], new_ids, mask)
         return kw
+
+    def _begin_decoders(self, positions: Tensor, image_sample: list[int], origin: Tensor, new_ids: Tensor,
+                        mask: Tensor | None) -> None:
+        """Tell the first `llm:K` stage where each image's tokens sit in the compressed prompt:
+        `positions` `[I, n]` columns, `origin` `[I, n]` their provenance."""
+        self._decoders[0].begin_prefill(ImageLayout(
+            positions=positions, rows=torch.tensor(image_sample, device=positions.device), origin=origin,
+            key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
+            record=self._record_llm_stage,
+        ))
+
+    def _refuse_unequal_images(self, reaching: list[int], what: str) -> None:
+        """`llm:K` stages need every image to bring the same number of `what` (`reaching`, per image).
+
+        Raises:
+            InputError: they differ.
+        """
+        if self._decoders and len(set(reaching)) > 1:
+            raise InputError(
+                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on {self.name} need every image to reach them with "
+                f"the same number of {what}, but they bring {reaching}; use images of one size or a projector stage "
+                "with an integer budget first"
+            )
+
+    @staticmethod
+    def _per_image_record(stage: Stage | None, results: list[dict[str, Any]], image_sample: list[int]) -> list[StageRecord]:
+        """The trace record of a projector stage run image by image (`results`: per image `tokens_in`,
+        `kept`, `weights`, `scores`); none when no stage ran."""
+        if stage is None:
+            return []
+        counts = [(r["tokens_in"], len(r["kept"])) for r in results]
+        return [StageRecord(
+            stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
+            kept=[r["kept"] for r in results],
+            weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
+            scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
+            image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
+        )]
 
     def _refuse_feature_overrides(self, kw: dict[str, Any]) -> None:
         for key in self.feature_keys:

@@ -42,8 +42,8 @@ from ..reduction import Reduction
 from ..registry import register_adapter
 from ..signals import ClsAttention, PatchKeys
 from ..strategy import DeferredCheck
-from ..trace import ForwardRecord, StageRecord
-from .decoder import DecoderStage, ImageLayout
+from ..trace import ForwardRecord
+from .decoder import DecoderStage
 from .llava import LlavaAdapter, _encoder_layers
 from .vision import VisionProbe
 
@@ -168,28 +168,15 @@ class LlavaNextAdapter(LlavaAdapter):
                                         crops[members[0]], [firsts[i] for i in members], signals, deferred)
             for i, result in zip(members, outputs):
                 results[i] = result
-        reaching = [len(r["kept"]) for r in results]
-        if self._decoders and len(set(reaching)) > 1:
-            raise InputError(
-                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on {self.name} need every image to reach them with "
-                f"the same number of patch tokens, but they bring {reaching}; use images of one size or a projector "
-                "stage with an integer budget first"
-            )
+        self._refuse_unequal_images([len(r["kept"]) for r in results], "patch tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
             [len(r["slots"]) for r in results], deferred)
         patches = self._info.grid[0] * self._info.grid[1]
         tokens_per_crop = patches + int(self._info.has_cls)
-        counts = [(r["tokens_in"], len(r["kept"])) for r in results]
         text = self.config.text_config
         self._record = ForwardRecord(
-            stages=[] if stage is None else [StageRecord(
-                stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
-                kept=[r["kept"] for r in results],
-                weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
-                scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
-                image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
-            )],
+            stages=self._per_image_record(stage, results, image_sample),
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
             scoring_flops=sum(signal_flops(s, tokens_per_crop, vision.hidden_size) for s in self._probe.signals)
@@ -200,12 +187,8 @@ class LlavaNextAdapter(LlavaAdapter):
         self._run.record(self._record)
         if self._decoders:  # the kept patch tokens are the image tokens; newline tokens stay like text
             columns = new_image_mask.nonzero()[:, 1][torch.cat([r["patch_kept"] for r in results])]
-            self._decoders[0].begin_prefill(ImageLayout(
-                positions=columns.view(len(results), -1), rows=torch.tensor(image_sample, device=columns.device),
-                origin=torch.stack([r["kept"] for r in results]),
-                key_mask=new_mask.bool() if new_mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
-                record=self._record_llm_stage,
-            ))
+            self._begin_decoders(columns.view(len(results), -1), image_sample, torch.stack([r["kept"] for r in results]),
+                                 new_ids, new_mask)
         return kw
 
     def _prune_group(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int, firsts: list[int],

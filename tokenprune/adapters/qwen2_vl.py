@@ -35,8 +35,8 @@ from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
 from ..strategy import ModelInfo
-from ..trace import ForwardRecord, StageRecord
-from .decoder import DecoderStage, ImageLayout
+from ..trace import ForwardRecord
+from .decoder import DecoderStage
 from .llava import LlavaAdapter
 from .llava_next import CallCapture
 from .sequence import Compaction
@@ -125,40 +125,22 @@ class Qwen2VLAdapter(LlavaAdapter):
                 results[i] = {"slots": slots[g], "features": reduction.tokens[g], "kept": reduction.index[g],
                               "weights": None if reduction.weights is None else reduction.weights[g],
                               "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
-        reaching = [len(r["kept"]) for r in results]
-        if self._decoders and len(set(reaching)) > 1:
-            raise InputError(
-                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on qwen2-vl need every image to reach them with "
-                f"the same number of tokens, but they bring {reaching}; use images of one size or a projector stage "
-                "with an integer budget first"
-            )
+        self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
             [len(r["slots"]) for r in results], deferred)
         if kw.get("mm_token_type_ids") is not None:
             kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
-        counts = [(r["tokens_in"], len(r["kept"])) for r in results]
         text = self.config.text_config
         self._record = ForwardRecord(
-            stages=[] if stage is None else [StageRecord(
-                stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
-                kept=[r["kept"] for r in results],
-                weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
-                scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
-                image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
-            )],
+            stages=self._per_image_record(stage, results, image_sample),
             seq_len_in=comp.length_in, seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
         )
         self._run.record(self._record)
         if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
-            self._decoders[0].begin_prefill(ImageLayout(
-                positions=columns, rows=torch.tensor(image_sample, device=columns.device),
-                origin=torch.stack([r["kept"] for r in results]),
-                key_mask=new_mask.bool() if new_mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
-                record=self._record_llm_stage,
-            ))
+            self._begin_decoders(columns, image_sample, torch.stack([r["kept"] for r in results]), new_ids, new_mask)
         return kw
 
     def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor:
