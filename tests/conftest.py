@@ -88,32 +88,48 @@ def build_tiny_next(root: Path, name: str = "llava-next", seed: int = 3) -> Path
     return path
 
 
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with id 0 into `[B, P]` ids and their attention mask."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    return ids, (ids.new_tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+
 OV_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 5) for w in range(1, 5)]  # up to 4x4 crops: beyond anyres_max_9
 
 
 @dataclass
-class TinyOnevision:
-    """A loaded tiny LLaVA-OneVision. Its processor needs a video processor, which needs torchvision
-    (not installable beside the CPU torch wheel), so `inputs` expands the placeholders itself, as
-    many per image as HF's own packing gives (HF's forward checks the count)."""
+class TinyHandBuilt:
+    """A loaded tiny model whose processor needs a video processor, which needs torchvision (not
+    installable beside the CPU torch wheel): `inputs` expands `<image>` itself, `placeholders` per
+    image, from the image processor's output."""
 
     path: Path
     model: Any
     image_processor: Any
     tokenizer: Any
 
+    def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
+        raise NotImplementedError
+
     def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         pixels = dict(self.image_processor(images=images, return_tensors="pt"))
+        image = self.model.config.image_token_id
+        rows = [[2] + [image] * n + self.tokenizer(q, add_special_tokens=False).input_ids
+                for n, q in zip(self.placeholders(pixels), questions)]
+        ids, mask = left_padded(rows)
+        return {"input_ids": ids, "attention_mask": mask, **pixels}
+
+
+class TinyOnevision(TinyHandBuilt):
+    """LLaVA-OneVision: as many placeholders per image as HF's own packing gives (HF's forward checks
+    the count)."""
+
+    def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
         with torch.no_grad():
             packed = self.model.model.get_image_features(
                 pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], return_dict=True).pooler_output
-        image = self.model.config.image_token_id
-        rows = [[2] + [image] * len(features) + self.tokenizer(q, add_special_tokens=False).input_ids
-                for features, q in zip(packed, questions)]
-        width = max(map(len, rows))
-        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-        return {"input_ids": ids, "attention_mask": (torch.arange(width)[None] >= torch.tensor(
-            [width - len(r) for r in rows])[:, None]).long(), **pixels}
+        return [len(features) for features in packed]
 
 
 def build_tiny_onevision(root: Path, seed: int = 5) -> Path:
@@ -134,25 +150,16 @@ def build_tiny_onevision(root: Path, seed: int = 5) -> Path:
     return path
 
 
-@dataclass
-class TinyQwen:
-    """A loaded tiny Qwen2-VL. Its processor needs a video processor (torchvision), so `inputs`
-    expands `<image>` into `t*h*w/4` placeholders itself, as Qwen's processor does."""
+class TinyQwen(TinyHandBuilt):
+    """Qwen2-VL: `t*h*w/4` placeholders per image, as Qwen's processor expands them, and the
+    `mm_token_type_ids` it returns."""
 
-    path: Path
-    model: Any
-    image_processor: Any
-    tokenizer: Any
+    def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
+        return (pixels["image_grid_thw"].prod(-1) // 4).tolist()
 
     def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        pixels = dict(self.image_processor(images=images, return_tensors="pt"))
-        image = self.model.config.image_token_id
-        counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
-        rows = [[2] + [image] * n + self.tokenizer(q, add_special_tokens=False).input_ids for n, q in zip(counts, questions)]
-        width = max(map(len, rows))
-        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-        return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image).int(), **pixels}
+        out = super().inputs(questions, images)
+        return out | {"mm_token_type_ids": (out["input_ids"] == self.model.config.image_token_id).int()}
 
 
 def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path:

@@ -56,6 +56,24 @@ def layer_lengths(model) -> Iterator[dict[int, list[int]]]:
             handle.remove()
 
 
+def teacher_forced_logits(model, inputs: dict, tokens: torch.Tensor, positions: bool = True) -> list[torch.Tensor]:
+    """A prefill, then one cached forward per column of `tokens` `[B, n]` (the tokens fed, not
+    argmax), passing the extended attention mask and, with `positions`, 1D position ids counted as
+    `generate` counts them (without, the model or adapter derives them). Returns the `n + 1`
+    last-token logits `[B, V]`."""
+    out = model(**inputs, use_cache=True)
+    logits, mask = [out.logits[:, -1]], inputs["attention_mask"]
+    ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    for step in range(tokens.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(tokens[:, :1])], dim=1)
+        ids = ids[:, -1:] + 1
+        extra = {"position_ids": ids} if positions else {}
+        out = model(input_ids=tokens[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values,
+                    use_cache=True, **extra)
+        logits.append(out.logits[:, -1])
+    return logits
+
+
 def assert_generate_matches(tiny, spec: str, questions: list[str], imgs: list, steps: int = 4):
     """Under `spec`, batched `generate()` equals the manual decode loop and each prompt generated
     alone; returns the run."""

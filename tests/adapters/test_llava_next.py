@@ -8,7 +8,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import tokenprune as tp
 from conftest import PINPOINTS, sized_images
-from reference import cls_attention_eager, manual_greedy, newlines_kept_by_hand, topk_reference
+from reference import cls_attention_eager, manual_greedy, newlines_kept_by_hand, teacher_forced_logits, topk_reference
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
@@ -155,15 +155,7 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_next, spec):
         generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True)
         new = generated.sequences[:, width:]
-        out = model(**inputs, use_cache=True)
-        logits, mask = [out.logits[:, -1]], inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        for step in range(3):
-            mask = torch.cat([mask, torch.ones_like(new[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=new[:, step:step + 1], attention_mask=mask, position_ids=positions,
-                        past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
+        logits = teacher_forced_logits(model, inputs, new[:, :3])
     for step, step_logits in enumerate(logits):  # HF's own generate and forward differ by ~5e-4 here
         torch.testing.assert_close(generated.logits[step], step_logits, atol=2e-3, rtol=0)
 

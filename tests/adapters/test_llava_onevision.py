@@ -7,7 +7,7 @@ import torch
 
 import tokenprune as tp
 from conftest import sized_images
-from reference import divprune_reference, manual_greedy, newlines_kept_by_hand
+from reference import divprune_reference, manual_greedy, newlines_kept_by_hand, teacher_forced_logits
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 
 SIZES = [(40, 70), (128, 120)]  # a 2x3 grid, and a 4x4 grid that HF downsamples (anyres_max_9)
@@ -127,15 +127,7 @@ def test_fastv_inside_its_qwen2_llm(tiny_onevision):
     with tp.apply(model, "fastv@6@llm:1") as run:
         generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True)
-        out = model(**inputs, use_cache=True)
-        logits, mask = [out.logits[:, -1]], inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        for step in range(2):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=generated.sequences[:, width + step:width + step + 1], attention_mask=mask,
-                        position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
+        logits = teacher_forced_logits(model, inputs, generated.sequences[:, width:width + 2])
     layer_tokens = run.trace[0].layer_tokens
     assert layer_tokens[1:] == [layer_tokens[0] - (88 - 6)] * 2 and run.trace[0].stages[0].tokens_out == 6
     for step, step_logits in enumerate(logits):

@@ -8,6 +8,7 @@ import torch
 
 import tokenprune as tp
 from conftest import sized_images
+from reference import teacher_forced_logits
 
 SIZES = [(40, 70), (64, 48)]  # merged grids 2x4 and 4x3
 QUESTIONS = ["what colour is the square", "how many"]
@@ -76,12 +77,7 @@ def test_batch_equals_single_prompts_and_decode_logits_equal_a_manual_loop(tiny_
         generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True)
         new = generated.sequences[:, width:]
-        out = model(**inputs, use_cache=True)
-        manual, mask = [out.logits[:, -1]], inputs["attention_mask"]
-        for step in range(3):
-            mask = torch.cat([mask, torch.ones_like(new[:, :1])], dim=1)
-            out = model(input_ids=new[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-            manual.append(out.logits[:, -1])
+        manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
         singles = [model(**tiny_qwen.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(QUESTIONS)]
     for step, logits in enumerate(manual):
         torch.testing.assert_close(generated.logits[step], logits, atol=1e-5, rtol=1e-5)
@@ -134,12 +130,7 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_qwen, spec):
         generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True)
         new = generated.sequences[:, width:]
-        out = model(**inputs, use_cache=True)
-        manual, mask = [out.logits[:, -1]], inputs["attention_mask"]
-        for step in range(3):
-            mask = torch.cat([mask, torch.ones_like(new[:, :1])], dim=1)
-            out = model(input_ids=new[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-            manual.append(out.logits[:, -1])
+        manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
     for step, logits in enumerate(manual):
         torch.testing.assert_close(generated.logits[step], logits, atol=1e-5, rtol=1e-5)
 
