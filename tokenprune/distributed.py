@@ -39,6 +39,19 @@ class Shard:
         """`device` for this process: a bare `"cuda"` becomes `cuda:LOCAL_RANK` when sharded."""
         return f"cuda:{self.local_rank}" if device == "cuda" and self.world_size > 1 else device
 
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The shard the launcher's `RANK`, `WORLD_SIZE` and `LOCAL_RANK` describe (one process when unset).
+
+        Raises:
+            InputError: `RANK`/`WORLD_SIZE` are inconsistent.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world < 1 or not 0 <= rank < world:
+            raise InputError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; need 0 <= RANK < WORLD_SIZE")
+        return cls(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
     def gather(self, items: list[Any]) -> list[Any]:
         """Every process's `items` (picklable), concatenated in rank order, on every process."""
         if self.world_size == 1:
@@ -56,12 +69,8 @@ def shard_from_env() -> Iterator[Shard]:
     Raises:
         InputError: `RANK`/`WORLD_SIZE` are inconsistent.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; need 0 <= RANK < WORLD_SIZE")
-    shard = Shard(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    if world == 1:
+    shard = Shard.from_env()
+    if shard.world_size == 1:
         yield shard
         return
     owned = not dist.is_initialized()

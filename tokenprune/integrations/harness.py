@@ -12,7 +12,6 @@ where `doc_to_visual(self.task_dict[task][split][doc_id])` gives the request's P
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -93,8 +92,7 @@ class PrunedLMM:
             raise InputError(f"unknown model argument(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
         if pipeline is not None and pipeline_file is not None:
             raise InputError("give pipeline= or pipeline_file=, not both")
-        self._shard = Shard(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        self._shard = Shard.from_env()
         self._rank, self._world_size = self._shard.rank, self._shard.world_size
         self._device = self._shard.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load(pretrained, device=self._device, dtype=dtype)
