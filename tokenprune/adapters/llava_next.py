@@ -105,6 +105,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for before, after in zip(self._decoders, self._decoders[1:]):
             before.next = after
         self._calls = CallCapture(self.core)
+        self._layouts: dict[tuple[int, ...], Tensor] = {}
         handles = self._probe.attach() + [self._calls]
         for decoder in self._decoders:
             handles += decoder.attach()
@@ -162,8 +163,10 @@ class LlavaNextAdapter(LlavaAdapter):
         for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops)):
             groups.setdefault((*size, n_crops), []).append(i)
         results: list[Any] = [None] * len(packed)
-        for members in groups.values():
-            where = self.layout(sizes[members[:1]], crops[members[0]:members[0] + 1])[0]  # crops numbered from 0
+        for key, members in groups.items():
+            if key not in self._layouts:  # a layout depends on size and crop count only: built once per context
+                self._layouts[key] = self.layout(sizes[members[:1]], crops[members[0]:members[0] + 1])[0]
+            where = self._layouts[key]  # crops numbered from the image's first
             outputs = self._prune_group(stage, info, torch.stack([packed[i] for i in members]), where,
                                         crops[members[0]], [firsts[i] for i in members], signals, deferred)
             for i, result in zip(members, outputs):
