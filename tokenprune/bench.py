@@ -40,12 +40,12 @@ from transformers import (
 )
 
 from .apply import apply
+from .compiled import compile_model, static_cache
 from .errors import InputError
 from .flops import llm_flops
 from .pipeline import Pipeline
 
 TEXT_TOKENS = 32  # prompt words around the image
-COMPILE_MODES = ("cudagraphs", "reduce-overhead")
 
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "llava-1.5-7b": {
@@ -227,35 +227,6 @@ def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> di
     return out
 
 
-def compile_model(model: nn.Module, mode: str) -> None:
-    """Compile the vision tower and the LLM, each as one graph per input shape (`dynamic=False`):
-    `cudagraphs` (the eager kernels captured as CUDA graphs, quick to compile) or `reduce-overhead`
-    (inductor kernels replayed as CUDA graphs, slower to compile). Whole modules, not layers: CUDA
-    graph trees would let one layer's replay overwrite the outputs of the previous layer. The
-    scoring and sequence rewrite between tower and LLM stay eager (data-dependent shapes).
-    `generate` runs on a pre-initialised static KV cache (`static_cache`), and its own
-    whole-model compile is disabled."""
-    if mode not in COMPILE_MODES:
-        raise InputError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
-    config = torch._dynamo.config
-    config.recompile_limit = config.accumulated_recompile_limit = 256  # one entry per shape and hook set
-    config.skip_nnmodule_hook_guards = False  # pruning hooks come and go between rows
-    model.generation_config.disable_compile = True
-    options: dict[str, Any] = {"backend": "cudagraphs"} if mode == "cudagraphs" else {"mode": mode}
-    for module in (model.model.vision_tower, model.model.language_model):
-        module.compile(dynamic=False, **options)
-
-
-def static_cache(model: nn.Module, batch: int, length: int) -> StaticCache:
-    """A static KV cache of `length` positions, allocated up front so its buffers have fixed
-    addresses (CUDA graphs) and the compiled modules never see its lazy initialisation."""
-    text = model.config.text_config
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache.early_initialization(batch, text.num_key_value_heads, head_dim, model.dtype, model.device)
-    return cache
-
-
 def timed(fn: Callable[[], Any], repeats: int, device: str, warmup: int = 1) -> float:
     """Median wall time in ms of `fn` over `repeats` runs after `warmup` runs."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -365,7 +336,9 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
     """Encode time, time to first token, decode rate and peak memory of every plan: medians of
     `repeats` runs. With `interleave`, each repeat runs every plan once in turn (after every plan's
     warm-up), so drift in the machine's speed reaches all rows alike; otherwise plan after plan (as
-    compiled runs need: hooks that come and go would retrigger compilation)."""
+    compiled runs need: hooks that come and go would retrigger compilation). Compiled rows' timed
+    runs skip the guards that only decide whether to recompile (`skip_guard_eval_unsafe`): the
+    same inputs and hooks as their warm-ups."""
     cuda = device.startswith("cuda")
     times: list[dict[str, list[float]]] = [{"encode": [], "ttft": [], "total": []} for _ in plans]
     peaks, handles = [0.0] * len(plans), [None] * len(plans)
@@ -407,8 +380,10 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
         for index in range(len(plans)):
             for _ in range(warmup):
                 one(index, record=False)
-            for _ in range(repeats):
-                one(index, record=True)
+            # the warm-ups compiled every graph this row runs: its timed runs only pick among them
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled):
+                for _ in range(repeats):
+                    one(index, record=True)
             caches.pop(index, None)  # free this row's KV cache before the next row's
     rows = []
     for plan, measured, peak, handle in zip(plans, times, peaks, handles):
@@ -440,6 +415,9 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     model = load_checkpoint(model_path, dtype, device) if model_path else build(arch, dtype, device, seed)
     warmup = 1
     if compile_mode is not None:
+        if is_qwen(model):
+            raise InputError(f"--compile supports the LLaVA architectures, not {arch!r}: Qwen2-VL's tower "
+                             "packs variable-length sequences, which one graph per shape cannot hold")
         compile_model(model, compile_mode)
         warmup = 3
     text = model.config.text_config

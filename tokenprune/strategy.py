@@ -139,23 +139,27 @@ class DeferredCheck:
     selector: str
 
 
-def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[int | float | bool]:
-    """Read every deferred check, and the scalar tensors `values` the caller needs anyway, in one
-    device-to-host copy; returns the values.
+def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float | list[float]]:
+    """Read every deferred check, and the tensors `values` the caller needs anyway, in one
+    device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
 
     Raises:
         ScoreError: some scores contained NaN (the message names the images).
     """
-    read = torch.stack([*(v.to(torch.float64) for v in values), *(c.bad.any().double() for c in checks)]).tolist() \
-        if checks or values else []
-    for check, failed in zip(checks, read[len(values):]):
+    parts = [v.reshape(-1).to(torch.float64) for v in values] + [c.bad.any().reshape(1).double() for c in checks]
+    read = torch.cat(parts).tolist() if parts else []
+    out, at = [], 0
+    for value in values:
+        chunk, at = read[at:at + value.numel()], at + value.numel()
+        out.append(chunk[0] if value.dim() == 0 else chunk)
+    for check, failed in zip(checks, read[at:]):
         if failed:
             bad = check.bad.nonzero().flatten().tolist()
             raise ScoreError(
                 f"scores given to selector {check.selector!r} contain NaN (images {bad}); "
                 "a scorer must return finite values or ±inf"
             )
-    return read[:len(values)]
+    return out
 
 
 class Selector(Strategy):

@@ -6,6 +6,7 @@ import torch
 import tokenprune as tp
 from conftest import N_PATCHES, images
 from reference import manual_greedy
+from tokenprune.compiled import static_cache
 from tokenprune.errors import InputError
 
 QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding
@@ -103,14 +104,23 @@ def test_generate_equals_manual_decode_loop(tiny, positions):
     assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], manual)
 
 
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
 @torch.no_grad()
-def test_static_cache_generate_equals_dynamic(tiny):
-    """`cache_implementation="static"` (4D decode masks built by generate) decodes the same tokens."""
+def test_static_cache_decodes_as_dynamic(tiny, positions):
+    """A static cache (generate's own, or one built up front as `bench --compile` passes it): generate
+    hands 4D decode masks whose query row sits at the compressed cache length; every step's logits
+    still equal the dynamic cache's, padded rows included."""
     inputs = tiny.inputs(QUESTIONS, images(2, seed=3))
-    with tp.apply(tiny.model, "vtc-cls@5"):
-        dynamic = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        static = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    assert torch.equal(static, dynamic)
+    steps, width = 6, inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with tp.apply(tiny.model, "vtc-cls@5", positions=positions):
+        dynamic = tiny.model.generate(**inputs, **kw)
+        static = tiny.model.generate(**inputs, **kw, cache_implementation="static")
+        built = tiny.model.generate(**inputs, **kw, past_key_values=static_cache(tiny.model, 2, width + steps))
+    for out in (static, built):
+        assert torch.equal(out.sequences, dynamic.sequences)
+        for a, b in zip(out.logits, dynamic.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

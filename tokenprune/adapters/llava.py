@@ -36,6 +36,7 @@ class _Prefill:
     compaction: Compaction
     attention_mask: Tensor | None  # [B, P'] as given to the LLM
     position_shift: Tensor  # [B]
+    prompt_mask: Tensor | None  # [B, P] the original prompt's 2D mask
 
 
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -47,25 +48,25 @@ def _has_cls(vision_tower: nn.Module) -> bool:
     return getattr(embeddings, "class_embedding", None) is not None
 
 
-def _key_mask(mask: Tensor, length: int) -> Tensor:
+def _key_mask(mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """The 2D key mask `[B, length]` (1 = attend) behind a causal 4D mask `[B, 1, q, L]`, as
-    `generate` builds them for static caches: its last query row sees every earlier valid key.
-
-    Raises:
-        InputError: the 4D mask is not causal-with-padding (a custom mask cannot be remapped).
-    """
+    `generate` builds them for static caches (its last query row sees every earlier valid key),
+    and a 0-dim bool tensor: whether the 4D mask is that causal-with-padding mask (read by the
+    caller at its host sync; a custom mask cannot be remapped)."""
     allowed = mask if mask.dtype == torch.bool else mask == 0
     key = allowed[:, 0, -1, :length]
     q, width = allowed.shape[2], allowed.shape[3]
     causal = torch.arange(width, device=mask.device)[None] <= torch.arange(length - q, length, device=mask.device)[:, None]
     expected = causal[None] & torch.nn.functional.pad(key, (0, width - length))[:, None, :]
-    real = key[:, length - q:]  # queries that are tokens, not padding
-    if not torch.equal(allowed[:, 0][real], expected[real]):
-        raise InputError(
-            "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
-            "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
-        )
-    return key.long()
+    real = key[:, length - q:, None]  # queries that are tokens, not padding
+    return key.long(), ((allowed[:, 0] == expected) | ~real).all()
+
+
+def _slot_keep_mask(image_mask: Tensor, slot_keep: Tensor) -> Tensor:
+    """`[B, P]` keep mask: text and padding kept, the i-th placeholder (row-major) kept as
+    `slot_keep[i]` says (indices clamped: a count mismatch is refused after the host sync)."""
+    order = (image_mask.flatten().long().cumsum(0) - 1).clamp(0, slot_keep.numel() - 1)
+    return torch.where(image_mask, slot_keep[order].view_as(image_mask), True)
 
 
 @register_adapter("llava")
@@ -335,26 +336,34 @@ class LlavaAdapter(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == self.config.image_token_id
-        (image_tokens,) = raise_deferred(deferred, image_mask.sum())  # one host sync for both
+        prompt_mask, checks = kw.get("attention_mask"), []
+        if prompt_mask is not None and prompt_mask.dim() == 4:
+            prompt_mask, causal = _key_mask(prompt_mask, input_ids.shape[1])
+            checks.append(causal)
+        keep = _slot_keep_mask(image_mask, slot_keep)
+        kept = keep.sum(dim=1)
+        starts = torch.tensor([0] + blocks[:-1]).cumsum(0).to(input_ids.device)
+        image_rows = torch.searchsorted(image_mask.sum(dim=1).cumsum(0), starts, right=True)
+        image_tokens, longest, shortest, image_sample, *causal_read = raise_deferred(  # the one host sync
+            deferred, image_mask.sum(), kept.max(), kept.min(), image_rows, *checks)
         if int(image_tokens) != sum(blocks):
             raise InputError(
                 f"the prompt holds {int(image_tokens)} image tokens but its {len(blocks)} image(s) need "
                 f"{sum(blocks)} ({', '.join(map(str, blocks))}); build inputs with the model's processor"
             )
-        keep = ~image_mask
-        keep[image_mask] = slot_keep
-        comp = compact(keep)
+        if causal_read and not causal_read[0]:
+            raise InputError(
+                "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
+                "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
+            )
+        comp = compact(keep, (int(longest), int(shortest)))
         new_ids = comp.gather(input_ids)
         embeds = self.core.get_input_embeddings()(new_ids)
         new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
-        mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() == 4:
-            mask = _key_mask(mask, input_ids.shape[1])
-        mask = comp.attention_mask(mask)
-        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions))
-        starts = torch.tensor([0] + blocks[:-1], device=input_ids.device).cumsum(0)
-        image_sample = image_mask.nonzero()[starts, 0].tolist()
+        mask = comp.attention_mask(prompt_mask)
+        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions), prompt_mask)
+        image_sample = [int(row) for row in image_sample]
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=self._prefill_positions(kw, comp))
         kw.pop("mm_encoder_outputs", None)
@@ -389,10 +398,14 @@ class LlavaAdapter(ModelAdapter):
         batch = comp.source.shape[0]
         generated = past - comp.length_out
         mask = kw.get("attention_mask")
+        expected = comp.length_in + generated + step
+        if mask is not None and mask.dim() == 4:
+            # generate builds a static cache's 4D decode mask for a query at the cache's length,
+            # which is the compressed one: its rows do not describe the original frame. Generated
+            # tokens are never padding, so the original mask is the prompt's extended by ones.
+            prompt = state.prompt_mask if state.prompt_mask is not None else comp.source.new_ones(batch, comp.length_in)
+            mask = torch.nn.functional.pad(prompt.long(), (0, expected - comp.length_in), value=1)
         if mask is not None:
-            expected = comp.length_in + generated + step
-            if mask.dim() == 4:
-                mask = _key_mask(mask, expected)
             if mask.shape[1] != expected:
                 raise InputError(
                     f"this forward continues a cache of {past} tokens, but its attention mask has "

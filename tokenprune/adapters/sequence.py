@@ -29,12 +29,14 @@ class Compaction:
         valid: `[B, P']` bool, False for padding added to keep the batch rectangular.
         removed_before: `[B, P]` long, how many columns were removed before each original column.
         removed: `[B]` long, columns removed per row.
+        padded: whether some row was left-padded (`valid` has a False).
     """
 
     source: Tensor
     valid: Tensor
     removed_before: Tensor
     removed: Tensor
+    padded: bool
 
     @property
     def length_in(self) -> int:
@@ -54,7 +56,7 @@ class Compaction:
     def attention_mask(self, mask: Tensor | None) -> Tensor | None:
         """The `[B, P']` mask for the kept columns; `None` stays `None` when nothing was padded."""
         if mask is None:
-            return None if bool(self.valid.all()) else self.valid.long()
+            return self.valid.long() if self.padded else None
         return self.gather(mask)
 
     def positions(self, position_ids: Tensor | None, mode: str) -> Tensor | None:
@@ -72,21 +74,27 @@ class Compaction:
         return self.removed if mode == "contiguous" else torch.zeros_like(self.removed)
 
 
-def compact(keep: Tensor) -> Compaction:
-    """Plan the compaction of a `[B, P]` prompt given `keep` `[B, P]` (bool)."""
+def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
+    """Plan the compaction of a `[B, P]` prompt given `keep` `[B, P]` (bool).
+
+    `lengths` is the (longest, shortest) kept row length when the caller has read it already;
+    otherwise it is read here (one host sync). Nothing else waits for the device.
+    """
     b, p = keep.shape
-    lengths = keep.sum(dim=1)
-    p_out = int(lengths.max())
-    target = keep.long().cumsum(dim=1) - 1 + (p_out - lengths)[:, None]  # new column of each kept one
-    rows, cols = keep.nonzero(as_tuple=True)
-    source = torch.zeros(b, p_out, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(b, p_out, dtype=torch.bool, device=keep.device)
-    source[rows, target[rows, cols]] = cols
-    valid[rows, target[rows, cols]] = True
+    kept = keep.sum(dim=1)
+    if lengths is None:
+        lengths = tuple(int(v) for v in torch.stack([kept.max(), kept.min()]).tolist())
+    p_out, shortest = lengths
+    target = keep.long().cumsum(dim=1) - 1 + (p_out - kept)[:, None]  # new column of each kept one
+    target = target.where(keep, p_out)  # removed columns land in a spare last column, cut off below
+    columns = torch.arange(p, device=keep.device).expand(b, -1)
+    source = torch.zeros(b, p_out + 1, dtype=torch.long, device=keep.device).scatter_(1, target, columns)
+    valid = torch.zeros(b, p_out + 1, dtype=torch.bool, device=keep.device).scatter_(1, target, keep)
     dropped = (~keep).long()
     return Compaction(
-        source=source,
-        valid=valid,
+        source=source[:, :p_out].contiguous(),
+        valid=valid[:, :p_out].contiguous(),
         removed_before=dropped.cumsum(dim=1) - dropped,
         removed=dropped.sum(dim=1),
+        padded=shortest < p_out,
     )

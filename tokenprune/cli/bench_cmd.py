@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import typer
 
-from ..bench import ARCHS, COMPILE_MODES, markdown, plot, run
+from ..bench import ARCHS, markdown, plot, run
+from ..compiled import COMPILE_MODES
 from ..errors import SpecError
 from ..pipeline import Pipeline
 from ..spec import split_top_level

@@ -1,0 +1,54 @@
+"""`bench --compile`'s execution: which graph inputs stay in place, and compiled generate = eager."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.bench import build, image_tokens, inputs
+from tokenprune.compiled import compile_model, static_cache, static_inputs
+from tokenprune.errors import InputError
+
+
+def test_static_inputs_are_weights_buffers_and_marked_tensors():
+    layer = torch.nn.Linear(3, 3)
+    layer.register_buffer("scale", torch.ones(3))
+    marked, plain = torch.zeros(2), torch.zeros(2)
+    torch._dynamo.mark_static_address(marked)
+    weights = {id(t) for t in layer.parameters()} | {id(t) for t in layer.buffers()}
+    graph_inputs = [plain, layer.weight, 7, marked, layer.scale, layer.bias, torch.zeros(1)]
+    assert static_inputs(graph_inputs, weights) == [1, 3, 4, 5]
+
+
+def test_static_cache_tensors_are_static_inputs():
+    model = build("tiny", torch.float32, "cpu")
+    cache = static_cache(model, 2, 40)
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    assert len(tensors) == 2 * model.config.text_config.num_hidden_layers
+    assert static_inputs(tensors, set()) == list(range(len(tensors)))
+
+
+def test_unknown_mode_lists_the_known_ones():
+    with pytest.raises(InputError, match="cudagraphs, reduce-overhead"):
+        compile_model(build("tiny", torch.float32, "cpu"), "max-speed")
+
+
+@torch.inference_mode()
+def test_compiled_generate_equals_eager():
+    """On the CPU the graph backend runs its traced graphs uncaptured: unpruned and pruned
+    generations through the compiled tower and LLM on a static cache equal eager ones."""
+    model = build("tiny", torch.float32, "cpu")
+    batch = inputs(model, 2, image_tokens(model))
+    steps, width = 3, batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    eager = [model.generate(**batch, **kw)]
+    with tp.apply(model, "vtc-cls@4"):
+        eager.append(model.generate(**batch, **kw))
+    compile_model(model, "cudagraphs")
+    compiled = [model.generate(**batch, **kw, past_key_values=static_cache(model, 2, width + steps))]
+    with tp.apply(model, "vtc-cls@4"):
+        compiled.append(model.generate(**batch, **kw, past_key_values=static_cache(model, 2, width + steps)))
+    for a, b in zip(compiled, eager, strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        for x, y in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert model.model.language_model._compiled_call_impl is not None
