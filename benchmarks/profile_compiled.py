@@ -4,7 +4,7 @@ Measures `generate` TTFT (one new token) for the unpruned model, the oracle at k
 first eager, then with `compiled.compile_model`, row after row; for each compiled row it records the
 warm-up times (compilation, graph recording), dynamo's counters, and a device profile of one TTFT
 (how many kernels were launched one by one and how many CUDA graphs were replayed). Writes
-`compiled.json` and `profile_<row>.txt` into OUT_DIR after every row, so a run cut short keeps what
+`compiled.json`, `profile_<row>.txt` and `trace_<row>.json` (Chrome trace) into OUT_DIR after every row, so a run cut short keeps what
 it measured.
 
 Usage: python benchmarks/profile_compiled.py OUT_DIR [--arch llava-1.5-7b] [--k 64] [--mode cudagraphs]
@@ -86,6 +86,7 @@ def main() -> None:
                 "counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items()},
             }
             (args.out / f"profile_{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
+            prof.export_chrome_trace(str(args.out / f"trace_{name}.json"))
             print(name, "compiled", result["compiled"][name]["ttft_ms"], flush=True)
             save()
             del cache

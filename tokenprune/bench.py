@@ -344,7 +344,9 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
     peaks, handles = [0.0] * len(plans), [None] * len(plans)
     caches: dict[int, StaticCache] = {}  # compiled rows: one cache per row while it is measured
 
-    def generate(index: int, n: int) -> Any:
+    def generate(index: int, n: int) -> Callable[[], Any]:
+        """A call of `generate` for `n` tokens, its static cache (compiled rows) emptied beforehand:
+        the emptying is not part of the time."""
         extra = {}
         if compiled:
             if index not in caches:  # allocated once per row: fixed addresses for CUDA graphs
@@ -352,7 +354,7 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                 caches[index] = static_cache(model, plan.batch, plan.inputs["input_ids"].shape[1] + new_tokens)
             caches[index].reset()
             extra["past_key_values"] = caches[index]
-        return model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return lambda: model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def one(index: int, record: bool) -> None:
         plan = plans[index]
@@ -361,8 +363,8 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                 torch.cuda.reset_peak_memory_stats()
             images = {k: v for k, v in plan.inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
             encode = clock(lambda: model.model.get_image_features(**images), device)
-            ttft = clock(lambda: generate(index, 1), device)
-            total = clock(lambda: generate(index, new_tokens), device)
+            ttft = clock(generate(index, 1), device)
+            total = clock(generate(index, new_tokens), device)
             handles[index] = handle
         if record:
             for key, value in (("encode", encode), ("ttft", ttft), ("total", total)):
