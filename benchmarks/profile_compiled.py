@@ -2,7 +2,8 @@
 
 Measures `generate` TTFT (one new token) for the unpruned model, the oracle at k and `vtc-cls@k`,
 first eager, then with `compiled.compile_model`, row after row; for each compiled row it records the
-warm-up times (compilation, graph recording), dynamo's counters, and a device profile of one TTFT
+warm-up times (compilation, graph recording), the time of one prefill forward without `generate`
+(`prefill_forward_ms`), dynamo's counters, and a device profile of one TTFT
 (how many kernels were launched one by one and how many CUDA graphs were replayed). Writes
 `compiled.json`, `profile_<row>.txt` and `trace_<row>.json` (Chrome trace) into OUT_DIR after every row, so a run cut short keeps what
 it measured.
@@ -60,6 +61,13 @@ def main() -> None:
             cache.reset()
         return bench.clock(lambda: model.generate(**inputs, **extra, max_new_tokens=1, do_sample=False), args.device)
 
+    def prefill(inputs: dict[str, torch.Tensor], cache: Any) -> float:
+        """One forward on the prompt, last position's logits only: the first token without generate."""
+        cache.reset()
+        positions = torch.arange(inputs["input_ids"].shape[1], device=args.device)
+        return bench.clock(lambda: model(**inputs, past_key_values=cache, cache_position=positions, logits_to_keep=1),
+                           args.device)
+
     with torch.inference_mode():
         for name, inputs, enter in rows:
             with enter():
@@ -77,17 +85,19 @@ def main() -> None:
                 times = [ttft(inputs, cache) for _ in range(args.repeats)]
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     ttft(inputs, cache)
+                forward = [prefill(inputs, cache) for _ in range(args.repeats + 3)][3:]
             events = prof.key_averages()
             count = lambda key: sum(e.count for e in events if e.key == key)  # noqa: E731
             result["compiled"][name] = {
-                "ttft_ms": statistics.median(times), "warmup_ms": warm,
+                "ttft_ms": statistics.median(times), "warmup_ms": warm, "prefill_forward_ms": statistics.median(forward),
                 "kernel_launches": count("cudaLaunchKernel") + count("cuLaunchKernelEx") + count("cudaLaunchKernelExC"),
                 "graph_launches": count("cudaGraphLaunch"),
                 "counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items()},
             }
             (args.out / f"profile_{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
             prof.export_chrome_trace(str(args.out / f"trace_{name}.json"))
-            print(name, "compiled", result["compiled"][name]["ttft_ms"], flush=True)
+            print(name, "compiled", result["compiled"][name]["ttft_ms"], "forward", result["compiled"][name]["prefill_forward_ms"],
+                  flush=True)
             save()
             del cache
 
