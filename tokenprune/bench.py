@@ -414,12 +414,12 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
         in_llm = [s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(f"{s}@1").stages)]
         if in_llm:
             raise InputError(f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}")
+        if not model_path and "qwen" in ARCHS.get(arch, {}):
+            raise InputError(f"--compile is implemented for the LLaVA architectures, not {arch!r} "
+                             f"(known LLaVA ones: {', '.join(a for a, s in ARCHS.items() if 'qwen' not in s)})")
     model = load_checkpoint(model_path, dtype, device) if model_path else build(arch, dtype, device, seed)
     warmup = 1
     if compile_mode is not None:
-        if is_qwen(model):
-            raise InputError(f"--compile supports the LLaVA architectures, not {arch!r}: Qwen2-VL's tower "
-                             "packs variable-length sequences, which one graph per shape cannot hold")
         compile_model(model, compile_mode)
         warmup = 3
     text = model.config.text_config

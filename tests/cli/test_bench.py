@@ -4,12 +4,14 @@ column against the formula, JSON and markdown written. No timing is asserted."""
 import json
 from contextlib import contextmanager, nullcontext
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 import tokenprune as tp
-from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, inputs, measure_rows
+from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, inputs, measure_rows, run
 from tokenprune.cli.app import app
+from tokenprune.errors import InputError
 from tokenprune.flops import prefill_flops
 
 
@@ -137,3 +139,10 @@ def test_bench_tiny_llava_onevision_rows(tmp_path):
     text = ARCHS["tiny-onevision"]["onevision"]["text"]
     assert rows[1]["llm_flops"] == prefill_flops([TEXT_TOKENS + 16] * text["num_hidden_layers"], text["hidden_size"],
                                                  text["intermediate_size"])
+
+
+def test_compile_refuses_qwen_and_llm_stages_before_building():
+    with pytest.raises(InputError, match="LLaVA architectures, not 'tiny-qwen'.*tiny-next"):
+        run("tiny-qwen", ["pool"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
+    with pytest.raises(InputError, match="llm:K stages do not support: fastv"):
+        run("tiny", ["fastv"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
