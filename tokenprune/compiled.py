@@ -31,9 +31,10 @@ def static_inputs(inputs: Sequence[Any], weights: set[int]) -> list[int]:
 
 
 def graph_backend(model: nn.Module) -> Callable[[torch.fx.GraphModule, list[Any]], Any]:
-    """A dynamo backend for `model`'s modules: AOT-traced eager kernels recorded and replayed as
-    CUDA graph trees, the static inputs (`static_inputs`) used in place. A graph that mutates
-    any other input, or touches the CPU, runs uncaptured."""
+    """A dynamo backend for `model`'s modules, for inference (the bench runs under
+    `torch.inference_mode`): AOT-traced eager kernels recorded and replayed as CUDA graph trees,
+    the static inputs (`static_inputs`) used in place. A graph that mutates any other input, or
+    touches the CPU, runs uncaptured."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.cudagraphs import (
         boxed_nop,
