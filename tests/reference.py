@@ -92,6 +92,28 @@ def assert_generate_matches(tiny, spec: str, questions: list[str], imgs: list, s
     return run
 
 
+def assert_batch_matches_singles_and_loop(tiny, spec: str, questions: list[str], imgs: list, steps: int = 4):
+    """Under `spec`, the batch's last-position logits equal each prompt's alone, and batched
+    `generate()` equals the manual decode loop up to each row's first EOS (generate pads after
+    it); returns the run."""
+    import tokenprune as tp
+
+    model = tiny.model
+    inputs = tiny.inputs(questions, imgs)
+    with torch.no_grad(), tp.apply(model, spec) as run:
+        batch = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        manual = manual_greedy(model, inputs, steps)
+        singles = [model(**tiny.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
+    eos = model.generation_config.eos_token_id
+    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
+        end = expected.index(eos) + 1 if eos in expected else len(expected)
+        assert row[:end] == expected[:end]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+    return run
+
+
 def patch_keys_eager(path: str, pixel_values: torch.Tensor, block: int) -> torch.Tensor:
     """`[I, N, D]` key projections of the patch tokens in vision block `block`, recomputed from the
     block's input hidden state (its pre-attention LayerNorm, then `k_proj`)."""

@@ -8,7 +8,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import tokenprune as tp
 from conftest import PINPOINTS, sized_images
-from reference import cls_attention_eager, manual_greedy, newlines_kept_by_hand, teacher_forced_logits, topk_reference
+from reference import assert_batch_matches_singles_and_loop, cls_attention_eager, newlines_kept_by_hand, teacher_forced_logits, topk_reference
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
@@ -90,21 +90,8 @@ def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_next):
 @pytest.mark.parametrize("spec", ["vtc-cls@6", "vtc-cls-ensemble@0.25", "divprune@8", "tome@5"])
 @torch.no_grad()
 def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_next, spec):
-    model = tiny_next.model
-    imgs = sized_images(SIZES, seed=3)
-    questions = ["what colour is the square", "how many"]
-    inputs = tiny_next.inputs(questions, imgs)
-    with tp.apply(model, spec) as run:
-        batch = model(**inputs).logits[:, -1]
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        manual = manual_greedy(model, inputs, 4)
-        singles = [model(**tiny_next.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
-    eos = model.generation_config.eos_token_id
-    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
-        end = expected.index(eos) + 1 if eos in expected else len(expected)  # generate pads after EOS
-        assert row[:end] == expected[:end]
-    for i, single in enumerate(singles):
-        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+    run = assert_batch_matches_singles_and_loop(tiny_next, spec, ["what colour is the square", "how many"],
+                                                sized_images(SIZES, seed=3))
     if spec == "vtc-cls@6":
         assert [len(k) for k in run.trace[0].stages[0].kept] == [6, 6]
 

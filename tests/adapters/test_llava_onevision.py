@@ -7,7 +7,7 @@ import torch
 
 import tokenprune as tp
 from conftest import sized_images
-from reference import divprune_reference, manual_greedy, newlines_kept_by_hand, teacher_forced_logits
+from reference import assert_batch_matches_singles_and_loop, divprune_reference, newlines_kept_by_hand, teacher_forced_logits
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 
 SIZES = [(40, 70), (128, 120)]  # a 2x3 grid, and a 4x4 grid that HF downsamples (anyres_max_9)
@@ -75,19 +75,7 @@ def test_counts_follow_the_budget_and_the_newline_rule(tiny_onevision, k):
 @pytest.mark.parametrize("spec", ["divprune@6", "tome@0.25", "random@5"])
 @torch.no_grad()
 def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_onevision, spec):
-    model, imgs, questions = tiny_onevision.model, sized_images(SIZES, seed=3), ["what colour", "how many"]
-    inputs = tiny_onevision.inputs(questions, imgs)
-    with tp.apply(model, spec):
-        batch = model(**inputs).logits[:, -1]
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        manual = manual_greedy(model, inputs, 4)
-        singles = [model(**tiny_onevision.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
-    eos = model.generation_config.eos_token_id
-    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
-        end = expected.index(eos) + 1 if eos in expected else len(expected)
-        assert row[:end] == expected[:end]
-    for i, single in enumerate(singles):
-        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
+    assert_batch_matches_singles_and_loop(tiny_onevision, spec, ["what colour", "how many"], sized_images(SIZES, seed=3))
 
 
 @pytest.mark.parametrize("name", ["vtc-cls", "vtc-cls-ensemble", "fastervlm", "prumerge", "visionzip"])

@@ -102,7 +102,6 @@ class DecoderStage:
         self._offset = 0
         self._prefill: ImageLayout | None = None
         self._keep: Compaction | None = None
-        self._padded = False  # whether the compaction added padding (computed once per prefill)
         self._captured: dict[str, Any] = {}
 
     def attach(self) -> list[RemovableHandle]:
@@ -211,7 +210,6 @@ class DecoderStage:
         keep[p.rows[:, None], p.positions] = False
         keep[p.rows[:, None], kept_cols] = True
         self._keep = comp = compact(keep)
-        self._padded = not bool(comp.valid.all())
         new_col = (keep.long().cumsum(1) - 1) + (comp.length_out - keep.sum(1))[:, None]
         out = comp.gather(hidden)
         out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
@@ -237,7 +235,7 @@ class DecoderStage:
         (a fully masked row would turn into NaN and leak through the values)."""
         comp = self._keep
         mask = kwargs.get("attention_mask")
-        if mask is None and not self._padded and not prefill:
+        if mask is None and not comp.padded and not prefill:
             return kwargs  # decoding without padding: nothing to remap, no work on the hot path
         cache = kwargs.get("past_key_values")
         b = comp.source.shape[0]
@@ -254,7 +252,7 @@ class DecoderStage:
             cols = torch.cat([comp.source, extra], dim=1)
             valid = torch.cat([comp.valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)
             rows = None
-        if mask is None and not self._padded:
+        if mask is None and not comp.padded:
             return kwargs
         if mask is None:
             causal = torch.ones(q_len, cols.shape[1], dtype=torch.bool, device=cols.device).tril(cols.shape[1] - q_len)
@@ -268,7 +266,7 @@ class DecoderStage:
                 mask = torch.gather(mask, 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
         blocked, allowed = (False, True) if mask.dtype == torch.bool else (torch.finfo(mask.dtype).min, 0.0)
         mask = mask.masked_fill(~valid[:, None, None, :], blocked)
-        if prefill and self._padded:
+        if prefill and comp.padded:
             diagonal = torch.eye(q_len, dtype=torch.bool, device=mask.device)[None, None] & ~comp.valid[:, None, :, None]
             mask = mask.masked_fill(diagonal, allowed)
         kwargs["attention_mask"] = mask
