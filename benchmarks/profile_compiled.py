@@ -4,7 +4,8 @@ Measures `generate` TTFT (one new token) for the unpruned model, the oracle at k
 first eager, then with `compiled.compile_model`, row after row; for each compiled row it records the
 warm-up times (compilation, graph recording), the time of one prefill forward without `generate`
 (`prefill_forward_ms`), dynamo's counters, and a device profile of one TTFT
-(how many kernels were launched one by one and how many CUDA graphs were replayed). Writes
+(how many kernels were launched one by one, how many CUDA graphs were replayed, how many
+times the host waited for the device). Writes
 `compiled.json`, `profile_<row>.txt` and `trace_<row>.json` (Chrome trace) into OUT_DIR after every row, so a run cut short keeps what
 it measured.
 
@@ -92,6 +93,7 @@ def main() -> None:
                 "ttft_ms": statistics.median(times), "warmup_ms": warm, "prefill_forward_ms": statistics.median(forward),
                 "kernel_launches": count("cudaLaunchKernel") + count("cuLaunchKernelEx") + count("cudaLaunchKernelExC"),
                 "graph_launches": count("cudaGraphLaunch"),
+                "host_syncs": count("cudaStreamSynchronize") + count("cudaDeviceSynchronize"),
                 "counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items()},
             }
             (args.out / f"profile_{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))

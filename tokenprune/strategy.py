@@ -131,12 +131,14 @@ class DeferredCheck:
     """A validation computed on the device and read later, at a host sync the caller makes anyway.
 
     Attributes:
-        bad: `[B]` bool, True for each image whose scores contain NaN.
-        selector: the selector that received them, for the message.
+        bad: `[N]` bool, True for each failing item (an image, a batch row).
+        message: the error's text; `{items}` stands for the failing items' indices.
+        error: the exception raised when some item fails.
     """
 
     bad: Tensor
-    selector: str
+    message: str
+    error: type[Exception] = ScoreError
 
 
 def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float | list[float]]:
@@ -144,7 +146,7 @@ def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float |
     device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
 
     Raises:
-        ScoreError: some scores contained NaN (the message names the images).
+        the first failing check's `error`, its message naming the failing items.
     """
     parts = [v.reshape(-1).to(torch.float64) for v in values] + [c.bad.any().reshape(1).double() for c in checks]
     read = torch.cat(parts).tolist() if parts else []
@@ -154,11 +156,7 @@ def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float |
         out.append(chunk[0] if value.dim() == 0 else chunk)
     for check, failed in zip(checks, read[at:]):
         if failed:
-            bad = check.bad.nonzero().flatten().tolist()
-            raise ScoreError(
-                f"scores given to selector {check.selector!r} contain NaN (images {bad}); "
-                "a scorer must return finite values or ±inf"
-            )
+            raise check.error(check.message.format(items=check.bad.nonzero().flatten().tolist()))
     return out
 
 
@@ -202,7 +200,8 @@ class Selector(Strategy):
                 raise ScoreError(
                     f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]"
                 )
-            check = DeferredCheck(torch.isnan(scores).any(dim=1), self.name)
+            check = DeferredCheck(torch.isnan(scores).any(dim=1), f"scores given to selector {self.name!r} contain "
+                                  "NaN (images {items}); a scorer must return finite values or ±inf")
             if deferred is None:
                 raise_deferred([check])
             else:

@@ -239,3 +239,82 @@ def test_causal_4d_mask_is_mapped_and_a_custom_one_refused(tiny):
         with pytest.raises(InputError, match="cannot be remapped"):
             tiny.model(**{**inputs, "attention_mask": custom})
     torch.testing.assert_close(mapped, ref)
+
+
+@torch.no_grad()
+def test_placeholders_that_do_not_fit_the_images_are_refused(tiny):
+    """A missing placeholder, and placeholders moved so that an image runs across two rows."""
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
+    ids, image = inputs["input_ids"], tiny.model.config.image_token_id
+    short = ids.clone()
+    short[0, (short[0] == image).nonzero()[0, 0]] = 2
+    moved = ids.clone()
+    text = ((moved[0] != image) & inputs["attention_mask"][0].bool()).nonzero()[:, 0]
+    moved[0, text[-2:]] = image  # row 0: two placeholders more, row 1: two fewer
+    moved[1, (moved[1] == image).nonzero()[:2, 0]] = 2
+    with tp.apply(tiny.model, "vtc-cls@4"):
+        with pytest.raises(InputError, match=rf"holds {int((ids == image).sum()) - 1} image tokens but its 2 image"):
+            tiny.model(**{**inputs, "input_ids": short})
+        with pytest.raises(InputError, match="image 1's .* placeholder tokens start in batch row 0 and run past its end"):
+            tiny.model(**{**inputs, "input_ids": moved})
+
+
+@torch.no_grad()
+def test_selector_repeating_an_index_is_refused(tiny):
+    """Two kept tokens naming one input token would leave a feature without a slot."""
+    from tokenprune.reduction import Reduction
+    from tokenprune.registry import REGISTRY
+
+    REGISTRY.ensure_loaded()
+    saved = dict(REGISTRY._strategies)
+
+    @tp.register("first-twice")
+    class FirstTwice(tp.Selector):
+        def select(self, tokens, scores, k, grid=None):
+            index = torch.arange(k).clamp(min=1).expand(tokens.shape[0], -1) - 1
+            return Reduction.drop(tokens, index.contiguous())
+
+    try:
+        inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
+        with tp.apply(tiny.model, "vtc-cls+first-twice@4"):
+            with pytest.raises(tp.errors.ScoreError, match="do not sit in distinct placeholder slots"):
+                tiny.model(**inputs)
+    finally:
+        REGISTRY._strategies = saved
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that read values on the host, while `active`."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.active, self.seen = False, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.active and func in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", ["vtc-cls@4", "vtc-cls-ensemble@0.25", "pool@4", "tome@8@vision:1 > vtc-cls@4"])
+@torch.no_grad()
+def test_no_host_read_between_tower_and_llm(tiny, spec):
+    """The prefill reads the prompt before the tower runs and its checks after the LLM is launched:
+    between the two, the host never waits for the device (on a GPU, it queues the LLM behind the
+    tower instead of idling the device while it rewrites the prompt)."""
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
+    reads = HostReads()
+    core = tiny.model.model
+    handles = [core.vision_tower.register_forward_pre_hook(lambda *a: setattr(reads, "active", True)),
+               core.language_model.register_forward_pre_hook(lambda *a: setattr(reads, "active", False))]
+    try:
+        with tp.apply(tiny.model, spec), reads:
+            tiny.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not reads.active and reads.seen == []

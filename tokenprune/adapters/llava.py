@@ -4,14 +4,16 @@ decoder-only LLM; each image is a block of placeholder tokens in `input_ids`."""
 from __future__ import annotations
 
 import inspect
+from bisect import bisect_right
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import InputError, SignalError
+from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
@@ -39,6 +41,15 @@ class _Prefill:
     prompt_mask: Tensor | None  # [B, P] the original prompt's 2D mask
 
 
+@dataclass(frozen=True)
+class Placeholders:
+    """A prompt's image placeholders, read from the device before its images are encoded."""
+
+    mask: Tensor  # [B, P] bool, the placeholder columns
+    per_row: list[int]  # placeholders in each batch row
+    key_mask: Tensor | None  # [B, P] the prompt's 2D attention mask (the one behind a 4D mask), or None
+
+
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     return getattr(vision_tower, "vision_model", vision_tower).encoder.layers
 
@@ -62,9 +73,33 @@ def _key_mask(mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return key.long(), ((allowed[:, 0] == expected) | ~real).all()
 
 
+def _image_rows(per_row: list[int], blocks: list[int]) -> list[int]:
+    """The batch row of each image, from the placeholders per row and per image (prompt order).
+
+    Raises:
+        InputError: the counts disagree, or an image's placeholders span two rows.
+    """
+    if sum(per_row) != sum(blocks):
+        raise InputError(
+            f"the prompt holds {sum(per_row)} image tokens but its {len(blocks)} image(s) need "
+            f"{sum(blocks)} ({', '.join(map(str, blocks))}); build inputs with the model's processor"
+        )
+    ends, rows, start = list(accumulate(per_row)), [], 0
+    for i, block in enumerate(blocks):
+        row = bisect_right(ends, start)
+        if start + block > ends[row]:
+            raise InputError(
+                f"image {i}'s {block} placeholder tokens start in batch row {row} and run past its end; "
+                "each image's placeholders must sit in one row, as the model's processor builds them"
+            )
+        rows.append(row)
+        start += block
+    return rows
+
+
 def _slot_keep_mask(image_mask: Tensor, slot_keep: Tensor) -> Tensor:
     """`[B, P]` keep mask: text and padding kept, the i-th placeholder (row-major) kept as
-    `slot_keep[i]` says (indices clamped: a count mismatch is refused after the host sync)."""
+    `slot_keep[i]` says (indices clamped: the placeholder count is checked by `_image_rows`)."""
     order = (image_mask.flatten().long().cumsum(0) - 1).clamp(0, slot_keep.numel() - 1)
     return torch.where(image_mask, slot_keep[order].view_as(image_mask), True)
 
@@ -100,6 +135,7 @@ class LlavaAdapter(ModelAdapter):
         self._encoder: EncoderStages | None = None
         self._decoders: list[DecoderStage] = []
         self._record: ForwardRecord | None = None
+        self._unread: list[DeferredCheck] = []
 
     def features_keep_cls(self) -> bool:
         """Whether the projector's input starts with the [CLS] feature (`vision_feature_select_strategy="full"`);
@@ -152,11 +188,15 @@ class LlavaAdapter(ModelAdapter):
             before.next = after
         for decoder in self._decoders:
             handles += decoder.attach()
-        return handles + [
-            self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
-            self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
-            self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
-        ]
+        return handles + [self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
+                          *self._core_hooks()]
+
+    def _core_hooks(self) -> list[RemovableHandle]:
+        """The hooks every LLaVA-family adapter sets on the model and its core: labels refused,
+        the prompt rewritten before the core runs, the prefill's deferred checks read after it."""
+        return [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+                self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
+                self.core.register_forward_hook(self._read_checks)]
 
     @staticmethod
     def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -174,7 +214,7 @@ class LlavaAdapter(ModelAdapter):
         signals = self._probe.values()
         encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        records, deferred = [], []  # NaN checks read at the prompt rewrite's host sync, not here
+        records, deferred = [], []  # NaN checks read after the LLM has been launched, not here
         if encoded is not None:
             origin, deferred = encoded.origin, list(encoded.deferred)
             records = [(stage, n_in, r.k, kept, r.weights, scores) for stage, n_in, r, scores, kept in encoded.records]
@@ -213,7 +253,8 @@ class LlavaAdapter(ModelAdapter):
                 )
             if past:
                 raise InputError("images after the first chunk of a cached prompt are not supported")
-            return (), self._compress_prefill(kw, encoded)
+            self._unread = []
+            return (), self._compress_prefill(kw, encoded, self._read_placeholders(kw))
         if self._prefill is not None and past > 0:
             for decoder in self._decoders:
                 decoder.begin_decode()
@@ -223,7 +264,37 @@ class LlavaAdapter(ModelAdapter):
             decoder.reset()
         return None
 
-    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+    def _read_checks(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Core post-hook: read the prefill's deferred checks (scores without NaN, kept tokens in
+        distinct slots), after the LLM has been launched, so that nothing between the vision tower
+        and the LLM waits for the device. A failure raises before the forward returns."""
+        if self._unread:
+            checks, self._unread = self._unread, []
+            raise_deferred(checks)
+
+    def _read_placeholders(self, kw: dict[str, Any]) -> Placeholders:
+        """Where the prompt's image placeholders are: the prefill's one host sync, made before any
+        image is encoded, while the device has nothing queued.
+
+        Raises:
+            InputError: a 4D attention mask other than the causal-with-padding one `generate`
+                builds for static caches (it cannot be remapped onto the compressed prompt).
+        """
+        input_ids: Tensor = kw["input_ids"]
+        image_mask = input_ids == self.config.image_token_id
+        key_mask, checks = kw.get("attention_mask"), []
+        if key_mask is not None and key_mask.dim() == 4:
+            key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
+            checks.append(causal)
+        per_row, *causal_read = raise_deferred([], image_mask.sum(dim=1), *checks)
+        if causal_read and not causal_read[0]:
+            raise InputError(
+                "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
+                "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
+            )
+        return Placeholders(image_mask, [int(n) for n in per_row], key_mask)
+
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
         shorten the prompt to the kept image tokens."""
         self._refuse_feature_overrides(kw)
@@ -243,7 +314,8 @@ class LlavaAdapter(ModelAdapter):
         slot_keep.scatter_(1, slots.to(slot_keep.device), True)
         batch = kw["input_ids"].shape[0]
         comp, new_ids, new_image_mask, mask, image_sample = self._rewrite_prompt(
-            kw, slot_keep.flatten(), features, [block] * n_images, pruned["deferred"])
+            kw, placeholders, slot_keep.flatten(), features, [block] * n_images, [slots.shape[1]] * n_images,
+            pruned["deferred"])
         text, vision = self.config.text_config, self.config.vision_config
         self._record = ForwardRecord(
             stages=[
@@ -316,17 +388,21 @@ class LlavaAdapter(ModelAdapter):
                 )
 
     def _rewrite_prompt(
-        self, kw: dict[str, Any], slot_keep: Tensor, features: Tensor, blocks: list[int],
-        deferred: list[DeferredCheck],
+        self, kw: dict[str, Any], placeholders: Placeholders, slot_keep: Tensor, features: Tensor,
+        blocks: list[int], kept: list[int], deferred: list[DeferredCheck],
     ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
         """Shorten `kw`'s prompt to the kept image slots and put `features` in them; rewrites `kw`
-        (embeddings, mask, positions, cache positions) and the decode state.
+        (embeddings, mask, positions, cache positions) and the decode state. Waits for nothing on
+        the device: `deferred`, and the check that the kept slots are distinct, are read after the
+        LLM has been launched (`_read_checks`).
 
         Args:
+            placeholders: the prompt's placeholders (`_read_placeholders`).
             slot_keep: `[T]` bool over every image placeholder of the batch, in prompt order.
-            features: `[M, D]` the kept image tokens, in prompt order (`M = slot_keep.sum()`).
+            features: `[M, D]` the kept image tokens, in prompt order (`M = sum(kept)`).
             blocks: placeholders per image, in prompt order (`sum(blocks) = T`).
-            deferred: checks to read at this rewrite's host sync.
+            kept: kept tokens per image, in prompt order (each image's count of True in `slot_keep`).
+            deferred: device-side checks of the images' pruning.
         Returns:
             the compaction, the new ids `[B, P']`, the new image mask `[B, P']`, the new
             attention mask, and the batch row of each image.
@@ -335,35 +411,23 @@ class LlavaAdapter(ModelAdapter):
             InputError: the prompt's placeholders do not match the images.
         """
         input_ids: Tensor = kw["input_ids"]
-        image_mask = input_ids == self.config.image_token_id
-        prompt_mask, checks = kw.get("attention_mask"), []
-        if prompt_mask is not None and prompt_mask.dim() == 4:
-            prompt_mask, causal = _key_mask(prompt_mask, input_ids.shape[1])
-            checks.append(causal)
-        keep = _slot_keep_mask(image_mask, slot_keep)
-        kept = keep.sum(dim=1)
-        starts = torch.tensor([0] + blocks[:-1]).cumsum(0).to(input_ids.device)
-        image_rows = torch.searchsorted(image_mask.sum(dim=1).cumsum(0), starts, right=True)
-        image_tokens, longest, shortest, image_sample, *causal_read = raise_deferred(  # the one host sync
-            deferred, image_mask.sum(), kept.max(), kept.min(), image_rows, *checks)
-        if int(image_tokens) != sum(blocks):
-            raise InputError(
-                f"the prompt holds {int(image_tokens)} image tokens but its {len(blocks)} image(s) need "
-                f"{sum(blocks)} ({', '.join(map(str, blocks))}); build inputs with the model's processor"
-            )
-        if causal_read and not causal_read[0]:
-            raise InputError(
-                "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
-                "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
-            )
-        comp = compact(keep, (int(longest), int(shortest)))
+        image_sample = _image_rows(placeholders.per_row, blocks)
+        lengths = [input_ids.shape[1] - n for n in placeholders.per_row]
+        for row, n in zip(image_sample, kept, strict=True):
+            lengths[row] += n
+        keep = _slot_keep_mask(placeholders.mask, slot_keep)
+        distinct = DeferredCheck(  # each image fills at most `kept` slots: equal totals, equal rows
+            (slot_keep.sum() != sum(kept)).reshape(1),
+            "the kept image tokens do not sit in distinct placeholder slots: a selector's index must "
+            "name distinct input tokens", ScoreError)
+        self._unread = [*deferred, distinct]
+        comp = compact(keep, (max(lengths), min(lengths)))
         new_ids = comp.gather(input_ids)
         embeds = self.core.get_input_embeddings()(new_ids)
         new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
-        mask = comp.attention_mask(prompt_mask)
-        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions), prompt_mask)
-        image_sample = [int(row) for row in image_sample]
+        mask = comp.attention_mask(placeholders.key_mask)
+        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions), placeholders.key_mask)
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=self._prefill_positions(kw, comp))
         kw.pop("mm_encoder_outputs", None)

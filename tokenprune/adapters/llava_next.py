@@ -44,7 +44,7 @@ from ..signals import ClsAttention, PatchKeys
 from ..strategy import DeferredCheck
 from ..trace import ForwardRecord
 from .decoder import DecoderStage
-from .llava import LlavaAdapter, _encoder_layers
+from .llava import LlavaAdapter, Placeholders, _encoder_layers
 from .vision import VisionProbe
 
 if TYPE_CHECKING:
@@ -109,8 +109,7 @@ class LlavaNextAdapter(LlavaAdapter):
         handles = self._probe.attach() + [self._calls]
         for decoder in self._decoders:
             handles += decoder.attach()
-        return handles + [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
-                          self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
+        return handles + self._core_hooks()
 
     def layout(self, image_sizes: Tensor, crops: list[int]) -> list[Tensor]:
         """Per image, `[n_i]` long: the `crop * P + patch` of each packed token (crops numbered
@@ -141,7 +140,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
                                           patch_size=self.config.vision_config.image_size) for s in sizes.tolist()]
 
-    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's packed tokens, then
         shorten the prompt to what is kept."""
         self._refuse_feature_overrides(kw)
@@ -173,8 +172,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 results[i] = result
         self._refuse_unequal_images([len(r["kept"]) for r in results], "patch tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results], deferred)
+            kw, placeholders, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results], [len(r["features"]) for r in results], deferred)
         patches = self._info.grid[0] * self._info.grid[1]
         tokens_per_crop = patches + int(self._info.has_cls)
         text = self.config.text_config

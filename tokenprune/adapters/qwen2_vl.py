@@ -37,7 +37,7 @@ from ..registry import register_adapter
 from ..strategy import ModelInfo
 from ..trace import ForwardRecord
 from .decoder import DecoderStage
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, Placeholders
 from .llava_next import CallCapture
 from .sequence import Compaction
 
@@ -86,10 +86,9 @@ class Qwen2VLAdapter(LlavaAdapter):
         handles = [self._calls]
         for decoder in self._decoders:
             handles += decoder.attach()
-        return handles + [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
-                          self.core.register_forward_pre_hook(self._before_core, with_kwargs=True)]
+        return handles + self._core_hooks()
 
-    def _compress_prefill(self, kw: dict[str, Any], encoded: Any) -> dict[str, Any]:
+    def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's merged tokens (images
         of one grid together), then shorten the prompt, M-RoPE positions kept."""
         grid = kw.get("image_grid_thw") if kw.get("image_grid_thw") is not None else self._calls.arguments.get("image_grid_thw")
@@ -127,8 +126,8 @@ class Qwen2VLAdapter(LlavaAdapter):
                               "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
         self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results], deferred)
+            kw, placeholders, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results], [len(r["features"]) for r in results], deferred)
         if kw.get("mm_token_type_ids") is not None:
             kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
         text = self.config.text_config

@@ -77,8 +77,10 @@ class Compaction:
 def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
     """Plan the compaction of a `[B, P]` prompt given `keep` `[B, P]` (bool).
 
-    `lengths` is the (longest, shortest) kept row length when the caller has read it already;
-    otherwise it is read here (one host sync). Nothing else waits for the device.
+    `lengths` is the (longest, shortest) kept row length when the caller knows it already;
+    otherwise it is read here (one host sync). Nothing else waits for the device. Given lengths
+    that `keep` contradicts give a wrong but in-bounds compaction: a caller that passes them checks
+    them (e.g. with a deferred check) before using the result.
     """
     b, p = keep.shape
     kept = keep.sum(dim=1)
@@ -86,7 +88,7 @@ def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
         lengths = tuple(int(v) for v in torch.stack([kept.max(), kept.min()]).tolist())
     p_out, shortest = lengths
     target = keep.long().cumsum(dim=1) - 1 + (p_out - kept)[:, None]  # new column of each kept one
-    target = target.where(keep, p_out)  # removed columns land in a spare last column, cut off below
+    target = target.where(keep, p_out).clamp(0, p_out)  # removed columns land in a spare last column, cut off below
     columns = torch.arange(p, device=keep.device).expand(b, -1)
     source = torch.zeros(b, p_out + 1, dtype=torch.long, device=keep.device).scatter_(1, target, columns)
     valid = torch.zeros(b, p_out + 1, dtype=torch.bool, device=keep.device).scatter_(1, target, keep)
