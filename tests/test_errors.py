@@ -117,6 +117,8 @@ def test_nan_scores_inside_a_model_are_refused_before_the_forward_returns(tiny):
                 tiny.model(**inputs)
             with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[1\]\)"):
                 tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[1\]\)"):
+                tiny.model.model(**inputs)  # the core on its own
         with tp.apply(tiny.model, "vtc-cls@4"):
             placeholders = (inputs["input_ids"] == tiny.model.config.image_token_id).sum(dim=1)
             width = int((inputs["input_ids"].shape[1] - placeholders + 4).max())

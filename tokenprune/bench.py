@@ -335,8 +335,9 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                  warmup: int, interleave: bool, compiled: bool) -> list[dict[str, Any]]:
     """Encode time, time to first token, decode rate and peak memory of every plan: medians of
     `repeats` runs. With `interleave`, each repeat runs every plan once in turn (after every plan's
-    warm-up), so drift in the machine's speed reaches all rows alike; otherwise plan after plan (as
-    compiled runs need: hooks that come and go would retrigger compilation). Compiled rows' timed
+    warm-up), each run in a context of its own, so drift in the machine's speed reaches all rows
+    alike; otherwise plan after plan, each plan's runs in one context (as compiled runs need: hooks
+    that come and go would retrigger compilation). Compiled rows' timed
     runs skip the guards that only decide whether to recompile (`skip_guard_eval_unsafe`): the
     same inputs and hooks as their warm-ups."""
     cuda = device.startswith("cuda")
@@ -357,35 +358,41 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
         return lambda: model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def one(index: int, record: bool) -> None:
+        """One measurement of plan `index`, inside its context."""
         plan = plans[index]
-        with torch.inference_mode(), plan.enter() as handle:
+        with torch.inference_mode():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             images = {k: v for k, v in plan.inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
             encode = clock(lambda: model.model.get_image_features(**images), device)
             ttft = clock(generate(index, 1), device)
             total = clock(generate(index, new_tokens), device)
-            handles[index] = handle
         if record:
             for key, value in (("encode", encode), ("ttft", ttft), ("total", total)):
                 times[index][key].append(value)
             peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
+    def entered(index: int, record: bool) -> None:
+        """One measurement of plan `index` in a context of its own."""
+        with plans[index].enter() as handles[index]:
+            one(index, record)
+
     if interleave:
         for index in range(len(plans)):
             for _ in range(warmup):
-                one(index, record=False)
+                entered(index, record=False)
         for _ in range(repeats):
             for index in range(len(plans)):
-                one(index, record=True)
+                entered(index, record=True)
     else:
         for index in range(len(plans)):
-            for _ in range(warmup):
-                one(index, record=False)
-            # the warm-ups compiled every graph this row runs: its timed runs only pick among them
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled):
-                for _ in range(repeats):
-                    one(index, record=True)
+            with plans[index].enter() as handles[index]:  # one context per row: its graphs stay valid
+                for _ in range(warmup):
+                    one(index, record=False)
+                # the warm-ups compiled every graph this row runs: its timed runs only pick among them
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=compiled):
+                    for _ in range(repeats):
+                        one(index, record=True)
             caches.pop(index, None)  # free this row's KV cache before the next row's
     rows = []
     for plan, measured, peak, handle in zip(plans, times, peaks, handles):

@@ -7,7 +7,7 @@ of model families: what they need from the model they ask for as signals, answer
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -128,35 +128,37 @@ class ScoringStrategy(Strategy):
 
 @dataclass(frozen=True)
 class DeferredCheck:
-    """A validation computed on the device and read later, at a host sync the caller makes anyway.
+    """A validation of device values, computed and read later, at a host sync the caller makes
+    anyway (so that neither the check's kernels nor its read delay the work queued before it).
 
     Attributes:
-        bad: `[N]` bool, True for each failing item (an image, a batch row).
+        failing: returns `[N]` bool, True for each failing item (an image, a batch row).
         message: the error's text; `{items}` stands for the failing items' indices.
         error: the exception raised when some item fails.
     """
 
-    bad: Tensor
+    failing: Callable[[], Tensor]
     message: str
     error: type[Exception] = ScoreError
 
 
 def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float | list[float]]:
-    """Read every deferred check, and the tensors `values` the caller needs anyway, in one
-    device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
+    """Run every deferred check and read it, and the tensors `values` the caller needs anyway, in
+    one device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
 
     Raises:
         the first failing check's `error`, its message naming the failing items.
     """
-    parts = [v.reshape(-1).to(torch.float64) for v in values] + [c.bad.any().reshape(1).double() for c in checks]
-    read = torch.cat(parts).tolist() if parts else []
+    flags = [check.failing() for check in checks]
+    parts = [v.reshape(-1) for v in values] + [f.any().reshape(1) for f in flags]
+    read = [] if not parts else parts[0].tolist() if len(parts) == 1 else torch.cat([p.double() for p in parts]).tolist()
     out, at = [], 0
     for value in values:
         chunk, at = read[at:at + value.numel()], at + value.numel()
         out.append(chunk[0] if value.dim() == 0 else chunk)
-    for check, failed in zip(checks, read[at:]):
+    for check, flag, failed in zip(checks, flags, read[at:]):
         if failed:
-            raise check.error(check.message.format(items=check.bad.nonzero().flatten().tolist()))
+            raise check.error(check.message.format(items=flag.nonzero().flatten().tolist()))
     return out
 
 
@@ -200,7 +202,8 @@ class Selector(Strategy):
                 raise ScoreError(
                     f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]"
                 )
-            check = DeferredCheck(torch.isnan(scores).any(dim=1), f"scores given to selector {self.name!r} contain "
+            nan = torch.isnan(scores).any(dim=1)  # now: scores may live in a CUDA graph's reused output buffers
+            check = DeferredCheck(lambda: nan, f"scores given to selector {self.name!r} contain "
                                   "NaN (images {items}); a scorer must return finite values or ±inf")
             if deferred is None:
                 raise_deferred([check])

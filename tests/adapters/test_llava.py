@@ -1,5 +1,8 @@
 """The LLaVA-1.5 adapter: exact lengths, bit-identical keep-all, batching, generate, restoration."""
 
+import os
+import traceback
+
 import pytest
 import torch
 
@@ -284,7 +287,8 @@ def test_selector_repeating_an_index_is_refused(tiny):
 
 
 class HostReads(torch.overrides.TorchFunctionMode):
-    """Records the tensor methods that read values on the host, while `active`."""
+    """Records the tensor methods that read values on the host from tokenprune's code (not HF's),
+    under the current `window`."""
 
     READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
              torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
@@ -292,29 +296,87 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.active, self.seen = False, []
+        self.window, self.seen = "before", []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.active and func in self.READS:
-            self.seen.append(func.__name__)
+        if func in self.READS and any(f"{os.sep}tokenprune{os.sep}" in f.filename for f in traceback.extract_stack()):
+            self.seen.append((self.window, func.__name__))
         return func(*args, **(kwargs or {}))
+
+    def reads(self, model, spec, call=None):
+        """`(window, method)` of every host read tokenprune makes in one forward of `model` (or in
+        `call(model)`) under `spec`; windows: `before` the tower, `tower` to the LLM, `llm` to the
+        LM head, `after`."""
+        core, self.window, self.seen = model.model, "before", []
+        handles = [module.register_forward_pre_hook(lambda *a, w=window: setattr(self, "window", w))
+                   for module, window in ((core.vision_tower, "tower"), (core.language_model, "llm"),
+                                          (model.lm_head, "after"))]
+        try:
+            with tp.apply(model, spec), self:
+                call(model) if call is not None else model(**self.inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.seen
 
 
 @pytest.mark.parametrize("spec", ["vtc-cls@4", "vtc-cls-ensemble@0.25", "pool@4", "tome@8@vision:1 > vtc-cls@4"])
 @torch.no_grad()
-def test_no_host_read_between_tower_and_llm(tiny, spec):
-    """The prefill reads the prompt before the tower runs and its checks after the LLM is launched:
-    between the two, the host never waits for the device (on a GPU, it queues the LLM behind the
-    tower instead of idling the device while it rewrites the prompt)."""
-    inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
-    reads = HostReads()
-    core = tiny.model.model
-    handles = [core.vision_tower.register_forward_pre_hook(lambda *a: setattr(reads, "active", True)),
-               core.language_model.register_forward_pre_hook(lambda *a: setattr(reads, "active", False))]
-    try:
-        with tp.apply(tiny.model, spec), reads:
-            tiny.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert not reads.active and reads.seen == []
+def test_no_host_read_between_tower_and_lm_head(tiny, spec):
+    """A batch's prefill reads the prompt before the tower runs and its checks after the LM head is
+    launched: in between the host never waits for the device (on a GPU it queues the LLM behind
+    the tower instead of idling the device while it rewrites the prompt)."""
+    probe = HostReads()
+    probe.inputs = tiny.inputs(QUESTIONS, images(2, seed=9))
+    assert probe.reads(tiny.model, spec) == [("before", "tolist"), ("after", "tolist")]
+
+
+@torch.no_grad()
+def test_single_prompt_reads_nothing_before_the_lm_head_and_is_still_checked(tiny):
+    """One prompt's placeholders are its images' blocks: the count, and a 4D mask's causality, are
+    checked after the LM head is launched, and still refused before the forward returns."""
+    probe = HostReads()
+    probe.inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
+    assert probe.reads(tiny.model, "vtc-cls@4") == [("after", "tolist")]
+    inputs, image = probe.inputs, tiny.model.config.image_token_id
+    short = inputs["input_ids"].clone()
+    short[0, (short[0] == image).nonzero()[0, 0]] = 2
+    n = short.shape[1]
+    custom = torch.ones(n, n, dtype=torch.bool).tril()[None, None].clone()
+    custom[0, 0, -1, -3] = False
+    extra = inputs["input_ids"].clone()
+    extra[0, (extra[0] != image).nonzero()[-2, 0]] = image  # more placeholders than slots: no overrun either
+    with tp.apply(tiny.model, "vtc-cls@4"):
+        for ids in (short, extra):
+            with pytest.raises(InputError, match=rf"image tokens are not the {N_PATCHES} its 1 image\(s\) need"):
+                tiny.model(**{**inputs, "input_ids": ids})
+        with pytest.raises(InputError, match="cannot be remapped"):
+            tiny.model(**{**inputs, "attention_mask": custom})
+        assert tiny.model(**inputs).logits.shape[1] == n - N_PATCHES + 4
+
+
+@pytest.mark.parametrize("static", [False, True])
+@torch.no_grad()
+def test_images_after_a_cached_chunk_are_refused(tiny, static):
+    """A dynamic cache's length is on the host (refused at once), a static cache's on the device
+    (refused after the LM head is launched, before the forward returns)."""
+    from transformers import DynamicCache
+
+    inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
+    n = inputs["input_ids"].shape[1]
+    cache = static_cache(tiny.model, 1, 2 * n) if static else DynamicCache(config=tiny.model.config)
+    with tp.apply(tiny.model, "vtc-cls@4"):
+        tiny.model(input_ids=inputs["input_ids"][:, :3], past_key_values=cache)  # a text chunk first
+        with pytest.raises(InputError, match="after the first chunk of a cached prompt"):
+            tiny.model(**inputs, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_generate_on_a_static_cache_reads_nothing_between_tower_and_llm(tiny):
+    """`generate` encodes the images before the forward; the prefill then reads neither the prompt
+    (a single one) nor the static cache's length (a device count) before the LLM is launched."""
+    probe = HostReads()
+    probe.inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
+    cache = static_cache(tiny.model, 1, probe.inputs["input_ids"].shape[1] + 1)
+    reads = probe.reads(tiny.model, "vtc-cls@4", lambda m: m.generate(**probe.inputs, max_new_tokens=1, past_key_values=cache))
+    assert reads == [("after", "tolist")]

@@ -85,11 +85,18 @@ def test_rows_are_measured_round_robin_after_every_warm_up():
     assert [r["layer_tokens"] for r in rows] == [[TEXT_TOKENS + 16] * 3, [TEXT_TOKENS + 4] * 3]
 
 
-def test_static_cache_rows_run_plan_after_plan():
-    model, order = build("tiny", torch.float32, "cpu"), []
-    rows = measure_rows(model, _plans(model, order), repeats=2, new_tokens=3, device="cpu", warmup=1,
-                        interleave=False, compiled=True)
-    assert order == ["unpruned"] * 3 + ["vtc-cls"] * 3
+def test_static_cache_rows_run_plan_after_plan_each_in_one_context():
+    """Every run of a row (warm-up and timed: an encode and two generates each) inside one entry
+    of its context, the rows one after the other."""
+    model, order, towers = build("tiny", torch.float32, "cpu"), [], []
+    handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: towers.append(order[-1]))
+    try:
+        rows = measure_rows(model, _plans(model, order), repeats=2, new_tokens=3, device="cpu", warmup=1,
+                            interleave=False, compiled=True)
+    finally:
+        handle.remove()
+    assert order == ["unpruned", "vtc-cls"]
+    assert towers == ["unpruned"] * 9 + ["vtc-cls"] * 9
     assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
 
 

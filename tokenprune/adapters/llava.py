@@ -37,17 +37,24 @@ class _Prefill:
 
     compaction: Compaction
     attention_mask: Tensor | None  # [B, P'] as given to the LLM
-    position_shift: Tensor  # [B]
     prompt_mask: Tensor | None  # [B, P] the original prompt's 2D mask
 
 
 @dataclass(frozen=True)
 class Placeholders:
-    """A prompt's image placeholders, read from the device before its images are encoded."""
+    """A prompt's image placeholders, read from the device before its images are encoded (a batch
+    of several prompts), or not read at all (a single prompt: they are its images' blocks, which
+    is checked after the LM head is launched)."""
 
     mask: Tensor  # [B, P] bool, the placeholder columns
-    per_row: list[int]  # placeholders in each batch row
+    per_row: list[int] | None  # placeholders in each batch row; None: not read (a single prompt)
     key_mask: Tensor | None  # [B, P] the prompt's 2D attention mask (the one behind a 4D mask), or None
+    causal: Tensor | None  # 0-dim bool, whether a 4D mask was causal; None: read already, or no 4D mask
+
+
+_LATER_CHUNK = "images after the first chunk of a cached prompt are not supported"
+_CUSTOM_MASK = ("tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; this 4D "
+                "attention mask is neither, so it cannot be remapped onto the compressed prompt")
 
 
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -97,13 +104,6 @@ def _image_rows(per_row: list[int], blocks: list[int]) -> list[int]:
     return rows
 
 
-def _slot_keep_mask(image_mask: Tensor, slot_keep: Tensor) -> Tensor:
-    """`[B, P]` keep mask: text and padding kept, the i-th placeholder (row-major) kept as
-    `slot_keep[i]` says (indices clamped: the placeholder count is checked by `_image_rows`)."""
-    order = (image_mask.flatten().long().cumsum(0) - 1).clamp(0, slot_keep.numel() - 1)
-    return torch.where(image_mask, slot_keep[order].view_as(image_mask), True)
-
-
 @register_adapter("llava")
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 (`LlavaForConditionalGeneration`): prunes inside the vision encoder, before the
@@ -136,6 +136,7 @@ class LlavaAdapter(ModelAdapter):
         self._decoders: list[DecoderStage] = []
         self._record: ForwardRecord | None = None
         self._unread: list[DeferredCheck] = []
+        self._in_model = False  # the core runs inside the whole model's forward
 
     def features_keep_cls(self) -> bool:
         """Whether the projector's input starts with the [CLS] feature (`vision_feature_select_strategy="full"`);
@@ -193,18 +194,32 @@ class LlavaAdapter(ModelAdapter):
 
     def _core_hooks(self) -> list[RemovableHandle]:
         """The hooks every LLaVA-family adapter sets on the model and its core: labels refused,
-        the prompt rewritten before the core runs, the prefill's deferred checks read after it."""
-        return [self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True),
+        the prompt rewritten before the core runs, the prefill's deferred checks read after the
+        LM head has been launched (after the core, when the core is called on its own)."""
+        return [self.model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+                self.model.register_forward_hook(self._after_model, always_call=True),
                 self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
-                self.core.register_forward_hook(self._read_checks)]
+                self.core.register_forward_hook(self._after_core)]
 
-    @staticmethod
-    def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
             raise InputError(
                 "labels are not supported inside tokenprune.apply: the LLM sees a shorter sequence "
                 "than the labels describe; compute losses outside the context"
             )
+        self._in_model = True
+
+    def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Runs after every forward of the whole model, also one that raised (`output` None)."""
+        self._in_model = False
+        if output is None:
+            self._unread = []
+        else:
+            self._read_checks()
+
+    def _after_core(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._in_model:
+            self._read_checks()
 
     def _prune_features(self, module: nn.Module, args: tuple) -> tuple:
         """Projector pre-hook: run the stages on the tower's features `[I, N(+1), D]`."""
@@ -251,10 +266,15 @@ class LlavaAdapter(ModelAdapter):
                     "with images, tokenprune needs input_ids holding the image placeholder tokens "
                     "(as the processor builds them), not inputs_embeds"
                 )
-            if past:
-                raise InputError("images after the first chunk of a cached prompt are not supported")
-            self._unread = []
-            return (), self._compress_prefill(kw, encoded, self._read_placeholders(kw))
+            first = []
+            if isinstance(past, Tensor):  # a static cache counts on the device: checked after the LM head
+                started = (past != 0).reshape(1)  # now: the prefill advances the cache's count in place
+                first.append(DeferredCheck(lambda: started, _LATER_CHUNK, InputError))
+            elif past:
+                raise InputError(_LATER_CHUNK)
+            kw = self._compress_prefill(kw, encoded, self._read_placeholders(kw))
+            self._unread = first + self._unread
+            return (), kw
         if self._prefill is not None and past > 0:
             for decoder in self._decoders:
                 decoder.begin_decode()
@@ -264,17 +284,18 @@ class LlavaAdapter(ModelAdapter):
             decoder.reset()
         return None
 
-    def _read_checks(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Core post-hook: read the prefill's deferred checks (scores without NaN, kept tokens in
-        distinct slots), after the LLM has been launched, so that nothing between the vision tower
-        and the LLM waits for the device. A failure raises before the forward returns."""
+    def _read_checks(self) -> None:
+        """Read the prefill's deferred checks (scores without NaN, kept tokens in distinct slots)
+        once the LLM has been launched, so that nothing between the vision tower and the LLM waits
+        for the device. A failure raises before the forward returns."""
         if self._unread:
             checks, self._unread = self._unread, []
             raise_deferred(checks)
 
     def _read_placeholders(self, kw: dict[str, Any]) -> Placeholders:
-        """Where the prompt's image placeholders are: the prefill's one host sync, made before any
-        image is encoded, while the device has nothing queued.
+        """Where the prompt's image placeholders are. A batch of several prompts needs each row's
+        count on the host (to size the compressed batch): the prefill's one host sync before the
+        LM head. A single prompt needs none.
 
         Raises:
             InputError: a 4D attention mask other than the causal-with-padding one `generate`
@@ -282,17 +303,15 @@ class LlavaAdapter(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == self.config.image_token_id
-        key_mask, checks = kw.get("attention_mask"), []
+        key_mask, causal = kw.get("attention_mask"), None
         if key_mask is not None and key_mask.dim() == 4:
             key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
-            checks.append(causal)
-        per_row, *causal_read = raise_deferred([], image_mask.sum(dim=1), *checks)
+        if input_ids.shape[0] == 1:
+            return Placeholders(image_mask, None, key_mask, causal)
+        per_row, *causal_read = raise_deferred([], image_mask.sum(dim=1), *([causal] if causal is not None else []))
         if causal_read and not causal_read[0]:
-            raise InputError(
-                "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; "
-                "this 4D attention mask is neither, so it cannot be remapped onto the compressed prompt"
-            )
-        return Placeholders(image_mask, [int(n) for n in per_row], key_mask)
+            raise InputError(_CUSTOM_MASK)
+        return Placeholders(image_mask, [int(n) for n in per_row], key_mask, None)
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images (pruned by `_prune_features`) unless `generate` already did, then
@@ -411,29 +430,51 @@ class LlavaAdapter(ModelAdapter):
             InputError: the prompt's placeholders do not match the images.
         """
         input_ids: Tensor = kw["input_ids"]
-        image_sample = _image_rows(placeholders.per_row, blocks)
-        lengths = [input_ids.shape[1] - n for n in placeholders.per_row]
+        checks, per_row, image_mask = self._unread_prompt_checks(placeholders, blocks), placeholders.per_row, placeholders.mask
+        image_sample = _image_rows(per_row if per_row is not None else [sum(blocks)], blocks)
+        lengths = [input_ids.shape[1] - n for n in (per_row if per_row is not None else [sum(blocks)])]
         for row, n in zip(image_sample, kept, strict=True):
             lengths[row] += n
-        keep = _slot_keep_mask(placeholders.mask, slot_keep)
+        features = features.to(input_ids.device, self.core.get_input_embeddings().weight.dtype)
+        if per_row is None:  # an unread count may exceed the slots: pad the sources so no scatter overruns
+            slot_keep = torch.cat([slot_keep, slot_keep.new_zeros(image_mask.numel())])
+            features = torch.cat([features, features.new_zeros(image_mask.numel(), features.shape[1])])
+        keep = (~image_mask).masked_scatter(image_mask, slot_keep)  # placeholders in prompt order
+        total = sum(kept)
         distinct = DeferredCheck(  # each image fills at most `kept` slots: equal totals, equal rows
-            (slot_keep.sum() != sum(kept)).reshape(1),
+            lambda: (slot_keep.sum() != total).reshape(1),
             "the kept image tokens do not sit in distinct placeholder slots: a selector's index must "
             "name distinct input tokens", ScoreError)
-        self._unread = [*deferred, distinct]
+        self._unread = [*checks, *deferred, distinct]
         comp = compact(keep, (max(lengths), min(lengths)))
         new_ids = comp.gather(input_ids)
         embeds = self.core.get_input_embeddings()(new_ids)
-        new_image_mask = (new_ids == self.config.image_token_id) & comp.valid
-        embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
+        new_image_mask = comp.gather(image_mask, False)
+        embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
         mask = comp.attention_mask(placeholders.key_mask)
-        self._prefill = _Prefill(comp, mask, comp.position_shift(self.positions), placeholders.key_mask)
+        self._prefill = _Prefill(comp, mask, placeholders.key_mask)
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
                   position_ids=self._prefill_positions(kw, comp))
         kw.pop("mm_encoder_outputs", None)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return comp, new_ids, new_image_mask, mask, image_sample
+
+    @staticmethod
+    def _unread_prompt_checks(placeholders: Placeholders, blocks: list[int]) -> list[DeferredCheck]:
+        """The prompt checks a single prompt defers until after the LM head: its placeholder count,
+        and that a 4D attention mask is causal."""
+        checks = []
+        if placeholders.per_row is None:
+            count, need = placeholders.mask.sum(), sum(blocks)
+            checks.append(DeferredCheck(
+                lambda: (count != need).reshape(1),
+                f"the prompt's image tokens are not the {need} its {len(blocks)} image(s) need "
+                f"({', '.join(map(str, blocks))}); build inputs with the model's processor", InputError))
+        if placeholders.causal is not None:
+            causal = placeholders.causal
+            checks.append(DeferredCheck(lambda: (~causal).reshape(1), _CUSTOM_MASK, InputError))
+        return checks
 
     def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor | None:
         """Position ids `[B, P']` of the compressed prompt (see `positions`); `None` keeps HF's default."""
@@ -483,7 +524,7 @@ class LlavaAdapter(ModelAdapter):
             kw["attention_mask"] = torch.cat([state.attention_mask, tail], dim=1)
         position_ids = kw.get("position_ids")
         if position_ids is not None:
-            kw["position_ids"] = position_ids - state.position_shift.to(position_ids.device)[:, None]
+            kw["position_ids"] = position_ids - comp.position_shift(self.positions).to(position_ids.device)[:, None]
         elif self.positions == "original":
             kw["position_ids"] = self._decode_positions(mask, past + comp.length_in - comp.length_out, step)
         if kw.get("cache_position") is not None:

@@ -13,6 +13,7 @@ family). The rules, documented in `docs/concepts.md`:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -25,33 +26,52 @@ class Compaction:
     """How a `[B, P]` prompt became `[B, P']`.
 
     Attributes:
-        source: `[B, P']` long, the original column of each new column (0 where `valid` is False).
-        valid: `[B, P']` bool, False for padding added to keep the batch rectangular.
-        removed_before: `[B, P]` long, how many columns were removed before each original column.
-        removed: `[B]` long, columns removed per row.
-        padded: whether some row was left-padded (`valid` has a False).
+        source: `[B, P']` long, the original column of each new column (0 at added padding).
+        keep: `[B, P]` bool, the kept original columns.
+        padding: `[B, P']` bool, True at padding added to keep the batch rectangular; `None` when
+            every row kept as many columns.
     """
 
     source: Tensor
-    valid: Tensor
-    removed_before: Tensor
-    removed: Tensor
-    padded: bool
+    keep: Tensor
+    padding: Tensor | None
+
+    @property
+    def padded(self) -> bool:
+        """Whether some row was left-padded."""
+        return self.padding is not None
+
+    @cached_property
+    def valid(self) -> Tensor:
+        """`[B, P']` bool, False at added padding."""
+        return ~self.padding if self.padding is not None else torch.ones_like(self.source, dtype=torch.bool)
+
+    @cached_property
+    def removed_before(self) -> Tensor:
+        """`[B, P]` long, how many columns were removed before each original column."""
+        dropped = (~self.keep).long()
+        return dropped.cumsum(dim=1) - dropped
+
+    @cached_property
+    def removed(self) -> Tensor:
+        """`[B]` long, columns removed per row."""
+        return (~self.keep).sum(dim=1)
 
     @property
     def length_in(self) -> int:
-        return self.removed_before.shape[1]
+        return self.keep.shape[1]
 
     @property
     def length_out(self) -> int:
         return self.source.shape[1]
 
-    def gather(self, values: Tensor, fill: int | float = 0) -> Tensor:
+    def gather(self, values: Tensor, fill: int | float | bool = 0) -> Tensor:
         """`values` `[B, P, ...]` at the kept columns, `[B, P', ...]`; `fill` at added padding."""
         index = self.source.view(*self.source.shape, *([1] * (values.dim() - 2)))
         out = torch.gather(values, 1, index.expand(-1, -1, *values.shape[2:]))
-        mask = self.valid.view(*self.valid.shape, *([1] * (values.dim() - 2)))
-        return out.masked_fill(~mask, fill)
+        if self.padding is None:
+            return out
+        return out.masked_fill(self.padding.view(*index.shape), fill)
 
     def attention_mask(self, mask: Tensor | None) -> Tensor | None:
         """The `[B, P']` mask for the kept columns; `None` stays `None` when nothing was padded."""
@@ -64,7 +84,7 @@ class Compaction:
         if position_ids is None:
             if mode == "contiguous":
                 return None
-            position_ids = torch.arange(self.length_in, device=self.source.device).expand_as(self.removed_before)
+            position_ids = torch.arange(self.length_in, device=self.source.device).expand_as(self.keep)
         if mode == "contiguous":
             position_ids = position_ids - self.removed_before
         return self.gather(position_ids)
@@ -82,21 +102,15 @@ def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
     that `keep` contradicts give a wrong but in-bounds compaction: a caller that passes them checks
     them (e.g. with a deferred check) before using the result.
     """
-    b, p = keep.shape
-    kept = keep.sum(dim=1)
+    p = keep.shape[1]
     if lengths is None:
+        kept = keep.sum(dim=1)
         lengths = tuple(int(v) for v in torch.stack([kept.max(), kept.min()]).tolist())
     p_out, shortest = lengths
-    target = keep.long().cumsum(dim=1) - 1 + (p_out - kept)[:, None]  # new column of each kept one
-    target = target.where(keep, p_out).clamp(0, p_out)  # removed columns land in a spare last column, cut off below
-    columns = torch.arange(p, device=keep.device).expand(b, -1)
-    source = torch.zeros(b, p_out + 1, dtype=torch.long, device=keep.device).scatter_(1, target, columns)
-    valid = torch.zeros(b, p_out + 1, dtype=torch.bool, device=keep.device).scatter_(1, target, keep)
-    dropped = (~keep).long()
-    return Compaction(
-        source=source[:, :p_out].contiguous(),
-        valid=valid[:, :p_out].contiguous(),
-        removed_before=dropped.cumsum(dim=1) - dropped,
-        removed=dropped.sum(dim=1),
-        padded=shortest < p_out,
-    )
+    # a stable sort on the flag puts each row's kept columns last, in order: a row's last p_out
+    # columns are its kept ones, after the removed ones that become its left padding
+    source = keep.to(torch.uint8).argsort(dim=1, stable=True)[:, p - p_out:]
+    if shortest == p_out:
+        return Compaction(source=source, keep=keep, padding=None)
+    padding = ~keep.gather(1, source)
+    return Compaction(source=source.masked_fill(padding, 0), keep=keep, padding=padding)
