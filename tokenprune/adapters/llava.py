@@ -466,9 +466,9 @@ class LlavaAdapter(ModelAdapter):
         and that a 4D attention mask is causal."""
         checks = []
         if placeholders.per_row is None:
-            count, need = placeholders.mask.sum(), sum(blocks)
+            mask, need = placeholders.mask, sum(blocks)
             checks.append(DeferredCheck(
-                lambda: (count != need).reshape(1),
+                lambda: (mask.sum() != need).reshape(1),
                 f"the prompt's image tokens are not the {need} its {len(blocks)} image(s) need "
                 f"({', '.join(map(str, blocks))}); build inputs with the model's processor", InputError))
         if placeholders.causal is not None:
