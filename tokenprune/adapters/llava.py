@@ -42,9 +42,9 @@ class _Prefill:
 
 @dataclass(frozen=True)
 class Placeholders:
-    """A prompt's image placeholders, read from the device before its images are encoded (a batch
-    of several prompts), or not read at all (a single prompt: they are its images' blocks, which
-    is checked after the LM head is launched)."""
+    """A prompt's image placeholders: each row's count read from the device when the prefill starts
+    (a batch of several prompts), or not read at all (a single prompt: they are its images'
+    blocks, which is checked after the LM head is launched)."""
 
     mask: Tensor  # [B, P] bool, the placeholder columns
     per_row: list[int] | None  # placeholders in each batch row; None: not read (a single prompt)
@@ -285,9 +285,10 @@ class LlavaAdapter(ModelAdapter):
         return None
 
     def _read_checks(self) -> None:
-        """Read the prefill's deferred checks (scores without NaN, kept tokens in distinct slots)
-        once the LLM has been launched, so that nothing between the vision tower and the LLM waits
-        for the device. A failure raises before the forward returns."""
+        """Read the prefill's deferred checks (scores without NaN, kept tokens in distinct slots, and
+        a single prompt's `_unread_prompt_checks` and cache length) once the LM head has been
+        launched, so that nothing between the vision tower and the LLM waits for the device. A
+        failure raises before the forward returns."""
         if self._unread:
             checks, self._unread = self._unread, []
             raise_deferred(checks)
