@@ -95,9 +95,10 @@ def test_signal_from_a_block_whose_tokens_are_gone_is_refused(tiny, spec, block)
 
 
 def test_nan_scores_inside_a_model_are_refused_before_the_forward_returns(tiny):
-    """The adapter defers the NaN check until the LLM has been launched (nothing between tower
+    """The adapter defers the NaN check until the LM head has been launched (nothing between tower
     and LLM waits for the device); it still fires, naming the image, before the forward or
-    `generate` returns anything, and the next call runs clean."""
+    `generate` returns anything, or on exit for an encoding no forward consumed; the next call
+    runs clean."""
     from tokenprune.registry import REGISTRY
 
     REGISTRY.ensure_loaded()
@@ -119,6 +120,25 @@ def test_nan_scores_inside_a_model_are_refused_before_the_forward_returns(tiny):
                 tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
             with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[1\]\)"):
                 tiny.model.model(**inputs)  # the core on its own
+        with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[1\]\)"):
+            with tp.apply(tiny.model, "nan-for-second-image@4"):  # encoded alone: refused on exit
+                tiny.model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        calls = []
+
+        @tp.register("nan-on-first-call")
+        class NanOnFirstCall(tp.ScoringStrategy):
+            def score(self, ctx):
+                scores = ctx.tokens.float().norm(dim=-1)
+                if not calls:
+                    scores[0, 1] = float("nan")
+                calls.append(1)
+                return scores
+
+        with tp.apply(tiny.model, "nan-on-first-call@4"):  # an encoding alone, then a clean forward
+            tiny.model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            with pytest.raises(ScoreError, match=r"selector 'topk' contain NaN \(images \[0\]\)"):
+                tiny.model(**inputs)
+        assert len(calls) == 2
         with tp.apply(tiny.model, "vtc-cls@4"):
             placeholders = (inputs["input_ids"] == tiny.model.config.image_token_id).sum(dim=1)
             width = int((inputs["input_ids"].shape[1] - placeholders + 4).max())

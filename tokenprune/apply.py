@@ -57,6 +57,8 @@ def apply(
     Raises:
         UnsupportedModelError: no adapter supports the model.
         PlaceError, SignalError: the pipeline cannot run on this model.
+        ScoreError: on exit, for image features encoded inside the context (e.g. by calling
+            `get_image_features` alone) whose scores contained NaN and that no forward consumed.
     """
     pipeline = Pipeline.coerce(pipeline)
     if model in _ACTIVE:
@@ -72,3 +74,4 @@ def apply(
         for handle in handles:
             handle.remove()
         _ACTIVE.discard(model)
+    adapter.finish()

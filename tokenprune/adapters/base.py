@@ -57,6 +57,10 @@ class ModelAdapter(ABC):
     def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
         """Install the hooks that run `pipeline`, recording into `run`; return their handles."""
 
+    def finish(self) -> None:
+        """The context exits without an exception, its hooks removed: raise for anything computed
+        inside it and not validated yet (nothing by default)."""
+
     def check(self, pipeline: Pipeline) -> None:
         """Refuse, before any forward, a pipeline this adapter cannot run.
 

@@ -229,9 +229,11 @@ class LlavaAdapter(ModelAdapter):
         signals = self._probe.values()
         encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        records, deferred = [], []  # NaN checks read after the LLM has been launched, not here
+        # NaN checks read after the LM head has been launched, not here; those of an encoding no
+        # prefill consumed (`get_image_features` called alone) go with this one's, or to `finish`
+        records, deferred = [], list(self._encoded["deferred"]) if self._encoded is not None else []
         if encoded is not None:
-            origin, deferred = encoded.origin, list(encoded.deferred)
+            origin, deferred = encoded.origin, deferred + list(encoded.deferred)
             records = [(stage, n_in, r.k, kept, r.weights, scores) for stage, n_in, r, scores, kept in encoded.records]
         for stage in self._projector_stages:
             n_in = tokens.shape[1]
@@ -283,6 +285,11 @@ class LlavaAdapter(ModelAdapter):
         for decoder in self._decoders:
             decoder.reset()
         return None
+
+    def finish(self) -> None:
+        pending, self._encoded = self._encoded, None
+        if pending is not None:
+            raise_deferred(pending["deferred"])
 
     def _read_checks(self) -> None:
         """Read the prefill's deferred checks (scores without NaN, kept tokens in distinct slots, and
