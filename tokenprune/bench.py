@@ -337,9 +337,9 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
     `repeats` runs. With `interleave`, each repeat runs every plan once in turn (after every plan's
     warm-up), each run in a context of its own, so drift in the machine's speed reaches all rows
     alike; otherwise plan after plan, each plan's runs in one context (as compiled runs need: hooks
-    that come and go would retrigger compilation). Compiled rows' timed
-    runs skip the guards that only decide whether to recompile (`skip_guard_eval_unsafe`): the
-    same inputs and hooks as their warm-ups."""
+    that come and go would retrigger compilation). Compiled rows' timed runs skip the guards that
+    only decide whether to recompile (`skip_guard_eval_unsafe`): the same inputs and hooks as their
+    warm-ups."""
     cuda = device.startswith("cuda")
     times: list[dict[str, list[float]]] = [{"encode": [], "ttft": [], "total": []} for _ in plans]
     peaks, handles = [0.0] * len(plans), [None] * len(plans)

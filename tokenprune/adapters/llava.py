@@ -439,8 +439,9 @@ class LlavaAdapter(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         checks, per_row, image_mask = self._unread_prompt_checks(placeholders, blocks), placeholders.per_row, placeholders.mask
-        image_sample = _image_rows(per_row if per_row is not None else [sum(blocks)], blocks)
-        lengths = [input_ids.shape[1] - n for n in (per_row if per_row is not None else [sum(blocks)])]
+        counts = per_row if per_row is not None else [sum(blocks)]  # unread: one row holds every block
+        image_sample = _image_rows(counts, blocks)
+        lengths = [input_ids.shape[1] - n for n in counts]
         for row, n in zip(image_sample, kept, strict=True):
             lengths[row] += n
         features = features.to(input_ids.device, self.core.get_input_embeddings().weight.dtype)
