@@ -25,13 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [f"### {title}", "", "| strategy | spec | kept | accuracy | agreement | KL | LLM FLOPs | latency/sample |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| strategy | spec | kept | accuracy | agreement | KL | LLM FLOPs | latency/sample |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         kept = "all" if r["kept"] is None else f"{r['kept']:.0f}"
-        lines.append(f"| {r['strategy']} | `{r['spec'] or '-'}` | {kept} | {acc} | {100 * r['agreement']:.1f}% | "
-                     f"{r['kl']:.3f} | {r['flops_ratio']:.2f} | {r['latency_ms']:.2f} ms |")
+        lines.append(
+            f"| {r['strategy']} | `{r['spec'] or '-'}` | {kept} | {acc} | {100 * r['agreement']:.1f}% | "
+            f"{r['kl']:.3f} | {r['flops_ratio']:.2f} | {r['latency_ms']:.2f} ms |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -50,8 +56,12 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
-    timing = {"command": " ".join(command[1:]).replace(str(ROOT) + "/", ""), "seconds": round(seconds, 1),
-              "torch_threads": torch.get_num_threads(), **environment()}
+    timing = {
+        "command": " ".join(command[1:]).replace(str(ROOT) + "/", ""),
+        "seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        **environment(),
+    }
     (ROOT / "docs" / "results" / f"{args.name}-timing.json").write_text(json.dumps(timing, indent=2))
     rows = json.loads((out / "results.json").read_text())["rows"]
     title = f"{args.name}: {seconds:.0f} s wall on {environment()['platform']}"

@@ -37,10 +37,17 @@ def main() -> None:
             original = warnings.showwarning
 
             def record(message, category, filename, lineno, file=None, line=None) -> None:
-                frames = [f for f in traceback.extract_stack()[:-1]
-                          if "tokenprune" in f.filename or "transformers" in f.filename]
-                calls.append((str(message).splitlines()[0], [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
-                                                             for f in frames[-4:]]))
+                frames = [
+                    f
+                    for f in traceback.extract_stack()[:-1]
+                    if "tokenprune" in f.filename or "transformers" in f.filename
+                ]
+                calls.append(
+                    (
+                        str(message).splitlines()[0],
+                        [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-4:]],
+                    )
+                )
 
             warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")

@@ -6,8 +6,8 @@ warm-up times (compilation, graph recording), the time of one prefill forward wi
 (`prefill_forward_ms`), dynamo's counters, and a device profile of one TTFT
 (how many kernels were launched one by one, how many CUDA graphs were replayed, how many
 times the host waited for the device). Writes
-`compiled.json`, `profile_<row>.txt` and `trace_<row>.json` (Chrome trace) into OUT_DIR after every row, so a run cut short keeps what
-it measured.
+`compiled.json`, `profile_<row>.txt` and `trace_<row>.json` (Chrome trace) into OUT_DIR after every row,
+so a run cut short keeps what it measured.
 
 Usage: python benchmarks/profile_compiled.py OUT_DIR [--arch llava-1.5-7b] [--k 64] [--mode cudagraphs]
 """
@@ -18,9 +18,10 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,8 +50,14 @@ def main() -> None:
         ("oracle", short, lambda: bench.oracle_route(model, args.k)),
         ("vtc-cls", full, lambda: apply(model, f"vtc-cls@{args.k}")),
     ]
-    result: dict[str, Any] = {"arch": args.arch, "k": args.k, "mode": args.mode, "eager": {}, "compiled": {},
-                              **environment()}
+    result: dict[str, Any] = {
+        "arch": args.arch,
+        "k": args.k,
+        "mode": args.mode,
+        "eager": {},
+        "compiled": {},
+        **environment(),
+    }
 
     def save() -> None:
         result["elapsed_s"] = time.perf_counter() - started
@@ -66,8 +73,9 @@ def main() -> None:
         """One forward on the prompt, last position's logits only: the first token without generate."""
         cache.reset()
         positions = torch.arange(inputs["input_ids"].shape[1], device=args.device)
-        return bench.clock(lambda: model(**inputs, past_key_values=cache, cache_position=positions, logits_to_keep=1),
-                           args.device)
+        return bench.clock(
+            lambda: model(**inputs, past_key_values=cache, cache_position=positions, logits_to_keep=1), args.device
+        )
 
     with torch.inference_mode():
         for name, inputs, enter in rows:
@@ -88,9 +96,11 @@ def main() -> None:
                     ttft(inputs, cache)
                 forward = [prefill(inputs, cache) for _ in range(args.repeats + 3)][3:]
             events = prof.key_averages()
-            count = lambda key: sum(e.count for e in events if e.key == key)  # noqa: E731
+            count = lambda key, events=events: sum(e.count for e in events if e.key == key)  # noqa: E731
             result["compiled"][name] = {
-                "ttft_ms": statistics.median(times), "warmup_ms": warm, "prefill_forward_ms": statistics.median(forward),
+                "ttft_ms": statistics.median(times),
+                "warmup_ms": warm,
+                "prefill_forward_ms": statistics.median(forward),
                 "kernel_launches": count("cudaLaunchKernel") + count("cuLaunchKernelEx") + count("cudaLaunchKernelExC"),
                 "graph_launches": count("cudaGraphLaunch"),
                 "host_syncs": count("cudaStreamSynchronize") + count("cudaDeviceSynchronize"),
@@ -98,8 +108,14 @@ def main() -> None:
             }
             (args.out / f"profile_{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
             prof.export_chrome_trace(str(args.out / f"trace_{name}.json"))
-            print(name, "compiled", result["compiled"][name]["ttft_ms"], "forward", result["compiled"][name]["prefill_forward_ms"],
-                  flush=True)
+            print(
+                name,
+                "compiled",
+                result["compiled"][name]["ttft_ms"],
+                "forward",
+                result["compiled"][name]["prefill_forward_ms"],
+                flush=True,
+            )
             save()
             del cache
 

@@ -43,11 +43,11 @@ def main() -> None:
 
     for batch in (int(b) for b in args.batch.split(",")):
         full, short = bench.inputs(model, batch, n), bench.inputs(model, batch, args.k)
-        row = {"batch": batch, "unpruned_ms": bench.timed(lambda: prefill(full), args.repeats, "cuda", 3)}
-        with bench.features_cut_to(model, lambda f: f[:, :args.k]):
-            row["oracle_ms"] = bench.timed(lambda: prefill(short), args.repeats, "cuda", 3)
+        row = {"batch": batch, "unpruned_ms": bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)}
+        with bench.features_cut_to(model, lambda f: f[:, : args.k]):
+            row["oracle_ms"] = bench.timed(lambda short=short: prefill(short), args.repeats, "cuda", 3)
         with apply(model, spec):
-            row["pruned_ms"] = bench.timed(lambda: prefill(full), args.repeats, "cuda", 3)
+            row["pruned_ms"] = bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)
         row["pruned_over_oracle"] = row["pruned_ms"] / row["oracle_ms"]
         row["speedup_share"] = (row["unpruned_ms"] / row["pruned_ms"]) / (row["unpruned_ms"] / row["oracle_ms"])
         rows.append(row)
@@ -73,7 +73,7 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(30)
         return text.getvalue()
 
-    with bench.features_cut_to(model, lambda f: f[:, :args.k]):
+    with bench.features_cut_to(model, lambda f: f[:, : args.k]):
         (args.out / "cprofile_oracle.txt").write_text(python_profile(short))
     with apply(model, spec):
         (args.out / "cprofile.txt").write_text(python_profile(full))
@@ -82,8 +82,11 @@ def main() -> None:
                 prefill(full)
             torch.cuda.synchronize()
         (args.out / "torch_profile.txt").write_text(
-            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
-    (args.out / "prefill.json").write_text(json.dumps({"rows": rows, "spec": spec, "arch": args.arch, **environment()}, indent=2))
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45)
+        )
+    (args.out / "prefill.json").write_text(
+        json.dumps({"rows": rows, "spec": spec, "arch": args.arch, **environment()}, indent=2)
+    )
 
 
 if __name__ == "__main__":

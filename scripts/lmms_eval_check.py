@@ -28,8 +28,14 @@ def requests(kind: str) -> list[Instance]:
     made = []
     for i, s in enumerate(samples):
         second = dict(settings) if kind == "generate_until" else s.answer
-        made.append(Instance(request_type=kind, arguments=(s.question, second, lambda doc: [doc["image"]], i, "demo", "eval"),
-                             idx=0, metadata={"task": "demo", "doc_id": i, "repeats": 1}))
+        made.append(
+            Instance(
+                request_type=kind,
+                arguments=(s.question, second, lambda doc: [doc["image"]], i, "demo", "eval"),
+                idx=0,
+                metadata={"task": "demo", "doc_id": i, "repeats": 1},
+            )
+        )
     return made
 
 
@@ -42,16 +48,18 @@ for spec in (None, "vtc-cls@36", "vtc-cls-ensemble@36", "fastv@0.25"):
     answers = lmm.generate_until(requests("generate_until"))
     direct = []
     for s in samples:
-        inputs = lmm.processor(images=[s.image], text=build_prompt(lmm.processor, s.question), return_tensors="pt").to(device)
-        with torch.inference_mode(), (tp.apply(lmm.model, spec) if spec else torch.no_grad()):
+        inputs = lmm.processor(images=[s.image], text=build_prompt(lmm.processor, s.question), return_tensors="pt").to(
+            device
+        )
+        with torch.inference_mode(), tp.apply(lmm.model, spec) if spec else torch.no_grad():
             ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        direct.append(lmm.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        direct.append(lmm.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     likelihoods = lmm.loglikelihood(requests("loglikelihood")[:16])
     report[spec or "unpruned"] = {
         "is_lmms_subclass": isinstance(lmm, lmms),
-        "accuracy": sum(a.strip() == s.answer for a, s in zip(answers, samples)) / len(samples),
+        "accuracy": sum(a.strip() == s.answer for a, s in zip(answers, samples, strict=False)) / len(samples),
         "equal_to_direct_generate": answers == direct,
-        "mismatches": [(i, a, d) for i, (a, d) in enumerate(zip(answers, direct)) if a != d][:5],
+        "mismatches": [(i, a, d) for i, (a, d) in enumerate(zip(answers, direct, strict=False)) if a != d][:5],
         "answer_is_greedy": sum(g for _, g in likelihoods) / len(likelihoods),
         "mean_loglikelihood": sum(lp for lp, _ in likelihoods) / len(likelihoods),
         "traces": len(lmm.traces),

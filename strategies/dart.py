@@ -44,11 +44,17 @@ class DARTDedup(Selector):
     text_pivots: int = Field(4, ge=0)
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        text = (TextPivots(layer=info.layer_before_stage(self.name), count=self.text_pivots),) if self.text_pivots else ()
+        text = (
+            (TextPivots(layer=info.layer_before_stage(self.name), count=self.text_pivots),) if self.text_pivots else ()
+        )
         return (NormedTokens(), *text)
 
     def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        self,
+        tokens: Tensor,
+        scores: Tensor | None,
+        k: int,
+        grid: tuple[int, int] | None = None,
         signals: Mapping[Signal, Tensor] | None = None,
     ) -> Reduction:
         b, n, _ = tokens.shape
@@ -59,7 +65,9 @@ class DARTDedup(Selector):
         text = [v for s, v in signals.items() if isinstance(s, TextPivots)]
         if text:
             pivot_states = torch.cat([pivot_states, text[0].float()], dim=1)
-        sims = torch.nn.functional.normalize(pivot_states, dim=-1) @ torch.nn.functional.normalize(normed, dim=-1).transpose(1, 2)
+        sims = torch.nn.functional.normalize(pivot_states, dim=-1) @ torch.nn.functional.normalize(
+            normed, dim=-1
+        ).transpose(1, 2)
         chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, image_pivots, True)
         count = sims.shape[1]
         for i in range(count):

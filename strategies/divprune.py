@@ -37,7 +37,5 @@ class DivPrune(Selector):
 
     needs_scores = False
 
-    def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
-    ) -> Reduction:
+    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         return Reduction.drop(tokens, max_min_diverse(tokens, k))

@@ -1,7 +1,8 @@
 """FasterVLM (arXiv 2412.01818): [CLS] attention of the projector's block, top-k before the LLM."""
 
-from tokenprune.registry import register
 from tokenprune.strategies.vtc_cls import VTCCLS
+
+from tokenprune.registry import register
 
 
 @register("fastervlm")

@@ -28,9 +28,7 @@ class Pool(Selector):
 
     needs_scores = False
 
-    def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
-    ) -> Reduction:
+    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         b, n, _ = tokens.shape
         side = math.isqrt(k)
         if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
@@ -43,5 +41,8 @@ class Pool(Selector):
             index = (weights > 0).float().argmax(1) + ((weights > 0).sum(1) - 1) // 2
         weights = weights.to(tokens.device)
         merged = torch.einsum("kn,bnd->bkd", weights.to(tokens.dtype), tokens)
-        return Reduction(tokens=merged, index=repeat(index.to(tokens.device), "k -> b k", b=b),
-                         weights=repeat(weights, "k n -> b k n", b=b))
+        return Reduction(
+            tokens=merged,
+            index=repeat(index.to(tokens.device), "k -> b k", b=b),
+            weights=repeat(weights, "k n -> b k n", b=b),
+        )

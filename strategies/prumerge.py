@@ -4,12 +4,12 @@ from collections.abc import Mapping
 
 import torch
 from pydantic import Field
+from tokenprune.strategies.vtc_cls import VTCCLS
 from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import PatchKeys, Signal
-from tokenprune.strategies.vtc_cls import VTCCLS
 from tokenprune.strategy import ModelInfo, Selector
 
 
@@ -41,7 +41,11 @@ class PruMergeMerge(Selector):
         return (PatchKeys(layer=info.vision_block(self.layer), heads="concat"),)
 
     def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        self,
+        tokens: Tensor,
+        scores: Tensor | None,
+        k: int,
+        grid: tuple[int, int] | None = None,
         signals: Mapping[Signal, Tensor] | None = None,
     ) -> Reduction:
         b, n, _ = tokens.shape

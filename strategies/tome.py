@@ -48,9 +48,7 @@ class ToMe(Selector):
 
     needs_scores = False
 
-    def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
-    ) -> Reduction:
+    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         b, n, _ = tokens.shape
         x = tokens
         size = torch.ones(b, n, device=tokens.device)

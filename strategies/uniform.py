@@ -35,9 +35,7 @@ class Uniform(Selector):
 
     needs_scores = False
 
-    def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
-    ) -> Reduction:
+    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         b, n = tokens.shape[:2]
         if grid is not None and grid[0] * grid[1] == n:
             index = lattice_indices(k, *grid)

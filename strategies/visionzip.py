@@ -4,13 +4,13 @@ from collections.abc import Mapping
 
 import torch
 from pydantic import Field
+from tokenprune.strategies.vtc_cls import VTCCLS
 from torch import Tensor
 
 from tokenprune.errors import SignalError
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import PatchKeys, Signal
-from tokenprune.strategies.vtc_cls import VTCCLS
 from tokenprune.strategy import ModelInfo, Selector
 
 
@@ -48,7 +48,11 @@ class VisionZipMerge(Selector):
         return (PatchKeys(layer=self._block(info), heads="mean"),)
 
     def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
+        self,
+        tokens: Tensor,
+        scores: Tensor | None,
+        k: int,
+        grid: tuple[int, int] | None = None,
         signals: Mapping[Signal, Tensor] | None = None,
     ) -> Reduction:
         b, n, _ = tokens.shape

@@ -2,12 +2,12 @@
 
 import torch
 from pydantic import field_validator
+from tokenprune.strategies.vtc_cls import require_cls
 from torch import Tensor
 
 from tokenprune.errors import SignalError
 from tokenprune.registry import register
 from tokenprune.signals import ClsAttention, Signal
-from tokenprune.strategies.vtc_cls import require_cls
 from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy
 
 

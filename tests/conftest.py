@@ -12,11 +12,23 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                          LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig, VipLlavaConfig,
-                          VipLlavaForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    Qwen2Config,
+    SiglipVisionConfig,
+    VipLlavaConfig,
+    VipLlavaForConditionalGeneration,
+)
 
 from tokenprune.demo.tokenizer import CHAT_TEMPLATE, llava_processor, word_tokenizer
 from tokenprune.models import build_prompt, load
@@ -39,8 +51,10 @@ class Tiny:
         return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
 
-FAMILIES = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
-            "vipllava": (VipLlavaConfig, VipLlavaForConditionalGeneration)}
+FAMILIES = {
+    "llava": (LlavaConfig, LlavaForConditionalGeneration),
+    "vipllava": (VipLlavaConfig, VipLlavaForConditionalGeneration),
+}
 
 
 def build_tiny(root: Path, name: str, seed: int = 0, family: str = "llava", **llava_kwargs: Any) -> Path:
@@ -49,13 +63,28 @@ def build_tiny(root: Path, name: str, seed: int = 0, family: str = "llava", **ll
     strategy = llava_kwargs.get("vision_feature_select_strategy", "default")
     processor = llava_processor(WORDS, IMAGE, PATCH, strategy=strategy)
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                              num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2,
-                       eos_token_id=3)
-    config = config_cls(vision_config=vision, text_config=text,
-                        image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = config_cls(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs
+    )
     torch.manual_seed(seed)
     path = root / name
     model_cls(config).save_pretrained(path)
@@ -70,17 +99,46 @@ def build_tiny_next(root: Path, name: str = "llava-next", seed: int = 3) -> Path
     """A tiny random LLaVA-NeXT (anyres over `PINPOINTS`, 4x4 patches per crop) with its processor."""
     tok = word_tokenizer(WORDS)
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
-                                   vision_feature_select_strategy="default", image_token="<image>",
-                                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                             image_grid_pinpoints=PINPOINTS)
+        size={"shortest_edge": IMAGE},
+        crop_size={"height": IMAGE, "width": IMAGE},
+        image_grid_pinpoints=PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+    )
     torch.manual_seed(seed)
     path = root / name
     LlavaNextForConditionalGeneration(config).save_pretrained(path)
@@ -115,8 +173,10 @@ class TinyHandBuilt:
     def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         pixels = dict(self.image_processor(images=images, return_tensors="pt"))
         image = self.model.config.image_token_id
-        rows = [[2] + [image] * n + self.tokenizer(q, add_special_tokens=False).input_ids
-                for n, q in zip(self.placeholders(pixels), questions)]
+        rows = [
+            [2] + [image] * n + self.tokenizer(q, add_special_tokens=False).input_ids
+            for n, q in zip(self.placeholders(pixels), questions, strict=False)
+        ]
         ids, mask = left_padded(rows)
         return {"input_ids": ids, "attention_mask": mask, **pixels}
 
@@ -128,24 +188,49 @@ class TinyOnevision(TinyHandBuilt):
     def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
         with torch.no_grad():
             packed = self.model.model.get_image_features(
-                pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], return_dict=True).pooler_output
+                pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], return_dict=True
+            ).pooler_output
         return [len(features) for features in packed]
 
 
 def build_tiny_onevision(root: Path, seed: int = 5) -> Path:
     """A tiny random LLaVA-OneVision: SigLIP tower (no [CLS], 4x4 patches per crop), Qwen2 LLM."""
     tok = word_tokenizer(WORDS)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                image_size=IMAGE, patch_size=PATCH)
-    text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                  image_grid_pinpoints=OV_PINPOINTS, vision_feature_layer=-1)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    text = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_feature_layer=-1,
+    )
     torch.manual_seed(seed)
     path = root / "onevision"
     LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
-    LlavaOnevisionImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=OV_PINPOINTS,
-                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(
+        size={"height": IMAGE, "width": IMAGE},
+        image_grid_pinpoints=OV_PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -165,29 +250,73 @@ class TinyQwen(TinyHandBuilt):
 def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path:
     """A tiny random Qwen2-VL or Qwen2.5-VL (window attention in the tower): 8-px patches merged 2x2,
     M-RoPE sections (1, 1, 2)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     tok = word_tokenizer(WORDS)
     if family == "qwen2-vl":
         config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=PATCH,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
     else:
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=PATCH,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1], in_channels=3)
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+            in_channels=3,
+        )
     config = config_cls(
         vision_config=vision,
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_start_token_id=2, vision_end_token_id=3)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_start_token_id=2,
+        vision_end_token_id=3,
+    )
     torch.manual_seed(seed)
     path = root / family
     model_cls(config).save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=2, temporal_patch_size=2,
-                             image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+        patch_size=PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -238,7 +367,12 @@ def keyed_token_cases(draw, max_n: int, key_width: int, salt: int):
     n = draw(st.integers(2, max_n))
     k = draw(st.integers(1, n))
     g = torch.Generator().manual_seed(n * salt + k)
-    return torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, key_width, generator=g), k
+    return (
+        torch.randn(2, n, 5, generator=g),
+        torch.rand(2, n, generator=g),
+        torch.randn(2, n, key_width, generator=g),
+        k,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -254,8 +388,12 @@ def tiny_onevision(tmp_path_factory: pytest.TempPathFactory) -> TinyOnevision:
 
     path = build_tiny_onevision(tmp_path_factory.mktemp("onevision"))
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return TinyOnevision(path, model, LlavaOnevisionImageProcessorPil.from_pretrained(path),
-                         PreTrainedTokenizerFast.from_pretrained(path))
+    return TinyOnevision(
+        path,
+        model,
+        LlavaOnevisionImageProcessorPil.from_pretrained(path),
+        PreTrainedTokenizerFast.from_pretrained(path),
+    )
 
 
 @pytest.fixture(scope="session", params=["qwen2-vl", "qwen2.5-vl"])
@@ -264,4 +402,6 @@ def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
     path = build_tiny_qwen(tmp_path_factory.mktemp("qwen"), request.param)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return TinyQwen(path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path))
+    return TinyQwen(
+        path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )

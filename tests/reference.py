@@ -36,8 +36,13 @@ def manual_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=nxt,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     return torch.cat(tokens, dim=1)
 
 
@@ -46,9 +51,12 @@ def layer_lengths(model) -> Iterator[dict[int, list[int]]]:
     """Inside, `seen[i]` lists the sequence length decoder layer `i`'s attention receives, per call."""
     layers = model.model.language_model.layers
     seen: dict[int, list[int]] = {i: [] for i in range(len(layers))}
-    handles = [layer.self_attn.register_forward_pre_hook(
-        lambda m, a, kw, i=i: seen[i].append(kw["hidden_states"].shape[1]), with_kwargs=True)
-        for i, layer in enumerate(layers)]
+    handles = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen[i].append(kw["hidden_states"].shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         yield seen
     finally:
@@ -68,8 +76,13 @@ def teacher_forced_logits(model, inputs: dict, tokens: torch.Tensor, positions: 
         mask = torch.cat([mask, torch.ones_like(tokens[:, :1])], dim=1)
         ids = ids[:, -1:] + 1
         extra = {"position_ids": ids} if positions else {}
-        out = model(input_ids=tokens[:, step:step + 1], attention_mask=mask, past_key_values=out.past_key_values,
-                    use_cache=True, **extra)
+        out = model(
+            input_ids=tokens[:, step : step + 1],
+            attention_mask=mask,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            **extra,
+        )
         logits.append(out.logits[:, -1])
     return logits
 
@@ -83,8 +96,10 @@ def assert_generate_matches(tiny, spec: str, questions: list[str], imgs: list, s
     with torch.no_grad(), tp.apply(tiny.model, spec) as run:
         generated = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
         manual = manual_greedy(tiny.model, inputs, steps)
-        singles = [tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=steps, do_sample=False)
-                   for i, q in enumerate(questions)]
+        singles = [
+            tiny.model.generate(**tiny.inputs([q], [imgs[i]]), max_new_tokens=steps, do_sample=False)
+            for i, q in enumerate(questions)
+        ]
     width = inputs["input_ids"].shape[1]
     assert torch.equal(generated[:, width:], manual)
     for i, single in enumerate(singles):
@@ -106,7 +121,7 @@ def assert_batch_matches_singles_and_loop(tiny, spec: str, questions: list[str],
         manual = manual_greedy(model, inputs, steps)
         singles = [model(**tiny.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(questions)]
     eos = model.generation_config.eos_token_id
-    for row, expected in zip(generated[:, inputs["input_ids"].shape[1]:].tolist(), manual.tolist()):
+    for row, expected in zip(generated[:, inputs["input_ids"].shape[1] :].tolist(), manual.tolist(), strict=False):
         end = expected.index(eos) + 1 if eos in expected else len(expected)
         assert row[:end] == expected[:end]
     for i, single in enumerate(singles):
@@ -139,7 +154,7 @@ def prumerge_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor,
         others = sorted((j for j in range(n) if j != i), key=lambda j: (-float(unit[i] @ unit[j]), j))
         w = [0.0] * n
         w[i] = 1.0
-        for j in others[:min(neighbours, n - 1)]:
+        for j in others[: min(neighbours, n - 1)]:
             w[j] = scores[j]
         rows.append((i, w))
     if k > 1:

@@ -39,7 +39,9 @@ def test_compiled_generate_equals_eager():
     model = build("tiny", torch.float32, "cpu")
     batch = inputs(model, 2, image_tokens(model))
     steps, width = 3, batch["input_ids"].shape[1]
-    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     eager = [model.generate(**batch, **kw)]
     with tp.apply(model, "vtc-cls@4"):
         eager.append(model.generate(**batch, **kw))

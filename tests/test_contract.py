@@ -3,9 +3,9 @@ exact output count, keep-all bit-identical, batch equals per-sample, model resto
 
 import pytest
 import torch
+from conftest import N_PATCHES, images
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
 
 
 def spec_for(name: str, budget, at: str | None = None) -> str:
@@ -15,7 +15,9 @@ def spec_for(name: str, budget, at: str | None = None) -> str:
     entry = entries[name]
     place = f"@{at}" if at else ""
     if entry.role == "selector" and entry.cls.needs_scores:
-        partner = next((n for n, e in entries.items() if e.role == "scorer" and e.cls.default_selector == name), "vtc-cls")
+        partner = next(
+            (n for n, e in entries.items() if e.role == "scorer" and e.cls.default_selector == name), "vtc-cls"
+        )
         return f"{partner}+{name}@{budget}{place}"
     return f"{name}@{budget}{place}"
 

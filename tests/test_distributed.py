@@ -51,7 +51,7 @@ def test_shards_together_equal_one_process_batch_for_batch():
     for slot in range(len(pipelines)):
         merged = sorted((r for part in shards for r in part[slot]), key=lambda r: r.batch)
         assert [r.batch for r in merged] == [r.batch for r in whole[slot]] == [0, 1, 2, 3]
-        for got, want in zip(merged, whole[slot]):
+        for got, want in zip(merged, whole[slot], strict=False):
             assert torch.equal(got.pred, want.pred) and torch.equal(got.reference, want.reference)
             assert torch.equal(got.kl, want.kl) and got.lengths == want.lengths and got.kept == want.kept
     assert [r.kept for r in whole[1]] == [36] * 4 and whole[0][0].kept is None

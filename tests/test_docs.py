@@ -14,13 +14,23 @@ DOC = ROOT / "docs" / "writing-strategies.md"
 
 
 def test_mkdocs_build_strict(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=os.environ | {"NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("tokenprune.apply.apply", "tokenprune.pipeline.Pipeline", "tokenprune.strategy.Selector",
-                 "tokenprune.integrations.harness.PrunedLMM", "tokenprune.distributed.Shard"):
+    for name in (
+        "tokenprune.apply.apply",
+        "tokenprune.pipeline.Pipeline",
+        "tokenprune.strategy.Selector",
+        "tokenprune.integrations.harness.PrunedLMM",
+        "tokenprune.distributed.Shard",
+    ):
         assert f'id="{name}"' in api
     for page in ("adapters", "evaluation", "strategies", "writing-strategies", "cli"):
         assert (tmp_path / "site" / page / "index.html").is_file()
@@ -35,7 +45,10 @@ def test_writing_strategies_tutorial_runs(capsys):
             exec(compile(block, str(DOC), "exec"), scope)
         printed = capsys.readouterr().out.splitlines()
         assert [line.split()[:2] for line in printed] == [
-            ["feature-norm@36", "36"], ["last-cls@36", "36"], ["vtc-cls+topk-plus-rest@36", "36"]]
+            ["feature-norm@36", "36"],
+            ["last-cls@36", "36"],
+            ["vtc-cls+topk-plus-rest@36", "36"],
+        ]
         red = tp.create("topk-plus-rest").reduce(*_case(), 3)
         assert red.index.shape == (1, 3) and abs(float(red.weights.sum()) - 3.0) < 1e-5
     finally:

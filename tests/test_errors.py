@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import N_PATCHES, images
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
 from tokenprune.errors import BudgetError, ScoreError, SpecError, UnknownStrategyError, UnsupportedModelError
 
 
@@ -33,9 +33,22 @@ def test_unknown_strategy_lists_known_ones():
         tp.Pipeline.from_spec("vtc-clss@64")
 
 
-@pytest.mark.parametrize("spec", ["vtc-cls", "vtc-cls@", "vtc-cls@abc", "vtc-cls(layer=)@4",
-                                  "vtc-cls(3)@4", "vtc-cls+topk+topk@4", "vtc-cls@4@nowhere", "",
-                                  "vtc-cls(layer=[1)@4", "topk@4", "uniform+topk@4"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "vtc-cls",
+        "vtc-cls@",
+        "vtc-cls@abc",
+        "vtc-cls(layer=)@4",
+        "vtc-cls(3)@4",
+        "vtc-cls+topk+topk@4",
+        "vtc-cls@4@nowhere",
+        "",
+        "vtc-cls(layer=[1)@4",
+        "topk@4",
+        "uniform+topk@4",
+    ],
+)
 def test_malformed_spec(spec):
     with pytest.raises(tp.TokenpruneError):
         tp.Pipeline.from_spec(spec)
@@ -47,8 +60,9 @@ def test_unknown_parameter_names_the_allowed_ones():
 
 
 def test_unsupported_model_lists_supported():
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=10))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+    )
     with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
         with tp.apply(model, "vtc-cls@4"):
             pass
@@ -74,22 +88,32 @@ def test_unsupported_place_for_adapter(tiny):
     class ProjectorOnly(LlavaAdapter):
         name, places = "projector-only", ("projector",)
 
-    with pytest.raises(tp.errors.PlaceError, match="vision:1, which the 'projector-only' adapter does not support; supported places: projector"):
+    with pytest.raises(
+        tp.errors.PlaceError,
+        match="vision:1, which the 'projector-only' adapter does not support; supported places: projector",
+    ):
         ProjectorOnly(tiny.model).check(tp.Pipeline([tp.Stage(at="vision:1", selector="uniform", budget=4)]))
 
 
 def test_vision_stage_after_the_feature_block_is_refused(tiny):
-    with pytest.raises(tp.errors.PlaceError, match="after block 2, whose output the projector reads; use vision:L with L <= 2"):
+    with pytest.raises(
+        tp.errors.PlaceError, match="after block 2, whose output the projector reads; use vision:L with L <= 2"
+    ):
         with tp.apply(tiny.model, "tome@4@vision:3"):
             pass
 
 
-@pytest.mark.parametrize(("spec", "block"), [
-    ("tome@8@vision:2 > vtc-cls(layer=1)@4", 1),  # the projector stage reads a block before the merge
-    ("uniform@8@vision:1 > tome@4@vision:2 > vtc-cls(layer=0)@2", 0),
-])
+@pytest.mark.parametrize(
+    ("spec", "block"),
+    [
+        ("tome@8@vision:2 > vtc-cls(layer=1)@4", 1),  # the projector stage reads a block before the merge
+        ("uniform@8@vision:1 > tome@4@vision:2 > vtc-cls(layer=0)@2", 0),
+    ],
+)
 def test_signal_from_a_block_whose_tokens_are_gone_is_refused(tiny, spec, block):
-    with pytest.raises(tp.errors.SignalError, match=f"reads vision block {block}, but the tokens it receives exist in blocks"):
+    with pytest.raises(
+        tp.errors.SignalError, match=f"reads vision block {block}, but the tokens it receives exist in blocks"
+    ):
         with tp.apply(tiny.model, spec):
             pass
 

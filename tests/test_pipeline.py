@@ -21,8 +21,16 @@ def test_spec_forms():
 
 
 def test_python_config_and_spec_agree():
-    python = tp.Pipeline([tp.Stage(at="projector", scorer=tp.create("vtc-cls-ensemble", layers=[-2, -6, -10]),
-                                   selector=tp.create("topk"), budget=0.25)])
+    python = tp.Pipeline(
+        [
+            tp.Stage(
+                at="projector",
+                scorer=tp.create("vtc-cls-ensemble", layers=[-2, -6, -10]),
+                selector=tp.create("topk"),
+                budget=0.25,
+            )
+        ]
+    )
     assert python == tp.Pipeline.from_spec("vtc-cls-ensemble(layers=[-2,-6,-10])@0.25")
     assert python == tp.Pipeline.from_config(json.loads(json.dumps(python.to_config())))
 
@@ -36,10 +44,16 @@ def test_file_round_trip(tmp_path, suffix):
 
 stage_specs = st.one_of(
     st.builds(lambda layer, b: f"vtc-cls(layer={layer})@{b}", st.integers(-24, 23), st.integers(1, 600)),
-    st.builds(lambda s, b: f"vtc-cls-ensemble(start_layer={s})@{b}", st.integers(-24, 22),
-              st.floats(0.001, 1.0, allow_nan=False)),
-    st.builds(lambda layers, b: f"vtc-cls-ensemble(layers={layers})@{b}",
-              st.lists(st.integers(-24, 23), min_size=1, max_size=4, unique=True), st.integers(1, 600)),
+    st.builds(
+        lambda s, b: f"vtc-cls-ensemble(start_layer={s})@{b}",
+        st.integers(-24, 22),
+        st.floats(0.001, 1.0, allow_nan=False),
+    ),
+    st.builds(
+        lambda layers, b: f"vtc-cls-ensemble(layers={layers})@{b}",
+        st.lists(st.integers(-24, 23), min_size=1, max_size=4, unique=True),
+        st.integers(1, 600),
+    ),
     st.builds(lambda seed, b: f"random(seed={seed})+topk@{b}", st.integers(0, 2**31), st.integers(1, 600)),
     st.builds(lambda b: f"uniform@{b}", st.floats(0.001, 1.0, allow_nan=False)),
 )

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import N_PATCHES, Tiny, build_tiny, images
 from reference import cls_attention_eager, topk_reference
 from test_contract import check_contract
+
+import tokenprune as tp
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.models import load
 from tokenprune.registry import REGISTRY
@@ -37,16 +37,32 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     """An environment where the example plugin is pip-installed (into a target directory) and a
     broken plugin's distribution record names a module that does not exist."""
     site = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(EXAMPLE)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(EXAMPLE),
+        ],
+        check=True,
+        timeout=300,
+    )
     make_dist(site, "tokenprune-broken", "[tokenprune.strategies]\nbroken = tokenprune_no_such_module.strategies\n")
     path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     return os.environ | {"PYTHONPATH": path}
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenprune.cli.app", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenprune.cli.app", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_list_names_plugins_with_origin_and_reports_the_broken_one(plugin_env):
@@ -56,7 +72,10 @@ def test_list_names_plugins_with_origin_and_reports_the_broken_one(plugin_env):
     assert rows["example-norm"]["origin"] == "plugin tokenprune-example"
     assert rows["example-chunk-mean"]["role"] == "selector"
     assert rows["vtc-cls"]["origin"] == "built-in" and "broken" not in rows
-    assert rows["example-vipllava"]["role"] == "adapter" and rows["example-vipllava"]["origin"] == "plugin tokenprune-example"
+    assert (
+        rows["example-vipllava"]["role"] == "adapter"
+        and rows["example-vipllava"]["origin"] == "plugin tokenprune-example"
+    )
     assert rows["llava"]["role"] == "adapter" and rows["llava"]["origin"] == "built-in"
     assert "plugin 'broken'" in result.stderr and "tokenprune-broken" in result.stderr
 
@@ -65,8 +84,21 @@ def test_cli_runs_plugin_strategies(plugin_env, tiny, tmp_path):
     image = tmp_path / "img.png"
     images(1)[0].save(image)
     for spec in ("example-norm@4", "example-chunk-mean@4", "example-norm+topk@0.5"):
-        result = cli(plugin_env, "run", "--model", str(tiny.path), "--image", str(image), "--prompt", "what",
-                     "--strategy", spec, "--max-new-tokens", "2", "--json")
+        result = cli(
+            plugin_env,
+            "run",
+            "--model",
+            str(tiny.path),
+            "--image",
+            str(image),
+            "--prompt",
+            "what",
+            "--strategy",
+            spec,
+            "--max-new-tokens",
+            "2",
+            "--json",
+        )
         assert result.returncode == 0, result.stderr
         stage = json.loads(result.stdout)["stages"][0]
         assert stage["tokens_out"] == (8 if spec.endswith("0.5") else 4)
@@ -96,7 +128,9 @@ def test_example_plugin_passes_the_contract(example_registered, tiny, name):
 @pytest.fixture(scope="module")
 def tiny_vipllava(tmp_path_factory) -> Tiny:
     """A tiny VipLLaVA: its projector reads blocks -2 and -3 concatenated, without [CLS]."""
-    path = build_tiny(tmp_path_factory.mktemp("vip"), "vipllava", seed=4, family="vipllava", vision_feature_layer=[-2, -3])
+    path = build_tiny(
+        tmp_path_factory.mktemp("vip"), "vipllava", seed=4, family="vipllava", vision_feature_layer=[-2, -3]
+    )
     model, processor = load(str(path))
     return Tiny(path, model, processor)
 
@@ -107,7 +141,9 @@ def vipllava_registered(monkeypatch):
 
 
 def test_vipllava_is_unsupported_without_the_plugin(tiny_vipllava):
-    with pytest.raises(UnsupportedModelError, match="VipLlavaForConditionalGeneration.*supported models: LlavaForConditionalGeneration"):
+    with pytest.raises(
+        UnsupportedModelError, match="VipLlavaForConditionalGeneration.*supported models: LlavaForConditionalGeneration"
+    ):
         with tp.apply(tiny_vipllava.model, "vtc-cls@4"):
             pass
 
@@ -130,7 +166,20 @@ def test_plugin_adapter_vtc_cls_matches_eager_reference(vipllava_registered, tin
 def test_cli_runs_the_plugin_adapter(plugin_env, tiny_vipllava, tmp_path):
     image = tmp_path / "img.png"
     images(1)[0].save(image)
-    result = cli(plugin_env, "run", "--model", str(tiny_vipllava.path), "--image", str(image), "--prompt", "what",
-                 "--strategy", "vtc-cls@5", "--max-new-tokens", "2", "--json")
+    result = cli(
+        plugin_env,
+        "run",
+        "--model",
+        str(tiny_vipllava.path),
+        "--image",
+        str(image),
+        "--prompt",
+        "what",
+        "--strategy",
+        "vtc-cls@5",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stages"][0]["tokens_out"] == 5

@@ -24,7 +24,9 @@ def test_duplicate_name_names_both_sources():
         def score(self, ctx):
             return ctx.tokens[..., 0]
 
-    with pytest.raises(RegistryError, match=r"'vtc-cls' is registered twice: by built-in .*VTCCLS.* and by built-in .*Other"):
+    with pytest.raises(
+        RegistryError, match=r"'vtc-cls' is registered twice: by built-in .*VTCCLS.* and by built-in .*Other"
+    ):
         tp.register("vtc-cls")(Other)
 
 

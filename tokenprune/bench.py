@@ -49,66 +49,202 @@ TEXT_TOKENS = 32  # prompt words around the image
 
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "llava-1.5-7b": {
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=336, patch_size=14, projection_dim=768),
-        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        ),
     },
     "llava-1.5-13b": {
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=336, patch_size=14, projection_dim=768),
-        "text": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                     num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        "text": dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        ),
     },
     "llava-v1.6-vicuna-7b": {
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=336, patch_size=14, projection_dim=768),
-        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        "text": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        ),
         "next": dict(pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], image=(672, 672)),
     },
     "tiny-next": {
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=32, patch_size=8),
-        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
+        "vision": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        "text": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            max_position_embeddings=512,
+        ),
         "next": dict(pinpoints=[[32, 64], [64, 32], [64, 64]], image=(64, 64)),
     },
     "llava-onevision-qwen2-7b": {
-        "onevision": dict(vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                                      image_size=384, patch_size=14),
-                          text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
-                          pinpoints=[[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)], image=(768, 768)),
+        "onevision": dict(
+            vision=dict(
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_hidden_layers=26,
+                num_attention_heads=16,
+                image_size=384,
+                patch_size=14,
+            ),
+            text=dict(
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                vocab_size=152064,
+                max_position_embeddings=32768,
+            ),
+            pinpoints=[[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)],
+            image=(768, 768),
+        ),
     },
     "tiny-onevision": {
-        "onevision": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                      image_size=32, patch_size=8),
-                          text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
-                          pinpoints=[[32 * h, 32 * w] for h in range(1, 5) for w in range(1, 5)], image=(64, 64)),
+        "onevision": dict(
+            vision=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=512,
+            ),
+            pinpoints=[[32 * h, 32 * w] for h in range(1, 5) for w in range(1, 5)],
+            image=(64, 64),
+        ),
     },
     "qwen2-vl-7b": {
-        "qwen": dict(vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                                 spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-                     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                               rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
-                     image=(672, 672)),
+        "qwen": dict(
+            vision=dict(
+                depth=32,
+                embed_dim=1280,
+                hidden_size=3584,
+                num_heads=16,
+                mlp_ratio=4,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                vocab_size=152064,
+                max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+            ),
+            image=(672, 672),
+        ),
     },
     "tiny-qwen": {
-        "qwen": dict(vision=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=8,
-                                 spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-                     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
-                               rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}),
-                     image=(64, 64)),
+        "qwen": dict(
+            vision=dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=32,
+                num_heads=4,
+                mlp_ratio=2,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+            ),
+            image=(64, 64),
+        ),
     },
     "tiny": {
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=32, patch_size=8),
-        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=512),
+        "vision": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        "text": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            max_position_embeddings=512,
+        ),
     },
 }
 
@@ -119,28 +255,46 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
     if "onevision" in shapes:
-        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+        from transformers import (
+            LlavaOnevisionConfig,
+            LlavaOnevisionForConditionalGeneration,
+            Qwen2Config,
+            SiglipVisionConfig,
+        )
 
         spec = shapes["onevision"]
         text = Qwen2Config(**spec["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**spec["vision"]), text_config=text,
-                                      image_token_id=text.vocab_size - 1, image_grid_pinpoints=spec["pinpoints"],
-                                      vision_feature_layer=-1)
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**spec["vision"]),
+            text_config=text,
+            image_token_id=text.vocab_size - 1,
+            image_grid_pinpoints=spec["pinpoints"],
+            vision_feature_layer=-1,
+        )
         cls, image = LlavaOnevisionForConditionalGeneration, spec["image"]
     elif "qwen" in shapes:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         spec = shapes["qwen"]
         vocab = spec["text"]["vocab_size"]
-        config = Qwen2VLConfig(vision_config=spec["vision"], text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1,
-                                                                          "eos_token_id": 2},
-                               image_token_id=vocab - 1, vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 3)
+        config = Qwen2VLConfig(
+            vision_config=spec["vision"],
+            text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+            image_token_id=vocab - 1,
+            vision_start_token_id=vocab - 2,
+            vision_end_token_id=vocab - 3,
+        )
         cls, image = Qwen2VLForConditionalGeneration, spec["image"]
     else:
         text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        common = dict(vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1)
+        common = dict(
+            vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1
+        )
         if "next" in shapes:
-            config, cls = LlavaNextConfig(**common, image_grid_pinpoints=shapes["next"]["pinpoints"]), LlavaNextForConditionalGeneration
+            config, cls = (
+                LlavaNextConfig(**common, image_grid_pinpoints=shapes["next"]["pinpoints"]),
+                LlavaNextForConditionalGeneration,
+            )
         else:
             config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
         image = shapes["next"]["image"] if "next" in shapes else None
@@ -175,14 +329,16 @@ def image_tokens(model: nn.Module) -> int:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     size = torch.tensor([model.bench_image])
-    crops = image_size_to_num_patches(image_size=model.bench_image, grid_pinpoints=model.config.image_grid_pinpoints,
-                                      patch_size=vision.image_size)
+    crops = image_size_to_num_patches(
+        image_size=model.bench_image, grid_pinpoints=model.config.image_grid_pinpoints, patch_size=vision.image_size
+    )
     features, newline = [torch.zeros(crops, patches, 1)], torch.zeros(1)
     if isinstance(model, LlavaNextForConditionalGeneration):
         packed, _ = model.model.pack_image_features(features, size, "default", image_newline=newline)
     else:
-        packed, _ = model.model.pack_image_features(features, size, image_newline=newline,
-                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
+        packed, _ = model.model.pack_image_features(
+            features, size, image_newline=newline, vision_aspect_ratio=model.config.vision_aspect_ratio
+        )
     return packed[0].shape[0]
 
 
@@ -208,7 +364,7 @@ def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> di
     if is_qwen(model):
         vision = config.vision_config
         h, w = (side // vision.patch_size for side in model.bench_image)
-        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         out["pixel_values"] = torch.randn(batch * h * w, width, generator=g).to(device, model.dtype)
         out["image_grid_thw"] = torch.tensor([[1, h, w]] * batch, device=device)
         if image_tokens == h * w // 4:  # the full prompt; the oracle's k placeholders get text positions
@@ -218,8 +374,9 @@ def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> di
     if is_next(model):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        crops = image_size_to_num_patches(image_size=model.bench_image, grid_pinpoints=config.image_grid_pinpoints,
-                                          patch_size=size)
+        crops = image_size_to_num_patches(
+            image_size=model.bench_image, grid_pinpoints=config.image_grid_pinpoints, patch_size=size
+        )
         out["pixel_values"] = torch.randn(batch, crops, 3, size, size, generator=g).to(device, model.dtype)
         out["image_sizes"] = torch.tensor([model.bench_image] * batch, device=device)
     else:
@@ -296,8 +453,10 @@ def official_route(model: nn.Module, k: int) -> Iterator[None]:
         index = captured.pop("cls").topk(k, dim=1).indices.sort(dim=1).values
         return features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
 
-    handles = [tower.register_forward_pre_hook(with_attentions, with_kwargs=True),
-               tower.register_forward_hook(keep, with_kwargs=True)]
+    handles = [
+        tower.register_forward_pre_hook(with_attentions, with_kwargs=True),
+        tower.register_forward_hook(keep, with_kwargs=True),
+    ]
     try:
         with features_cut_to(model, select):
             yield
@@ -331,8 +490,16 @@ def clock(fn: Callable[[], Any], device: str) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_tokens: int, device: str,
-                 warmup: int, interleave: bool, compiled: bool) -> list[dict[str, Any]]:
+def measure_rows(
+    model: nn.Module,
+    plans: list[RowPlan],
+    repeats: int,
+    new_tokens: int,
+    device: str,
+    warmup: int,
+    interleave: bool,
+    compiled: bool,
+) -> list[dict[str, Any]]:
     """Encode time, time to first token, decode rate and peak memory of every plan: medians of
     `repeats` runs. With `interleave`, each repeat runs every plan once in turn (after every plan's
     warm-up), each run in a context of its own, so drift in the machine's speed reaches all rows
@@ -355,7 +522,9 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                 caches[index] = static_cache(model, plan.batch, plan.inputs["input_ids"].shape[1] + new_tokens)
             caches[index].reset()
             extra["past_key_values"] = caches[index]
-        return lambda: model.generate(**plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return lambda: model.generate(
+            **plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
 
     def one(index: int, record: bool) -> None:
         """One measurement of plan `index`, inside its context."""
@@ -395,19 +564,38 @@ def measure_rows(model: nn.Module, plans: list[RowPlan], repeats: int, new_token
                         one(index, record=True)
             caches.pop(index, None)  # free this row's KV cache before the next row's
     rows = []
-    for plan, measured, peak, handle in zip(plans, times, peaks, handles):
+    for plan, measured, peak, handle in zip(plans, times, peaks, handles, strict=False):
         ttft, total = statistics.median(measured["ttft"]), statistics.median(measured["total"])
-        rows.append({"row": plan.name, "spec": plan.spec, "kept": plan.kept, "batch": plan.batch,
-                     "encode_ms": statistics.median(measured["encode"]), "ttft_ms": ttft,
-                     "decode_tok_s": plan.batch * (new_tokens - 1) / max(total - ttft, 1e-9) * 1000,
-                     "peak_mem_gb": peak if cuda else None, "layer_tokens": plan.layer_tokens(handle)})
+        rows.append(
+            {
+                "row": plan.name,
+                "spec": plan.spec,
+                "kept": plan.kept,
+                "batch": plan.batch,
+                "encode_ms": statistics.median(measured["encode"]),
+                "ttft_ms": ttft,
+                "decode_tok_s": plan.batch * (new_tokens - 1) / max(total - ttft, 1e-9) * 1000,
+                "peak_mem_gb": peak if cuda else None,
+                "layer_tokens": plan.layer_tokens(handle),
+            }
+        )
     return rows
 
 
-def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int], device: str,
-        dtype: torch.dtype, repeats: int, new_tokens: int, seed: int = 0,
-        compile_mode: str | None = None, progress: Callable[[str], None] | None = None,
-        model_path: str | None = None) -> list[dict[str, Any]]:
+def run(
+    arch: str,
+    strategies: list[str],
+    budgets: list[int],
+    batches: list[int],
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    new_tokens: int,
+    seed: int = 0,
+    compile_mode: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    model_path: str | None = None,
+) -> list[dict[str, Any]]:
     """Every reference and strategy row, measured in one process on one model; the rows of one
     batch size are measured interleaved (see `measure_rows`), compiled runs row after row.
 
@@ -420,10 +608,14 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     if compile_mode is not None:
         in_llm = [s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(f"{s}@1").stages)]
         if in_llm:
-            raise InputError(f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}")
+            raise InputError(
+                f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}"
+            )
         if not model_path and "qwen" in ARCHS.get(arch, {}):
-            raise InputError(f"--compile is implemented for the LLaVA architectures, not {arch!r} "
-                             f"(known LLaVA ones: {', '.join(a for a, s in ARCHS.items() if 'qwen' not in s)})")
+            raise InputError(
+                f"--compile is implemented for the LLaVA architectures, not {arch!r} "
+                f"(known LLaVA ones: {', '.join(a for a, s in ARCHS.items() if 'qwen' not in s)})"
+            )
     model = load_checkpoint(model_path, dtype, device) if model_path else build(arch, dtype, device, seed)
     warmup = 1
     if compile_mode is not None:
@@ -433,7 +625,7 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
     n = image_tokens(model)
     unpruned_flops = llm_flops(text, TEXT_TOKENS + n)
     layers = text.num_hidden_layers
-    fixed = lambda count: (lambda handle: [TEXT_TOKENS + count] * layers)  # noqa: E731
+    fixed = lambda count: lambda handle: [TEXT_TOKENS + count] * layers  # noqa: E731
     rows: list[dict[str, Any]] = []
     for batch in batches:
         full = inputs(model, batch, n, seed)
@@ -442,13 +634,33 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
             plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: oracle_route(model, k), fixed(k)))
             if not is_next(model) and not is_qwen(model):
-                plans.append(RowPlan("official", "vtc-cls (official route)", k, batch, short,
-                                     lambda k=k: official_route(model, k), fixed(k)))
+                plans.append(
+                    RowPlan(
+                        "official",
+                        "vtc-cls (official route)",
+                        k,
+                        batch,
+                        short,
+                        lambda k=k: official_route(model, k),
+                        fixed(k),
+                    )
+                )
             for strategy in strategies:
                 spec = f"{strategy}@{k}"
-                plans.append(RowPlan(strategy, spec, k, batch, full, lambda spec=spec: apply(model, spec),
-                                     lambda handle: handle.trace[-1].tokens_per_layer()))
-        measured = measure_rows(model, plans, repeats, new_tokens, device, warmup, compile_mode is None, compile_mode is not None)
+                plans.append(
+                    RowPlan(
+                        strategy,
+                        spec,
+                        k,
+                        batch,
+                        full,
+                        lambda spec=spec: apply(model, spec),
+                        lambda handle: handle.trace[-1].tokens_per_layer(),
+                    )
+                )
+        measured = measure_rows(
+            model, plans, repeats, new_tokens, device, warmup, compile_mode is None, compile_mode is not None
+        )
         oracle_encode = {r["kept"]: r["encode_ms"] for r in measured if r["row"] == "oracle"}
         for row in measured:
             flops = llm_flops(text, 0, row.pop("layer_tokens"))
@@ -456,23 +668,30 @@ def run(arch: str, strategies: list[str], budgets: list[int], batches: list[int]
                 row["scoring_overhead_ms"] = row["encode_ms"] - oracle_encode[row["kept"]]
             rows.append({**row, "llm_flops": flops, "flops_ratio": flops / unpruned_flops})
             if progress is not None:
-                progress(f"{row['row']} {row['spec'] or '-'} k={row['kept']} batch={batch}: TTFT {row['ttft_ms']:.1f} ms")
+                progress(
+                    f"{row['row']} {row['spec'] or '-'} k={row['kept']} batch={batch}: TTFT {row['ttft_ms']:.1f} ms"
+                )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The rows as a markdown table, with TTFT speed-ups against the unpruned row of each batch."""
     base = {r["batch"]: r["ttft_ms"] for r in rows if r["row"] == "unpruned"}
-    lines = [f"### {title}", "",
-             "| row | spec | kept | batch | encode ms | scoring overhead ms | TTFT ms | TTFT speed-up | decode tok/s | peak GB | LLM FLOPs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| row | spec | kept | batch | encode ms | scoring overhead ms | TTFT ms | TTFT speed-up | decode tok/s "
+        "| peak GB | LLM FLOPs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         over = r.get("scoring_overhead_ms")
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         lines.append(
             f"| {r['row']} | `{r['spec'] or '-'}` | {r['kept']} | {r['batch']} | {r['encode_ms']:.1f} | "
             f"{'-' if over is None else f'{over:.1f}'} | {r['ttft_ms']:.1f} | {base[r['batch']] / r['ttft_ms']:.2f}x | "
-            f"{r['decode_tok_s']:.0f} | {mem} | {r['flops_ratio']:.2f} |")
+            f"{r['decode_tok_s']:.0f} | {mem} | {r['flops_ratio']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -485,12 +704,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    for ax, batch in zip(axes[0], batches, strict=False):
         group = [r for r in rows if r["batch"] == batch]
         base = next(r["ttft_ms"] for r in group if r["row"] == "unpruned")
         for name in dict.fromkeys(r["row"] for r in group if r["row"] != "unpruned"):
             points = sorted((r["kept"], base / r["ttft_ms"]) for r in group if r["row"] == name)
-            ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if name in ("oracle", "official") else "-")
+            style = "--" if name in ("oracle", "official") else "-"
+            ax.plot(*zip(*points, strict=False), marker="o", label=name, linestyle=style)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(xlabel="visual tokens kept per image", ylabel="TTFT speed-up vs unpruned", title=f"batch {batch}")
         ax.legend()

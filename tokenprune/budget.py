@@ -9,7 +9,9 @@ from .errors import BudgetError
 Budget = int | float
 
 
-WITHDRAW_HINT = "(budget 0, withdrawing every visual token as VTW does, is allowed inside the LLM only: e.g. uniform@0@llm:16)"
+WITHDRAW_HINT = (
+    "(budget 0, withdrawing every visual token as VTW does, is allowed inside the LLM only: e.g. uniform@0@llm:16)"
+)
 
 
 def check_budget(budget: object, allow_zero: bool = False) -> Budget:
@@ -21,9 +23,7 @@ def check_budget(budget: object, allow_zero: bool = False) -> Budget:
             outside `(0, 1]`.
     """
     if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise BudgetError(
-            f"budget must be an int k >= 1 or a float ratio in (0, 1], got {budget!r}"
-        )
+        raise BudgetError(f"budget must be an int k >= 1 or a float ratio in (0, 1], got {budget!r}")
     if isinstance(budget, int):
         if budget < (0 if allow_zero else 1):
             raise BudgetError(
@@ -31,9 +31,7 @@ def check_budget(budget: object, allow_zero: bool = False) -> Budget:
             )
         return budget
     if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
-        raise BudgetError(
-            f"budget ratio {budget!r} is outside (0, 1]; use a ratio such as 0.25, or an int k >= 1"
-        )
+        raise BudgetError(f"budget ratio {budget!r} is outside (0, 1]; use a ratio such as 0.25, or an int k >= 1")
     return budget
 
 
@@ -50,8 +48,7 @@ def resolve_budget(budget: Budget, n: int, where: object = "stage") -> int:
     if isinstance(budget, int):
         if budget > n:
             raise BudgetError(
-                f"budget {budget} exceeds the {n} tokens that reach {where}; "
-                f"use an int k <= {n} or a ratio in (0, 1]"
+                f"budget {budget} exceeds the {n} tokens that reach {where}; use an int k <= {n} or a ratio in (0, 1]"
             )
         return budget
     return max(1, min(n, math.floor(budget * n + 0.5)))

@@ -26,8 +26,11 @@ def static_inputs(inputs: Sequence[Any], weights: set[int]) -> list[int]:
     """Indices of the graph inputs whose storage never moves: the model's parameters and buffers
     (ids in `weights`) and tensors marked static (`torch._dynamo.mark_static_address`, as
     transformers marks a static KV cache)."""
-    return [i for i, x in enumerate(inputs)
-            if isinstance(x, Tensor) and (id(x) in weights or hasattr(x, "_dynamo_static_input_type"))]
+    return [
+        i
+        for i, x in enumerate(inputs)
+        if isinstance(x, Tensor) and (id(x) in weights or hasattr(x, "_dynamo_static_input_type"))
+    ]
 
 
 def graph_backend(model: nn.Module) -> Callable[[torch.fx.GraphModule, list[Any]], Any]:
@@ -68,9 +71,16 @@ def graph_backend(model: nn.Module) -> Callable[[torch.fx.GraphModule, list[Any]
                 log_cudagraph_skip_and_bump_counter(f"skipping cudagraphs: {skip}")
                 return eager
             replay = cudagraphify_impl(
-                eager, aot_inputs, kept, device_index=get_device_index(aot_graph), is_backward=False,
-                is_inference=True, stack_traces=get_stack_traces(aot_graph),
-                placeholders=get_placeholder_info(aot_graph.graph), mutated_input_idxs=mutated)
+                eager,
+                aot_inputs,
+                kept,
+                device_index=get_device_index(aot_graph),
+                is_backward=False,
+                is_inference=True,
+                stack_traces=get_stack_traces(aot_graph),
+                placeholders=get_placeholder_info(aot_graph.graph),
+                mutated_input_idxs=mutated,
+            )
             replay._boxed_call = True
             return replay
 

@@ -124,8 +124,14 @@ def prefill(
 
 
 def evaluate(
-    model: nn.Module, processor: Any, samples: Sequence[Sample], pipelines: Sequence[Pipeline | None],
-    batch_size: int, device: str, shard: Shard = Shard(), progress: Callable[[int], None] | None = None,
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[Sample],
+    pipelines: Sequence[Pipeline | None],
+    batch_size: int,
+    device: str,
+    shard: Shard = Shard(),
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[BatchResult]]:
     """Run this shard's batches of `samples` through each of `pipelines` (`None`: unpruned, which
     reuses the reference forward) and reduce each against the unpruned model on the same batch.
@@ -139,8 +145,9 @@ def evaluate(
         batch = all_batches[index]
         reference = prefill(model, processor, batch, None, device)
         for slot, pipeline in enumerate(pipelines):
-            logprobs, seconds, lengths, kept = reference if pipeline is None else prefill(
-                model, processor, batch, pipeline, device)
+            logprobs, seconds, lengths, kept = (
+                reference if pipeline is None else prefill(model, processor, batch, pipeline, device)
+            )
             ref = reference[0]
             kl = (ref.exp() * (ref - logprobs)).sum(-1).clamp_min(0)
             results[slot].append(BatchResult(index, logprobs.argmax(-1), ref.argmax(-1), kl, seconds, lengths, kept))
@@ -157,8 +164,9 @@ def answer_ids(processor: Any, samples: Sequence[Sample]) -> torch.Tensor | None
     return torch.tensor([tok(s.answer, add_special_tokens=False).input_ids[0] for s in samples])
 
 
-def metrics(results: Sequence[BatchResult], reference: Sequence[BatchResult], answers: torch.Tensor | None,
-            text_config: Any) -> dict[str, Any]:
+def metrics(
+    results: Sequence[BatchResult], reference: Sequence[BatchResult], answers: torch.Tensor | None, text_config: Any
+) -> dict[str, Any]:
     """Accuracy, agreement, KL and cost of one pipeline's `results` (every batch, in batch order)
     against the unpruned model's `reference` results."""
     pred = torch.cat([r.pred for r in results])
@@ -177,4 +185,4 @@ def metrics(results: Sequence[BatchResult], reference: Sequence[BatchResult], an
 
 def _mean_lengths(results: Sequence[BatchResult]) -> list[float]:
     """Mean over batches of the tokens each decoder layer saw."""
-    return [sum(column) / len(column) for column in zip(*(r.lengths for r in results))]
+    return [sum(column) / len(column) for column in zip(*(r.lengths for r in results), strict=False)]

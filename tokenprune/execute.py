@@ -16,7 +16,10 @@ from .strategy import DeferredCheck, ModelInfo, ScoringContext
 
 
 def run_stage(
-    stage: Stage, tokens: Tensor, info: ModelInfo, signals: Mapping[Signal, Tensor],
+    stage: Stage,
+    tokens: Tensor,
+    info: ModelInfo,
+    signals: Mapping[Signal, Tensor],
     deferred: list[DeferredCheck] | None = None,
 ) -> tuple[Reduction, Tensor | None]:
     """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance, and the

@@ -85,8 +85,7 @@ class Stage(BaseModel):
         place = self.place
         if self.scorer is not None and place.kind not in self.scorer.places:
             raise PlaceError(
-                f"scorer {self.scorer.name!r} cannot run at {place}; it runs at: "
-                + ", ".join(self.scorer.places)
+                f"scorer {self.scorer.name!r} cannot run at {place}; it runs at: " + ", ".join(self.scorer.places)
             )
         return self
 
@@ -119,8 +118,7 @@ class Stage(BaseModel):
         def term(s: Strategy | None) -> dict[str, Any] | None:
             return None if s is None else {"name": s.name, **s.params()}
 
-        return {"at": self.at, "scorer": term(self.scorer), "selector": term(self.selector),
-                "budget": self.budget}
+        return {"at": self.at, "scorer": term(self.scorer), "selector": term(self.selector), "budget": self.budget}
 
 
 class Pipeline(BaseModel):
@@ -137,14 +135,16 @@ class Pipeline(BaseModel):
     def _ordered(self) -> Pipeline:
         if not self.stages:
             raise SpecError("a pipeline needs at least one stage")
-        for before, after in zip(self.stages, self.stages[1:]):
+        for before, after in zip(self.stages, self.stages[1:], strict=False):
             if not before.place < after.place:
                 raise SpecError(
                     f"stages must run in model order, one per place: {before.at} then {after.at} "
                     "is not allowed (order: vision:L < projector < llm:K)"
                 )
             if before.budget == 0:
-                raise SpecError(f"no visual token is left after the budget-0 stage at {before.at}; it must be the last stage")
+                raise SpecError(
+                    f"no visual token is left after the budget-0 stage at {before.at}; it must be the last stage"
+                )
             if isinstance(before.budget, int) and isinstance(after.budget, int) and after.budget > before.budget:
                 raise SpecError(
                     f"budgets must shrink along the pipeline: {after.budget} at {after.at} "

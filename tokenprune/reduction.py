@@ -41,8 +41,11 @@ class Reduction:
         their outputs in another order)."""
         order = self.index.argsort(dim=1)
         take = lambda t: t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
-        return Reduction(tokens=take(self.tokens), index=take(self.index),
-                         weights=None if self.weights is None else take(self.weights))
+        return Reduction(
+            tokens=take(self.tokens),
+            index=take(self.index),
+            weights=None if self.weights is None else take(self.weights),
+        )
 
     @staticmethod
     def drop(tokens: Tensor, index: Tensor) -> Reduction:

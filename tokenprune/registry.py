@@ -187,9 +187,7 @@ def create(name: str, **params: Any) -> Strategy:
     try:
         return entry.cls(**params)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or name}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or name}: {err['msg']}" for err in exc.errors())
         allowed = ", ".join(entry.cls.model_fields) or "none"
         raise StrategyConfigError(
             f"bad parameters for strategy {name!r}: {problems} (its parameters: {allowed})"

@@ -34,7 +34,7 @@ def plot(path: Path, rows: list[dict[str, Any]], metric: str, reference: float |
     for name in dict.fromkeys(r["strategy"] for r in rows):
         points = sorted((r["kept"], r[metric]) for r in rows if r["strategy"] == name and r[metric] is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=name)
+            ax.plot(*zip(*points, strict=False), marker="o", label=name)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", label="unpruned")
     ax.set_xscale("log", base=2)

@@ -80,9 +80,7 @@ def parse_strategy(text: str) -> StrategySpec:
     except SyntaxError:
         raise SpecError(f"malformed parameters {body!r} of strategy {name!r}") from None
     if not isinstance(call, ast.Call) or call.args:
-        raise SpecError(
-            f"parameters of {name!r} must be key=value pairs, got {body!r}"
-        )
+        raise SpecError(f"parameters of {name!r} must be key=value pairs, got {body!r}")
     params = {}
     for kw in call.keywords:
         if kw.arg is None:
@@ -102,9 +100,7 @@ def parse_budget(text: str) -> int | float:
     try:
         return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
     except ValueError:
-        raise SpecError(
-            f"malformed budget {text!r}; use an int count (64) or a ratio in (0, 1] (0.25)"
-        ) from None
+        raise SpecError(f"malformed budget {text!r}; use an int count (64) or a ratio in (0, 1] (0.25)") from None
 
 
 def parse_stage(text: str) -> StageSpec:
@@ -117,13 +113,9 @@ def parse_stage(text: str) -> StageSpec:
         )
     terms = split_top_level(parts[0], "+")
     if len(terms) > 2 or any(not t.strip() for t in terms):
-        raise SpecError(
-            f"malformed stage {text.strip()!r}: at most one scorer and one selector, joined by '+'"
-        )
+        raise SpecError(f"malformed stage {text.strip()!r}: at most one scorer and one selector, joined by '+'")
     at = parts[2].strip() if len(parts) == 3 else None
-    return StageSpec(
-        strategies=tuple(parse_strategy(t) for t in terms), budget=parse_budget(parts[1]), at=at
-    )
+    return StageSpec(strategies=tuple(parse_strategy(t) for t in terms), budget=parse_budget(parts[1]), at=at)
 
 
 def parse_pipeline(text: str) -> list[StageSpec]:

@@ -85,9 +85,7 @@ class ScoringContext:
         try:
             return self.signals[signal]
         except KeyError:
-            raise SignalError(
-                f"signal {signal!r} was not computed; a scorer must list it in signals()"
-            ) from None
+            raise SignalError(f"signal {signal!r} was not computed; a scorer must list it in signals()") from None
 
 
 class Strategy(BaseModel):
@@ -151,12 +149,14 @@ def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float |
     """
     flags = [check.failing() for check in checks]
     parts = [v.reshape(-1) for v in values] + [f.any().reshape(1) for f in flags]
-    read = [] if not parts else parts[0].tolist() if len(parts) == 1 else torch.cat([p.double() for p in parts]).tolist()
+    read = (
+        [] if not parts else parts[0].tolist() if len(parts) == 1 else torch.cat([p.double() for p in parts]).tolist()
+    )
     out, at = [], 0
     for value in values:
-        chunk, at = read[at:at + value.numel()], at + value.numel()
+        chunk, at = read[at : at + value.numel()], at + value.numel()
         out.append(chunk[0] if value.dim() == 0 else chunk)
-    for check, flag, failed in zip(checks, flags, read[at:]):
+    for check, flag, failed in zip(checks, flags, read[at:], strict=False):
         if failed:
             raise check.error(check.message.format(items=flag.nonzero().flatten().tolist()))
     return out
@@ -178,8 +178,13 @@ class Selector(Strategy):
         return ()
 
     def reduce(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None, deferred: list[DeferredCheck] | None = None,
+        self,
+        tokens: Tensor,
+        scores: Tensor | None,
+        k: int,
+        grid: tuple[int, int] | None = None,
+        signals: Mapping[Signal, Tensor] | None = None,
+        deferred: list[DeferredCheck] | None = None,
     ) -> Reduction:
         """Validate the inputs, select, and check that exactly `k` tokens come out per image.
 
@@ -199,12 +204,13 @@ class Selector(Strategy):
             raise ScoreError(f"selector {self.name!r} needs scores; pair it with a scorer")
         if scores is not None:
             if scores.shape != (b, n):
-                raise ScoreError(
-                    f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]"
-                )
+                raise ScoreError(f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]")
             nan = torch.isnan(scores).any(dim=1)  # now: scores may live in a CUDA graph's reused output buffers
-            check = DeferredCheck(lambda: nan, f"scores given to selector {self.name!r} contain "
-                                  "NaN (images {items}); a scorer must return finite values or ±inf")
+            check = DeferredCheck(
+                lambda: nan,
+                f"scores given to selector {self.name!r} contain "
+                "NaN (images {items}); a scorer must return finite values or ±inf",
+            )
             if deferred is None:
                 raise_deferred([check])
             else:
@@ -218,7 +224,5 @@ class Selector(Strategy):
         return reduction
 
     @abstractmethod
-    def select(
-        self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None
-    ) -> Reduction:
+    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         """Reduce `tokens` `[B, N, D]` to `k` per image; `grid` is the patch grid, if known."""

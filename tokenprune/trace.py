@@ -85,8 +85,13 @@ class ForwardRecord:
         d, m, layers = self.llm_shape
         pruned = prefill_flops(self.tokens_per_layer(), d, m)
         unpruned = prefill_flops([self.seq_len_in] * layers, d, m)
-        return {"pruned": pruned, "unpruned": unpruned, "ratio": pruned / unpruned,
-                "scoring": self.scoring_flops, "ratio_with_scoring": (pruned + self.scoring_flops) / unpruned}
+        return {
+            "pruned": pruned,
+            "unpruned": unpruned,
+            "ratio": pruned / unpruned,
+            "scoring": self.scoring_flops,
+            "ratio_with_scoring": (pruned + self.scoring_flops) / unpruned,
+        }
 
     def vision_flops(self) -> dict[str, float] | None:
         """Theoretical encoder FLOPs per image: `{"pruned", "unpruned", "ratio"}` (stages inside the

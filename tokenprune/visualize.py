@@ -35,12 +35,11 @@ def draw(image: np.ndarray, panels: list[tuple[str, np.ndarray, np.ndarray | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6), dpi=130,
-                             layout="constrained")
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6), dpi=130, layout="constrained")
     axes[0].imshow(image)
     axes[0].set_title("input")
     h, w = image.shape[:2]
-    for ax, (title, kept, scores) in zip(axes[1:], panels):
+    for ax, (title, kept, scores) in zip(axes[1:], panels, strict=False):
         up = np.kron(kept, np.ones((h // kept.shape[0], w // kept.shape[1])))[..., None]
         ax.imshow(image * (0.25 + 0.75 * up))
         if scores is not None:

@@ -4,11 +4,11 @@ blocks run on the kept tokens, composition with projector stages, token counts a
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import N_PATCHES, images
 from reference import cls_attention_eager, tome_reference, topk_reference
 from test_contract import check_contract
+
+import tokenprune as tp
 from tokenprune.flops import layer_flops
 
 FEATURE_BLOCK = 2  # the tiny tower has 4 blocks; LLaVA's vision_feature_layer=-2 reads block 2
@@ -121,7 +121,7 @@ def test_generate_with_an_encoder_stage_equals_manual_decoding(tiny):
     with torch.no_grad(), tp.apply(tiny.model, "tome@6@vision:1") as run:
         generated = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         manual = manual_greedy(tiny.model, inputs, 4)
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], manual)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], manual)
     assert all(f.stages[0].tokens_out == 6 for f in run.trace)
 
 

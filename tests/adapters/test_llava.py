@@ -5,10 +5,10 @@ import traceback
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import N_PATCHES, images
 from reference import manual_greedy
+
+import tokenprune as tp
 from tokenprune.compiled import static_cache
 from tokenprune.errors import InputError
 
@@ -19,7 +19,8 @@ def llm_lengths(model):
     """Record the sequence length of every LLM forward."""
     seen = []
     handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     return seen, handle
 
 
@@ -91,7 +92,7 @@ def test_batch_with_padding_equals_each_sample_alone(tiny, spec):
         with tp.apply(tiny.model, spec) as run_alone:
             gen_alone = tiny.model.generate(**alone, max_new_tokens=5, do_sample=False)
             logits_alone = tiny.model(**alone).logits[:, -1]
-        assert torch.equal(gen[i, width:], gen_alone[0, alone["input_ids"].shape[1]:])
+        assert torch.equal(gen[i, width:], gen_alone[0, alone["input_ids"].shape[1] :])
         torch.testing.assert_close(logits[i], logits_alone[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(run.trace[0].stages[0].kept[i], run_alone.trace[0].stages[0].kept[0])
 
@@ -104,7 +105,7 @@ def test_generate_equals_manual_decode_loop(tiny, positions):
     with tp.apply(tiny.model, "vtc-cls@6", positions=positions):
         gen = tiny.model.generate(**inputs, max_new_tokens=steps, do_sample=False)
         manual = manual_greedy(tiny.model, inputs, steps)
-    assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], manual)
+    assert torch.equal(gen[:, inputs["input_ids"].shape[1] :], manual)
 
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
@@ -115,7 +116,9 @@ def test_static_cache_decodes_as_dynamic(tiny, positions):
     still equal the dynamic cache's, padded rows included."""
     inputs = tiny.inputs(QUESTIONS, images(2, seed=3))
     steps, width = 6, inputs["input_ids"].shape[1]
-    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with tp.apply(tiny.model, "vtc-cls@5", positions=positions):
         dynamic = tiny.model.generate(**inputs, **kw)
         static = tiny.model.generate(**inputs, **kw, cache_implementation="static")
@@ -156,19 +159,26 @@ def test_text_only_prompt_is_untouched(tiny):
 @torch.no_grad()
 def test_images_in_different_rows_with_different_counts(tiny):
     # row 0 holds two images, row 1 one: rows shrink by different amounts and are re-padded
-    prompts = [tiny.processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}] * n + [{"type": "text", "text": "what"}]}], add_generation_prompt=True) for n in (2, 1)]
+    prompts = [
+        tiny.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": "what"}]}],
+            add_generation_prompt=True,
+        )
+        for n in (2, 1)
+    ]
     imgs = images(3, seed=9)
     batch = dict(tiny.processor(images=imgs, text=prompts, return_tensors="pt", padding=True))
     with tp.apply(tiny.model, "vtc-cls@4") as run:
         gen = tiny.model.generate(**batch, max_new_tokens=4, do_sample=False)
-        alone = [dict(tiny.processor(images=imgs[:2], text=prompts[:1], return_tensors="pt")),
-                 dict(tiny.processor(images=imgs[2:], text=prompts[1:], return_tensors="pt"))]
+        alone = [
+            dict(tiny.processor(images=imgs[:2], text=prompts[:1], return_tensors="pt")),
+            dict(tiny.processor(images=imgs[2:], text=prompts[1:], return_tensors="pt")),
+        ]
         gen_alone = [tiny.model.generate(**a, max_new_tokens=4, do_sample=False) for a in alone]
     assert run.trace[0].stages[0].image_sample == [0, 0, 1]
     width = batch["input_ids"].shape[1]
     for i, g in enumerate(gen_alone):
-        assert torch.equal(gen[i, width:], g[0, alone[i]["input_ids"].shape[1]:])
+        assert torch.equal(gen[i, width:], g[0, alone[i]["input_ids"].shape[1] :])
 
 
 @torch.no_grad()
@@ -211,7 +221,8 @@ def test_position_modes(tiny):
     inputs = tiny.inputs(["what colour is the square"], images(1, seed=21))
     seen = []
     handle = tiny.model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
+        lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True
+    )
     positions = torch.arange(inputs["input_ids"].shape[1])[None]
     try:
         for mode in ("original", "contiguous"):
@@ -258,7 +269,9 @@ def test_placeholders_that_do_not_fit_the_images_are_refused(tiny):
     with tp.apply(tiny.model, "vtc-cls@4"):
         with pytest.raises(InputError, match=rf"holds {int((ids == image).sum()) - 1} image tokens but its 2 image"):
             tiny.model(**{**inputs, "input_ids": short})
-        with pytest.raises(InputError, match="image 1's .* placeholder tokens start in batch row 0 and run past its end"):
+        with pytest.raises(
+            InputError, match="image 1's .* placeholder tokens start in batch row 0 and run past its end"
+        ):
             tiny.model(**{**inputs, "input_ids": moved})
 
 
@@ -290,9 +303,18 @@ class HostReads(torch.overrides.TorchFunctionMode):
     """Records the tensor methods that read values on the host from tokenprune's code (not HF's),
     under the current `window`."""
 
-    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
-             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
-             torch.Tensor.cpu, torch.Tensor.numpy}
+    READS = {
+        torch.Tensor.tolist,
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+        torch.Tensor.nonzero,
+        torch.nonzero,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+    }
 
     def __init__(self):
         super().__init__()
@@ -308,9 +330,10 @@ class HostReads(torch.overrides.TorchFunctionMode):
         `call(model)`) under `spec`; windows: `before` the tower, `tower` to the LLM, `llm` to the
         LM head, `after`."""
         core, self.window, self.seen = model.model, "before", []
-        handles = [module.register_forward_pre_hook(lambda *a, w=window: setattr(self, "window", w))
-                   for module, window in ((core.vision_tower, "tower"), (core.language_model, "llm"),
-                                          (model.lm_head, "after"))]
+        handles = [
+            module.register_forward_pre_hook(lambda *a, w=window: setattr(self, "window", w))
+            for module, window in ((core.vision_tower, "tower"), (core.language_model, "llm"), (model.lm_head, "after"))
+        ]
         try:
             with tp.apply(model, spec), self:
                 call(model) if call is not None else model(**self.inputs)
@@ -378,5 +401,7 @@ def test_generate_on_a_static_cache_reads_nothing_between_tower_and_llm(tiny):
     probe = HostReads()
     probe.inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
     cache = static_cache(tiny.model, 1, probe.inputs["input_ids"].shape[1] + 1)
-    reads = probe.reads(tiny.model, "vtc-cls@4", lambda m: m.generate(**probe.inputs, max_new_tokens=1, past_key_values=cache))
+    reads = probe.reads(
+        tiny.model, "vtc-cls@4", lambda m: m.generate(**probe.inputs, max_new_tokens=1, past_key_values=cache)
+    )
     assert reads == [("after", "tolist")]

@@ -4,11 +4,17 @@ restored, batch equals single prompts, generate() equals a manual decode loop.""
 
 import pytest
 import torch
+from conftest import PINPOINTS, sized_images
+from reference import (
+    assert_batch_matches_singles_and_loop,
+    cls_attention_eager,
+    newlines_kept_by_hand,
+    teacher_forced_logits,
+    topk_reference,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import tokenprune as tp
-from conftest import PINPOINTS, sized_images
-from reference import assert_batch_matches_singles_and_loop, cls_attention_eager, newlines_kept_by_hand, teacher_forced_logits, topk_reference
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 
 SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
@@ -22,9 +28,11 @@ def inputs_for(tiny, sizes, seed=0, questions=None):
 
 def valid_crops(tiny, inputs) -> tuple[torch.Tensor, list[int]]:
     """`[C, 3, H, W]` every real crop of the batch (padding crops dropped), and crops per image."""
-    crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=PINPOINTS, patch_size=32)
-             for s in inputs["image_sizes"].tolist()]
-    return torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops)]), crops
+    crops = [
+        image_size_to_num_patches(image_size=s, grid_pinpoints=PINPOINTS, patch_size=32)
+        for s in inputs["image_sizes"].tolist()
+    ]
+    return torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops, strict=False)]), crops
 
 
 @torch.no_grad()
@@ -36,11 +44,12 @@ def test_provenance_matches_hf_packing(tiny_next):
     pixels, crops = valid_crops(tiny_next, inputs)
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     per_crop = model.model.multi_modal_projector(hidden).flatten(0, 1)  # [C * P, D]
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                            return_dict=True).pooler_output
+    packed = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+    ).pooler_output
     adapter = LlavaNextAdapter(model)
     adapter._info = adapter.info()
-    for features, where in zip(packed, adapter.layout(inputs["image_sizes"], crops)):
+    for features, where in zip(packed, adapter.layout(inputs["image_sizes"], crops), strict=False):
         assert torch.equal(features[where >= 0], per_crop[where[where >= 0]])
         assert torch.equal(features[where < 0], model.model.image_newline.expand(int((where < 0).sum()), -1))
     assert sorted(torch.cat(adapter.layout(inputs["image_sizes"], crops)).tolist())[-1] < sum(crops) * P
@@ -90,14 +99,17 @@ def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_next):
 @pytest.mark.parametrize("spec", ["vtc-cls@6", "vtc-cls-ensemble@0.25", "divprune@8", "tome@5"])
 @torch.no_grad()
 def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_next, spec):
-    run = assert_batch_matches_singles_and_loop(tiny_next, spec, ["what colour is the square", "how many"],
-                                                sized_images(SIZES, seed=3))
+    run = assert_batch_matches_singles_and_loop(
+        tiny_next, spec, ["what colour is the square", "how many"], sized_images(SIZES, seed=3)
+    )
     if spec == "vtc-cls@6":
         assert [len(k) for k in run.trace[0].stages[0].kept] == [6, 6]
 
 
 def test_refusals_inside_the_tower_and_for_unequal_images_in_the_llm(tiny_next):
-    with pytest.raises(tp.errors.PlaceError, match="'llava-next' adapter does not support; supported places: projector, llm"):
+    with pytest.raises(
+        tp.errors.PlaceError, match="'llava-next' adapter does not support; supported places: projector, llm"
+    ):
         with tp.apply(tiny_next.model, "tome@8@vision:1"):
             pass
     inputs = inputs_for(tiny_next, SIZES)  # 48 and 64 patch tokens
@@ -139,8 +151,14 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_next, spec):
     with tp.apply(model, spec):
         if spec.startswith("fastv@1.0"):
             assert torch.equal(model(**inputs).logits, reference)
-        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         new = generated.sequences[:, width:]
         logits = teacher_forced_logits(model, inputs, new[:, :3])
     for step, step_logits in enumerate(logits):  # HF's own generate and forward differ by ~5e-4 here
@@ -156,13 +174,41 @@ def test_cli_runs_and_compares_on_a_saved_llava_next(tiny_next, tmp_path):
 
     image = tmp_path / "wide.png"
     sized_images([(40, 70)])[0].save(image)
-    result = CliRunner().invoke(app, ["run", "--model", str(tiny_next.path), "--image", str(image), "--prompt", "what colour",
-                                      "--strategy", "vtc-cls@5", "--max-new-tokens", "2", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_next.path),
+            "--image",
+            str(image),
+            "--prompt",
+            "what colour",
+            "--strategy",
+            "vtc-cls@5",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stages"][0]["tokens_out"] == 5
     (tmp_path / "data.jsonl").write_text("\n".join([json.dumps({"image": "wide.png", "question": "what colour"})] * 2))
-    result = CliRunner().invoke(app, ["compare", "--model", str(tiny_next.path), "--data", str(tmp_path / "data.jsonl"),
-                                      "--budgets", "0.5", "--json", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--model",
+            str(tiny_next.path),
+            "--data",
+            str(tmp_path / "data.jsonl"),
+            "--budgets",
+            "0.5",
+            "--json",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert {"vtc-cls@0.5", "tome@0.5", "fastv@0.5"} <= {r["spec"] for r in rows}  # images of one size

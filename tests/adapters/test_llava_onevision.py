@@ -4,10 +4,15 @@ batch equals single prompts, generate() equals a manual decode loop, [CLS] score
 
 import pytest
 import torch
+from conftest import sized_images
+from reference import (
+    assert_batch_matches_singles_and_loop,
+    divprune_reference,
+    newlines_kept_by_hand,
+    teacher_forced_logits,
+)
 
 import tokenprune as tp
-from conftest import sized_images
-from reference import assert_batch_matches_singles_and_loop, divprune_reference, newlines_kept_by_hand, teacher_forced_logits
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 
 SIZES = [(40, 70), (128, 120)]  # a 2x3 grid, and a 4x4 grid that HF downsamples (anyres_max_9)
@@ -27,11 +32,13 @@ def test_provenance_matches_hf_packing_and_downsampled_tokens_point_into_their_i
     adapter = adapter_for(model)
     crops = adapter.crops(inputs["image_sizes"], {})
     assert crops == [7, 17]  # a 2x3 grid plus the base image; 4x4 plus the base
-    pixels = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops)])
+    pixels = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops, strict=False)])
     per_crop = model.model.multi_modal_projector(
-        model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]).flatten(0, 1)
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                            return_dict=True).pooler_output
+        model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+    ).flatten(0, 1)
+    packed = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+    ).pooler_output
     small, large = adapter.layout(inputs["image_sizes"], crops)
     assert torch.equal(packed[0][small >= 0], per_crop[small[small >= 0]])  # no interpolation: exact
     assert [len(small), len(large)] == [len(p) for p in packed]
@@ -75,13 +82,18 @@ def test_counts_follow_the_budget_and_the_newline_rule(tiny_onevision, k):
 @pytest.mark.parametrize("spec", ["divprune@6", "tome@0.25", "random@5"])
 @torch.no_grad()
 def test_batch_equals_single_prompts_and_generate_equals_manual_loop(tiny_onevision, spec):
-    assert_batch_matches_singles_and_loop(tiny_onevision, spec, ["what colour", "how many"], sized_images(SIZES, seed=3))
+    assert_batch_matches_singles_and_loop(
+        tiny_onevision, spec, ["what colour", "how many"], sized_images(SIZES, seed=3)
+    )
 
 
 @pytest.mark.parametrize("name", ["vtc-cls", "vtc-cls-ensemble", "fastervlm", "prumerge", "visionzip"])
 def test_cls_scorers_are_refused_naming_what_runs_instead(tiny_onevision, name):
-    with pytest.raises(tp.errors.SignalError, match=f"'{name}' scores tokens by \\[CLS\\] attention, but this model's vision "
-                                                    "encoder has no \\[CLS\\] token; use a scorer that needs none"):
+    with pytest.raises(
+        tp.errors.SignalError,
+        match=f"'{name}' scores tokens by \\[CLS\\] attention, but this model's vision "
+        "encoder has no \\[CLS\\] token; use a scorer that needs none",
+    ):
         with tp.apply(tiny_onevision.model, f"{name}@4"):
             pass
 
@@ -95,10 +107,13 @@ def test_divprune_keeps_the_reference_subset_of_each_images_packed_tokens(tiny_o
     inputs = tiny_onevision.inputs(["what colour"] * 2, sized_images(SIZES, seed=4))
     with tp.apply(model, f"divprune@{k}") as run:
         model(**inputs)
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                            return_dict=True).pooler_output
+    packed = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+    ).pooler_output
     adapter = adapter_for(model)
-    for i, (features, where) in enumerate(zip(packed, adapter.layout(inputs["image_sizes"], adapter.crops(inputs["image_sizes"], {})))):
+    for i, (features, where) in enumerate(
+        zip(packed, adapter.layout(inputs["image_sizes"], adapter.crops(inputs["image_sizes"], {})), strict=False)
+    ):
         chosen = divprune_reference(features[where >= 0], k)
         assert run.trace[0].stages[0].kept[i].tolist() == where[where >= 0][chosen].tolist()
 
@@ -113,9 +128,15 @@ def test_fastv_inside_its_qwen2_llm(tiny_onevision):
     with tp.apply(model, "fastv@1.0@llm:1"):
         assert torch.equal(model(**inputs).logits, reference)
     with tp.apply(model, "fastv@6@llm:1") as run:
-        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-        logits = teacher_forced_logits(model, inputs, generated.sequences[:, width:width + 2])
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logits = teacher_forced_logits(model, inputs, generated.sequences[:, width : width + 2])
     layer_tokens = run.trace[0].layer_tokens
     assert layer_tokens[1:] == [layer_tokens[0] - (88 - 6)] * 2 and run.trace[0].stages[0].tokens_out == 6
     for step, step_logits in enumerate(logits):

@@ -5,16 +5,18 @@ prompts, generate() equals a manual decode loop, and the refusals."""
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import sized_images
 from reference import teacher_forced_logits
+
+import tokenprune as tp
 
 SIZES = [(40, 70), (64, 48)]  # merged grids 2x4 and 4x3
 QUESTIONS = ["what colour is the square", "how many"]
 
 
-@pytest.mark.parametrize(("spec", "kept"), [("pool@4", (4, 4)), ("divprune@5", (5, 5)), ("tome@0.5", (4, 6)), ("uniform@3", (3, 3))])
+@pytest.mark.parametrize(
+    ("spec", "kept"), [("pool@4", (4, 4)), ("divprune@5", (5, 5)), ("tome@0.5", (4, 6)), ("uniform@3", (3, 3))]
+)
 @torch.no_grad()
 def test_logits_equal_the_compressed_prompt_built_by_hand(tiny_qwen, spec, kept):
     model = tiny_qwen.model
@@ -22,10 +24,12 @@ def test_logits_equal_the_compressed_prompt_built_by_hand(tiny_qwen, spec, kept)
     with tp.apply(model, spec) as run:
         got = model(**inputs).logits[:, -1]
     ids, mask, image = inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id
-    positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-                                              attention_mask=mask)
-    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                                              return_dict=True).pooler_output
+    positions, _ = model.model.get_rope_index(
+        ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+    )
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], return_dict=True
+    ).pooler_output
     stage = run.trace[0].stages[0]
     rows, width = [], 0
     for b in range(2):  # one image per prompt: keep text and padding, and the kept image slots
@@ -43,8 +47,11 @@ def test_logits_equal_the_compressed_prompt_built_by_hand(tiny_qwen, spec, kept)
             embeds[is_image] = features[b][stage.kept[b]]
         else:
             embeds[is_image] = stage.weights[b].to(features[b].dtype) @ features[b]
-        out = model(inputs_embeds=embeds[None], attention_mask=mask[b, columns][None],
-                    position_ids=positions[:, b:b + 1, columns]).logits[0, -1]
+        out = model(
+            inputs_embeds=embeds[None],
+            attention_mask=mask[b, columns][None],
+            position_ids=positions[:, b : b + 1, columns],
+        ).logits[0, -1]
         torch.testing.assert_close(got[b], out, atol=1e-5, rtol=1e-5)
     assert stage.counts == [(8, kept[0]), (12, kept[1])]
 
@@ -74,8 +81,14 @@ def test_batch_equals_single_prompts_and_decode_logits_equal_a_manual_loop(tiny_
     width = inputs["input_ids"].shape[1]
     with tp.apply(model, spec):
         batch = model(**inputs).logits[:, -1]
-        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         new = generated.sequences[:, width:]
         manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
         singles = [model(**tiny_qwen.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(QUESTIONS)]
@@ -89,7 +102,9 @@ def test_refusals_name_what_runs(tiny_qwen):
     with pytest.raises(tp.errors.SignalError, match="has no \\[CLS\\] token"):
         with tp.apply(tiny_qwen.model, "vtc-cls@4"):
             pass
-    with pytest.raises(tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector, llm"):
+    with pytest.raises(
+        tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector, llm"
+    ):
         with tp.apply(tiny_qwen.model, "tome@4@vision:1"):
             pass
     inputs = tiny_qwen.inputs(QUESTIONS, sized_images(SIZES))  # 8 and 12 tokens reach the LLM
@@ -104,9 +119,8 @@ EQUAL = [(40, 70), (40, 70)]  # both images 8 merged tokens
 @pytest.mark.parametrize("k", [2, 5])
 @torch.no_grad()
 def test_fastv_keeps_the_top_k_of_the_unpruned_models_eager_attention(tiny_qwen, k):
-    from transformers import AutoModelForImageTextToText
-
     from reference import topk_reference
+    from transformers import AutoModelForImageTextToText
 
     inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=5))
     with tp.apply(tiny_qwen.model, f"fastv@{k}@llm:1") as run:
@@ -127,8 +141,14 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_qwen, spec):
     inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=6))
     width = inputs["input_ids"].shape[1]
     with tp.apply(model, spec):
-        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         new = generated.sequences[:, width:]
         manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
     for step, logits in enumerate(manual):

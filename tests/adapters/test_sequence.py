@@ -25,8 +25,11 @@ def compaction_by_hand(keep: list[list[bool]]) -> tuple[list[list[int]], list[li
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 4).flatmap(lambda p: st.lists(st.lists(st.booleans(), min_size=p, max_size=p), min_size=1, max_size=4))
-       .filter(lambda rows: all(any(r) for r in rows)))
+@given(
+    st.integers(1, 4)
+    .flatmap(lambda p: st.lists(st.lists(st.booleans(), min_size=p, max_size=p), min_size=1, max_size=4))
+    .filter(lambda rows: all(any(r) for r in rows))
+)
 def test_compact_matches_loop_reference(rows):
     keep = torch.tensor(rows)
     source, valid, removed_before = compaction_by_hand(rows)

@@ -16,9 +16,30 @@ from tokenprune.flops import prefill_flops
 
 
 def test_bench_tiny_writes_every_row(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--arch", "tiny", "--strategies", "vtc-cls,fastv", "--budgets", "16,4",
-                                      "--batch", "1,2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
-                                      "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny",
+            "--strategies",
+            "vtc-cls,fastv",
+            "--budgets",
+            "16,4",
+            "--batch",
+            "1,2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["arch"] == "tiny" and data["meta"]["versions"]["torch"]
@@ -41,22 +62,56 @@ def test_bench_tiny_writes_every_row(tmp_path):
 
 def test_bench_unknown_arch_lists_known(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--arch", "llava-9b", "--device", "cpu", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and ("known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
-                                      "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny") in result.stderr
+    assert (
+        result.exit_code == 2
+        and (
+            "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
+            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny"
+        )
+        in result.stderr
+    )
 
 
 def test_bench_on_a_saved_checkpoint(tiny, tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny.path), "--strategies", "vtc-cls", "--budgets", "4",
-                                      "--batch", "1", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
-                                      "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny.path),
+            "--strategies",
+            "vtc-cls",
+            "--budgets",
+            "4",
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["model"] == str(tiny.path) and data["meta"]["arch"] is None
-    assert [(r["row"], r["kept"]) for r in data["rows"]] == [("unpruned", 16), ("oracle", 4), ("official", 4), ("vtc-cls", 4)]
+    assert [(r["row"], r["kept"]) for r in data["rows"]] == [
+        ("unpruned", 16),
+        ("oracle", 4),
+        ("official", 4),
+        ("vtc-cls", 4),
+    ]
 
 
 def test_bench_model_and_random_weights_exclude_each_other(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--model", "x", "--random-weights", "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["bench", "--model", "x", "--random-weights", "--device", "cpu", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "exclude each other" in result.stderr
 
 
@@ -70,17 +125,28 @@ def _plans(model, order: list[str]) -> list[RowPlan]:
             order.append(name)
             with make() as handle:
                 yield handle
+
         return enter
 
-    return [RowPlan("unpruned", "", 16, 1, full, entering("unpruned", nullcontext), lambda h: [TEXT_TOKENS + 16] * 3),
-            RowPlan("vtc-cls", "vtc-cls@4", 4, 1, full, entering("vtc-cls", lambda: tp.apply(model, "vtc-cls@4")),
-                    lambda h: h.trace[-1].tokens_per_layer())]
+    return [
+        RowPlan("unpruned", "", 16, 1, full, entering("unpruned", nullcontext), lambda h: [TEXT_TOKENS + 16] * 3),
+        RowPlan(
+            "vtc-cls",
+            "vtc-cls@4",
+            4,
+            1,
+            full,
+            entering("vtc-cls", lambda: tp.apply(model, "vtc-cls@4")),
+            lambda h: h.trace[-1].tokens_per_layer(),
+        ),
+    ]
 
 
 def test_rows_are_measured_round_robin_after_every_warm_up():
     model, order = build("tiny", torch.float32, "cpu"), []
-    rows = measure_rows(model, _plans(model, order), repeats=3, new_tokens=2, device="cpu", warmup=1,
-                        interleave=True, compiled=False)
+    rows = measure_rows(
+        model, _plans(model, order), repeats=3, new_tokens=2, device="cpu", warmup=1, interleave=True, compiled=False
+    )
     assert order == ["unpruned", "vtc-cls"] + ["unpruned", "vtc-cls"] * 3
     assert [r["layer_tokens"] for r in rows] == [[TEXT_TOKENS + 16] * 3, [TEXT_TOKENS + 4] * 3]
 
@@ -91,8 +157,16 @@ def test_static_cache_rows_run_plan_after_plan_each_in_one_context():
     model, order, towers = build("tiny", torch.float32, "cpu"), [], []
     handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: towers.append(order[-1]))
     try:
-        rows = measure_rows(model, _plans(model, order), repeats=2, new_tokens=3, device="cpu", warmup=1,
-                            interleave=False, compiled=True)
+        rows = measure_rows(
+            model,
+            _plans(model, order),
+            repeats=2,
+            new_tokens=3,
+            device="cpu",
+            warmup=1,
+            interleave=False,
+            compiled=True,
+        )
     finally:
         handle.remove()
     assert order == ["unpruned", "vtc-cls"]
@@ -103,49 +177,125 @@ def test_static_cache_rows_run_plan_after_plan_each_in_one_context():
 def test_bench_tiny_llava_next_rows_and_flops(tmp_path):
     """The anyres architecture: 88 packed tokens for its 64x64 image (16 base, 8x8 crops, 8
     newlines); the oracle keeps k per image, no official row (LLaVA-1.5 only)."""
-    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-next", "--strategies", "vtc-cls", "--budgets", "16,4",
-                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
-                                      "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-next",
+            "--strategies",
+            "vtc-cls",
+            "--budgets",
+            "16,4",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 88), ("oracle", 16), ("vtc-cls", 16), ("oracle", 4), ("vtc-cls", 4)]
+    assert [(r["row"], r["kept"]) for r in rows] == [
+        ("unpruned", 88),
+        ("oracle", 16),
+        ("vtc-cls", 16),
+        ("oracle", 4),
+        ("vtc-cls", 4),
+    ]
     text = ARCHS["tiny-next"]["text"]
     d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     for r in rows:
         if r["row"] != "vtc-cls":
             assert r["llm_flops"] == prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m)
         else:  # k tokens plus the newlines of the grid rows that keep one
-            assert prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m) <= r["llm_flops"] \
+            assert (
+                prefill_flops([TEXT_TOKENS + r["kept"]] * layers, d, m)
+                <= r["llm_flops"]
                 <= prefill_flops([TEXT_TOKENS + r["kept"] + 8] * layers, d, m)
+            )
 
 
 def test_bench_tiny_qwen2_vl_rows_and_flops(tmp_path):
     """Qwen2-VL: 16 merged tokens for the 64x64 image; the oracle keeps k, no official row; FastV
     inside the LLM runs too."""
-    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-qwen", "--strategies", "pool,fastv", "--budgets", "4",
-                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
-                                      "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-qwen",
+            "--strategies",
+            "pool,fastv",
+            "--budgets",
+            "4",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 16), ("oracle", 4), ("pool", 4), ("fastv", 4)]
     text = ARCHS["tiny-qwen"]["qwen"]["text"]
     d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     assert [r["llm_flops"] for r in rows] == [
-        prefill_flops([TEXT_TOKENS + 16] * layers, d, m), prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
-        prefill_flops([TEXT_TOKENS + 4] * layers, d, m), prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4], d, m)]
+        prefill_flops([TEXT_TOKENS + 16] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4], d, m),
+    ]
 
 
 def test_bench_tiny_llava_onevision_rows(tmp_path):
     """LLaVA-OneVision (SigLIP, Qwen2 LLM): 88 packed tokens for its 64x64 image; the oracle keeps k."""
-    result = CliRunner().invoke(app, ["bench", "--arch", "tiny-onevision", "--strategies", "divprune", "--budgets", "16",
-                                      "--batch", "2", "--repeats", "1", "--new-tokens", "2", "--dtype", "float32",
-                                      "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-onevision",
+            "--strategies",
+            "divprune",
+            "--budgets",
+            "16",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 88), ("oracle", 16), ("divprune", 16)]
     text = ARCHS["tiny-onevision"]["onevision"]["text"]
-    assert rows[1]["llm_flops"] == prefill_flops([TEXT_TOKENS + 16] * text["num_hidden_layers"], text["hidden_size"],
-                                                 text["intermediate_size"])
+    assert rows[1]["llm_flops"] == prefill_flops(
+        [TEXT_TOKENS + 16] * text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
+    )
 
 
 def test_compile_refuses_qwen_and_llm_stages_before_building():

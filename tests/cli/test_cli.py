@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import N_PATCHES, images
 from typer.testing import CliRunner
 
-from conftest import N_PATCHES, images
 from tokenprune.cli.app import app
 from tokenprune.flops import layer_flops
 
@@ -32,9 +32,23 @@ def test_help_has_an_example(command):
 def test_run_json(tiny, tmp_path):
     image = tmp_path / "img.png"
     images(1, seed=4)[0].save(image)
-    result = runner.invoke(app, ["run", "--model", str(tiny.path), "--image", str(image), "--prompt",
-                                 "what colour is the square", "--strategy", "vtc-cls@5",
-                                 "--max-new-tokens", "3", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny.path),
+            "--image",
+            str(image),
+            "--prompt",
+            "what colour is the square",
+            "--strategy",
+            "vtc-cls@5",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert isinstance(out["text"], str)
@@ -48,14 +62,17 @@ def test_run_json(tiny, tmp_path):
     assert flops["pruned"] == layer_flops(out["seq_len_out"], 32, 64) * 3  # tiny LLM: d=32, m=64, 3 layers
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--strategy", "nope@4"], "unknown strategy 'nope'; known strategies:"),
-    (["--strategy", "vtc-cls@0"], "budget 0 keeps no tokens"),
-    (["--strategy", "vtc-cls@1.5"], "outside (0, 1]"),
-    (["--strategy", "vtc-cls@@"], "malformed"),
-    (["--strategy", "vtc-cls@4", "--image", "missing.png"], "does not exist"),
-    (["--strategy", "vtc-cls@4", "--model", "/no/such/model"], "cannot load model"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "nope@4"], "unknown strategy 'nope'; known strategies:"),
+        (["--strategy", "vtc-cls@0"], "budget 0 keeps no tokens"),
+        (["--strategy", "vtc-cls@1.5"], "outside (0, 1]"),
+        (["--strategy", "vtc-cls@@"], "malformed"),
+        (["--strategy", "vtc-cls@4", "--image", "missing.png"], "does not exist"),
+        (["--strategy", "vtc-cls@4", "--model", "/no/such/model"], "cannot load model"),
+    ],
+)
 def test_user_errors_are_one_line(tiny, tmp_path, args, message):
     image = tmp_path / "img.png"
     images(1)[0].save(image)
@@ -73,7 +90,19 @@ def test_visualize_writes_png(tiny, tmp_path):
     image = tmp_path / "img.png"
     images(1)[0].save(image)
     out = tmp_path / "kept.png"
-    result = runner.invoke(app, ["visualize", "--model", str(tiny.path), "--image", str(image),
-                                 "--strategy", "vtc-cls@4,uniform@4", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "visualize",
+            "--model",
+            str(tiny.path),
+            "--image",
+            str(image),
+            "--strategy",
+            "vtc-cls@4,uniform@4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(out).size[0] > Image.open(out).size[1] > 100

@@ -11,8 +11,22 @@ from tokenprune.cli.app import app
 
 def test_compare_writes_json_csv_png(tmp_path):
     out = tmp_path / "res"
-    result = CliRunner().invoke(app, ["compare", "--strategies", "vtc-cls,uniform", "--budgets", "1.0,0.25",
-                                      "--limit", "12", "--batch-size", "6", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--strategies",
+            "vtc-cls,uniform",
+            "--budgets",
+            "1.0,0.25",
+            "--limit",
+            "12",
+            "--batch-size",
+            "6",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["versions"]["torch"] and data["meta"]["seed"] == 0 and data["meta"]["limit"] == 12
@@ -37,8 +51,23 @@ def test_compare_own_data_without_answers(tmp_path, tiny):
         img.save(tmp_path / f"{i}.png")
         lines.append(json.dumps({"image": f"{i}.png", "question": "what colour"}))
     (tmp_path / "data.jsonl").write_text("\n".join(lines))
-    result = CliRunner().invoke(app, ["compare", "--model", str(tiny.path), "--data", str(tmp_path / "data.jsonl"),
-                                      "--strategies", "vtc-cls", "--budgets", "4", "--out", str(tmp_path / "o"), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--model",
+            str(tiny.path),
+            "--data",
+            str(tmp_path / "data.jsonl"),
+            "--strategies",
+            "vtc-cls",
+            "--budgets",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert rows[1]["accuracy"] is None and 0.0 <= rows[1]["agreement"] <= 1.0 and rows[1]["kept"] == 4
@@ -52,15 +81,44 @@ def test_compare_sharded_over_two_processes_equals_one_process(tmp_path):
     import subprocess
     import sys
 
-    args = ["compare", "--strategies", "vtc-cls,random,fastv", "--budgets", "0.25", "--limit", "10",
-            "--batch-size", "3", "--json"]
+    args = [
+        "compare",
+        "--strategies",
+        "vtc-cls,random,fastv",
+        "--budgets",
+        "0.25",
+        "--limit",
+        "10",
+        "--batch-size",
+        "3",
+        "--json",
+    ]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "tokenprune.cli.app",
-                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "tokenprune.cli.app",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output

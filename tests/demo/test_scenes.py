@@ -37,7 +37,9 @@ def test_training_encoding_matches_processor():
     ids, mask, labels = encode_questions(processor, [q for _, q in pairs])
     for row, (scene, q) in enumerate(pairs):
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}], add_generation_prompt=True)
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.text}]}],
+            add_generation_prompt=True,
+        )
         enc = processor(images=Image.fromarray(scene.render()), text=text, return_tensors="pt")
         n = enc["input_ids"].shape[1]
         assert torch.equal(ids[row, :n], enc["input_ids"][0])

@@ -64,7 +64,7 @@ def reference_answers(lmm: PrunedLMM, spec: str | None) -> list[str]:
             else:
                 with tp.apply(lmm.model, spec):
                     ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        answers.append(lmm.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        answers.append(lmm.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return answers
 
 
@@ -77,7 +77,7 @@ def test_generate_until_matches_the_public_api_per_sample_in_batches_of_four(pru
 def test_unpruned_baseline_answers_the_demo_questions(unpruned):
     got = unpruned.generate_until(generation_requests())
     assert got == reference_answers(unpruned, None)
-    assert sum(a.strip() == s.answer for a, s in zip(got, SAMPLES)) >= N - 1
+    assert sum(a.strip() == s.answer for a, s in zip(got, SAMPLES, strict=False)) >= N - 1
     assert unpruned.traces == []
 
 
@@ -101,9 +101,11 @@ def test_loglikelihood_equals_a_hand_computation(spec):
     sample = SAMPLES[0]
     greedy_answer = lmm.generate_until(generation_requests({"max_new_tokens": 1}))[0].strip()
     wrong = "blue" if greedy_answer != "blue" else "red"
-    requests = [Request((sample.question, answer, doc_to_visual, 0, "demo", "eval")) for answer in (greedy_answer, wrong)]
+    requests = [
+        Request((sample.question, answer, doc_to_visual, 0, "demo", "eval")) for answer in (greedy_answer, wrong)
+    ]
     got = lmm.loglikelihood(requests)
-    for (logprob, greedy), answer in zip(got, (greedy_answer, wrong)):
+    for (logprob, greedy), answer in zip(got, (greedy_answer, wrong), strict=False):
         prompt = build_prompt(lmm.processor, sample.question)
         inputs = lmm.processor(images=[sample.image], text=prompt, return_tensors="pt")
         target = lmm.processor.tokenizer(answer, add_special_tokens=False).input_ids
@@ -114,7 +116,7 @@ def test_loglikelihood_equals_a_hand_computation(spec):
             else:
                 with tp.apply(lmm.model, spec):
                     logits = lmm.model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
-        steps = torch.log_softmax(logits[0, -len(target) - 1:-1].float(), dim=-1)
+        steps = torch.log_softmax(logits[0, -len(target) - 1 : -1].float(), dim=-1)
         expected = sum(float(steps[j, t]) for j, t in enumerate(target))
         assert logprob == pytest.approx(expected, abs=1e-5)
         assert greedy == all(int(steps[j].argmax()) == t for j, t in enumerate(target))
@@ -122,14 +124,24 @@ def test_loglikelihood_equals_a_hand_computation(spec):
 
 
 def test_model_args_string_as_lmms_eval_passes_it():
-    assert parse_arg_string("pretrained=demo,pipeline=vtc-cls-ensemble(layers=[-2,-3])@0.25,batch_size=2,"
-                            "max_new_tokens=8,dtype='float32',flag=true") == {
-        "pretrained": "demo", "pipeline": "vtc-cls-ensemble(layers=[-2,-3])@0.25", "batch_size": 2,
-        "max_new_tokens": 8, "dtype": "float32", "flag": True}
+    assert parse_arg_string(
+        "pretrained=demo,pipeline=vtc-cls-ensemble(layers=[-2,-3])@0.25,batch_size=2,"
+        "max_new_tokens=8,dtype='float32',flag=true"
+    ) == {
+        "pretrained": "demo",
+        "pipeline": "vtc-cls-ensemble(layers=[-2,-3])@0.25",
+        "batch_size": 2,
+        "max_new_tokens": 8,
+        "dtype": "float32",
+        "flag": True,
+    }
     assert parse_arg_string("pipeline=vtc-cls(layer=1)@0.5 > fastv@0.5@llm:2") == {
-        "pipeline": "vtc-cls(layer=1)@0.5 > fastv@0.5@llm:2"}
-    lmm = PrunedLMM.create_from_arg_string("pretrained=demo,pipeline=vtc-cls(layer=1)@0.5,batch_size=3",
-                                           {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+        "pipeline": "vtc-cls(layer=1)@0.5 > fastv@0.5@llm:2"
+    }
+    lmm = PrunedLMM.create_from_arg_string(
+        "pretrained=demo,pipeline=vtc-cls(layer=1)@0.5,batch_size=3",
+        {"batch_size": 1, "device": "cpu", "max_batch_size": None},
+    )
     assert lmm.pipeline == tp.Pipeline.from_spec("vtc-cls(layer=1)@0.5") and lmm.batch_size == 3
     assert lmm.rank == 0 and lmm.world_size == 1 and lmm.device == torch.device("cpu")
 
@@ -159,7 +171,7 @@ def test_bad_arguments_are_refused_clearly(pruned):
 STAND_IN = {
     "lmms_eval/__init__.py": "",
     "lmms_eval/api/__init__.py": "",
-    "lmms_eval/api/model.py": '''
+    "lmms_eval/api/model.py": """
         import abc
         class lmms(abc.ABC):
             is_simple = True
@@ -171,9 +183,9 @@ STAND_IN = {
             def generate_until(self, requests): ...
             @abc.abstractmethod
             def generate_until_multi_round(self, requests): ...
-    ''',
+    """,
     "lmms_eval/models/__init__.py": "",
-    "lmms_eval/models/registry_v2.py": '''
+    "lmms_eval/models/registry_v2.py": """
         from dataclasses import dataclass
         @dataclass(frozen=True)
         class ModelManifest:
@@ -181,7 +193,7 @@ STAND_IN = {
             simple_class_path: str | None = None
             chat_class_path: str | None = None
             aliases: tuple = ()
-    ''',
+    """,
 }
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import images
+from reference import topk_reference
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenprune as tp
-from conftest import images
-from reference import topk_reference
 from tokenprune.errors import SignalError
 
 
@@ -31,8 +31,11 @@ def dart_reference(model, inputs: dict, k: int, layer: int, pivots: int, text_pi
     chosen = set(image_pivots)
     for i, pivot in enumerate(states):
         share = (k - p) // len(states) + (i < (k - p) % len(states))
-        sims = {j: float(torch.nn.functional.cosine_similarity(pivot, normed[image[j]], dim=0))
-                for j in range(len(image)) if j not in chosen}
+        sims = {
+            j: float(torch.nn.functional.cosine_similarity(pivot, normed[image[j]], dim=0))
+            for j in range(len(image))
+            if j not in chosen
+        }
         chosen.update(sorted(sims, key=lambda j: (sims[j], j))[:share])
     return sorted(chosen)
 
@@ -41,7 +44,7 @@ def dart_reference(model, inputs: dict, k: int, layer: int, pivots: int, text_pi
 @torch.no_grad()
 def test_kept_tokens_match_reference(tiny, k, pivots, text_pivots):
     for i, q in enumerate(["what colour is the square", "how many"]):
-        inputs = tiny.inputs([q], images(2, seed=31)[i:i + 1])
+        inputs = tiny.inputs([q], images(2, seed=31)[i : i + 1])
         spec = f"dart+dart-dedup(pivots={pivots},text_pivots={text_pivots})@{k}@llm:2"
         with tp.apply(tiny.model, spec) as run:
             tiny.model(**inputs)

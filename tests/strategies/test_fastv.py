@@ -3,11 +3,11 @@ generate() against a manual decode loop, and composition with a projector stage.
 
 import pytest
 import torch
+from conftest import N_PATCHES, images
+from reference import assert_generate_matches, layer_lengths, topk_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
-from conftest import N_PATCHES, images
-from reference import assert_generate_matches, layer_lengths, topk_reference
 from tokenprune.flops import layer_flops
 
 QUESTIONS = ["what colour is the square", "how many"]
@@ -65,7 +65,7 @@ def test_two_stage_pipeline_nests_provenance(tiny):
         tiny.model(**inputs)
     first, second = run.trace[0].stages
     assert (first.tokens_in, first.tokens_out, second.tokens_in, second.tokens_out) == (N_PATCHES, 9, 9, 4)
-    for a, b in zip(first.kept, second.kept):
+    for a, b in zip(first.kept, second.kept, strict=False):
         assert set(b.tolist()) <= set(a.tolist())
     assert run.trace[0].layer_tokens[:2] == [run.trace[0].seq_len_out] * 2
     assert run.trace[0].layer_tokens[2] == run.trace[0].seq_len_out - (9 - 4)

@@ -3,9 +3,9 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import topk_reference
 
 import tokenprune as tp
-from reference import topk_reference
 
 
 def group_merge_reference(x: torch.Tensor, scores: list[float], k: int):
@@ -22,7 +22,7 @@ def group_merge_reference(x: torch.Tensor, scores: list[float], k: int):
     for c in centres:
         w = [max(scores[j], 0.0) for j in groups[c]]
         w = w if sum(w) > 0 else [1.0] * len(w)
-        out.append(sum(wi * x[j].double() for wi, j in zip(w, groups[c])) / sum(w))
+        out.append(sum(wi * x[j].double() for wi, j in zip(w, groups[c], strict=False)) / sum(w))
     return centres, torch.stack(out)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import divprune_reference, tome_reference
 
 import tokenprune as tp
-from reference import divprune_reference, tome_reference
 
 
 def test_pool_2d_matches_adaptive_avg_pool2d():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import N_PATCHES, images, keyed_token_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import cls_attention_eager, patch_keys_eager, prumerge_reference
 
 import tokenprune as tp
-from conftest import N_PATCHES, images, keyed_token_cases
-from reference import cls_attention_eager, patch_keys_eager, prumerge_reference
 from tokenprune.signals import PatchKeys
 from tokenprune.strategy import ModelInfo
 

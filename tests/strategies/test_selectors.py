@@ -3,10 +3,10 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tokenprune as tp
 from reference import topk_reference
 from tokenprune.strategies.uniform import lattice_indices
+
+import tokenprune as tp
 
 
 @st.composite
@@ -26,7 +26,7 @@ def scored_tokens(draw):
 def test_topk_matches_reference_with_ties(case):
     tokens, scores, k = case
     red = tp.create("topk").reduce(tokens, scores, k)
-    for row, idx in zip(scores, red.index):
+    for row, idx in zip(scores, red.index, strict=False):
         assert idx.tolist() == topk_reference(row.tolist(), k)
     assert torch.equal(red.tokens, torch.gather(tokens, 1, red.index[..., None].expand(-1, -1, 5)))
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import N_PATCHES, images, keyed_token_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import cls_attention_eager, patch_keys_eager, visionzip_reference
 
 import tokenprune as tp
-from conftest import N_PATCHES, images, keyed_token_cases
-from reference import cls_attention_eager, patch_keys_eager, visionzip_reference
 from tokenprune.signals import PatchKeys
 
 
@@ -26,7 +26,11 @@ def test_merge_matches_loop_reference(case, contextual):
 
 def test_default_split_follows_the_paper():
     g = torch.Generator().manual_seed(0)  # a draw where every contextual group has several members
-    x, scores, keys = torch.randn(1, 576, 3, generator=g), torch.rand(1, 576, generator=g), torch.randn(1, 576, 4, generator=g)
+    x, scores, keys = (
+        torch.randn(1, 576, 3, generator=g),
+        torch.rand(1, 576, generator=g),
+        torch.randn(1, 576, 4, generator=g),
+    )
     for k, contextual in [(64, 10), (128, 20), (192, 30)]:
         red = tp.create("visionzip-merge").reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
         merged = (red.weights > 0).sum(-1) > 1

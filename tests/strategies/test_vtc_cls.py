@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import images
 from reference import cls_attention_eager, topk_reference
+
+import tokenprune as tp
 
 
 def kept(tiny, spec: str, n_images: int = 3):
@@ -28,12 +28,15 @@ def test_explicit_layer(tiny):
     assert got == [topk_reference(r.tolist(), 6) for r in rows]
 
 
-@pytest.mark.parametrize(("spec", "blocks"), [
-    ("vtc-cls-ensemble@7", list(range(4))[-4:-1]),  # default start_layer=-4, 4 blocks
-    ("vtc-cls-ensemble(start_layer=1)@7", [1, 2]),
-    ("vtc-cls-ensemble(start_layer=-2)@7", [2]),
-    ("vtc-cls-ensemble(layers=[-1,0])@7", [3, 0]),
-])
+@pytest.mark.parametrize(
+    ("spec", "blocks"),
+    [
+        ("vtc-cls-ensemble@7", list(range(4))[-4:-1]),  # default start_layer=-4, 4 blocks
+        ("vtc-cls-ensemble(start_layer=1)@7", [1, 2]),
+        ("vtc-cls-ensemble(start_layer=-2)@7", [2]),
+        ("vtc-cls-ensemble(layers=[-1,0])@7", [3, 0]),
+    ],
+)
 def test_ensemble_is_plain_sum_of_layers(tiny, spec, blocks):
     pixel_values, got = kept(tiny, spec)
     attn = cls_attention_eager(str(tiny.path), pixel_values)

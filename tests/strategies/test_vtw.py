@@ -3,10 +3,10 @@ leaves; checked against a hand-run forward of the decoder layers."""
 
 import pytest
 import torch
-
-import tokenprune as tp
 from conftest import images
 from reference import manual_greedy
+
+import tokenprune as tp
 from tokenprune.errors import BudgetError, SpecError
 
 QUESTIONS = ["what colour is the square", "how many"]
@@ -31,8 +31,12 @@ def vtw_reference(model, inputs: dict, k: int) -> torch.Tensor:
             hidden = hidden[:, columns]
         n = len(columns)
         mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos[:, columns], sin[:, columns]),
-                       position_ids=positions[:, columns])
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=(cos[:, columns], sin[:, columns]),
+            position_ids=positions[:, columns],
+        )
     return model.lm_head(lm.norm(hidden))[0, -1]
 
 
@@ -40,7 +44,7 @@ def vtw_reference(model, inputs: dict, k: int) -> torch.Tensor:
 @torch.no_grad()
 def test_budget_zero_withdraws_every_visual_token(tiny, k):
     for i, q in enumerate(QUESTIONS):
-        inputs = tiny.inputs([q], images(2, seed=23)[i:i + 1])
+        inputs = tiny.inputs([q], images(2, seed=23)[i : i + 1])
         with tp.apply(tiny.model, f"uniform@0@llm:{k}") as run:
             logits = tiny.model(**inputs).logits[0, -1]
         torch.testing.assert_close(logits, vtw_reference(tiny.model, inputs, k), atol=1e-5, rtol=1e-5)
@@ -56,7 +60,7 @@ def test_generate_after_withdrawal_equals_manual_loop(tiny):
     with tp.apply(tiny.model, "vtc-cls@6 > uniform@0@llm:2"):
         gen = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         manual = manual_greedy(tiny.model, inputs, 4)
-    assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], manual)
+    assert torch.equal(gen[:, inputs["input_ids"].shape[1] :], manual)
 
 
 def test_budget_zero_only_inside_the_llm_and_last():

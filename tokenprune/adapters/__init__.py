@@ -6,4 +6,11 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "ModelAdapter", "Qwen2VLAdapter", "find_adapter"]
+__all__ = [
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "find_adapter",
+]

@@ -60,6 +60,7 @@ class ModelAdapter(ABC):
     def finish(self) -> None:
         """The context exits without an exception, its hooks removed: raise for anything computed
         inside it and not validated yet (nothing by default)."""
+        return None
 
     def check(self, pipeline: Pipeline) -> None:
         """Refuse, before any forward, a pipeline this adapter cannot run.
@@ -88,6 +89,4 @@ def find_adapter(model: nn.Module, positions: str = "contiguous") -> ModelAdapte
         if entry.cls.supports(model):
             return entry.cls(model, positions=positions)
     supported = ", ".join(f"{e.cls.model_class} ({name})" for name, e in adapters.items())
-    raise UnsupportedModelError(
-        f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}"
-    )
+    raise UnsupportedModelError(f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}")

@@ -28,11 +28,11 @@ from ..execute import required_signals, run_stage, stage_info
 from ..flops import signal_flops
 from ..pipeline import Stage
 from ..signals import KeyNorm, NormedTokens, TextAttention, TextPivots
-
-LLM_SIGNALS = (TextAttention, KeyNorm, TextPivots, NormedTokens)
 from ..strategy import ModelInfo
 from ..trace import StageRecord
 from .sequence import Compaction, compact
+
+LLM_SIGNALS = (TextAttention, KeyNorm, TextPivots, NormedTokens)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -42,8 +42,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def received_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.Module,
-                       key_mask: Tensor, query: str) -> Tensor:
+def received_attention(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.Module, key_mask: Tensor, query: str
+) -> Tensor:
     """Head-mean attention each key position receives, `[B, S]` float32.
 
     q `[B, Sq, H*d]` (the last row for `query="last"`), k `[B, S, Hkv*d]`: projection outputs.
@@ -51,7 +52,9 @@ def received_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.
     """
     d = attn.head_dim
     s = k.shape[1]
-    qh = rotate(rearrange(q.float(), "b s (h d) -> b h s d", d=d), cos[:, -q.shape[1]:].float(), sin[:, -q.shape[1]:].float())
+    qh = rotate(
+        rearrange(q.float(), "b s (h d) -> b h s d", d=d), cos[:, -q.shape[1] :].float(), sin[:, -q.shape[1] :].float()
+    )
     kh = rotate(rearrange(k.float(), "b s (h d) -> b h s d", d=d), cos.float(), sin.float())
     kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], dim=1)
     logits = (qh @ kh.transpose(-1, -2)) * attn.scaling  # [B, H, Sq, S]
@@ -90,12 +93,13 @@ class DecoderStage:
         unknown = [s for s in self.wanted if not isinstance(s, LLM_SIGNALS)]
         if unknown:
             raise SignalError(
-                f"{stage.to_spec()!r} asks for {unknown}, which do not exist inside the LLM; "
-                "run it at the projector"
+                f"{stage.to_spec()!r} asks for {unknown}, which do not exist inside the LLM; run it at the projector"
             )
         layers_read = {s.layer for s in self.wanted if not isinstance(s, NormedTokens)}
         if len(layers_read) > 1:
-            raise SignalError(f"{stage.to_spec()!r}: one llm:K stage reads one decoder layer, not {sorted(layers_read)}")
+            raise SignalError(
+                f"{stage.to_spec()!r}: one llm:K stage reads one decoder layer, not {sorted(layers_read)}"
+            )
         self.read_layer = next(iter(layers_read), None)
         self.query = next((s.query for s in self.wanted if isinstance(s, TextAttention)), None)
         self.next: DecoderStage | None = None  # the following llm:K stage, fed by this one's output
@@ -173,7 +177,9 @@ class DecoderStage:
                     rows = received_attention(self._captured.pop("q"), k, cos, sin, attn, p.key_mask, signal.query)
                     values[signal] = at_images(rows)
                 elif isinstance(signal, KeyNorm):
-                    values[signal] = at_images(l1 if signal.p == 1 else keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p))
+                    values[signal] = at_images(
+                        l1 if signal.p == 1 else keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p)
+                    )
                 elif isinstance(signal, TextPivots):
                     values[signal] = self._text_pivots(normed, l1, signal)
         for signal in self.wanted:
@@ -197,7 +203,7 @@ class DecoderStage:
                 f"text pivots, but an image has {fewest}; lower the pivot count"
             )
         ranked = l1[p.rows].masked_fill(~candidates, -float("inf"))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :signal.count]
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : signal.count]
         return normed[p.rows[:, None], order.sort(dim=1).values]
 
     def _prune(self, hidden: Tensor) -> Tensor:
@@ -214,18 +220,32 @@ class DecoderStage:
         out = comp.gather(hidden)
         out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
         origin = p.origin.gather(1, reduction.index)
-        p.record(StageRecord(
-            stage=self.stage.to_spec(), at=self.stage.at, tokens_in=tokens.shape[1], tokens_out=reduction.k,
-            kept=list(origin.unbind(0)),
-            weights=None if reduction.weights is None else list(reduction.weights.unbind(0)),
-            scores=None if scores is None else list(scores.unbind(0)),
-            image_sample=p.rows.tolist(),
-        ), self.k, comp.length_out, sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted))
+        p.record(
+            StageRecord(
+                stage=self.stage.to_spec(),
+                at=self.stage.at,
+                tokens_in=tokens.shape[1],
+                tokens_out=reduction.k,
+                kept=list(origin.unbind(0)),
+                weights=None if reduction.weights is None else list(reduction.weights.unbind(0)),
+                scores=None if scores is None else list(scores.unbind(0)),
+                image_sample=p.rows.tolist(),
+            ),
+            self.k,
+            comp.length_out,
+            sum(signal_flops(s, comp.length_in, hidden.shape[-1]) for s in self.wanted),
+        )
         if self.next is not None:
-            self.next.begin_prefill(ImageLayout(
-                positions=new_col[p.rows[:, None], kept_cols], rows=p.rows, origin=origin,
-                key_mask=comp.gather(p.key_mask) & comp.valid, record=p.record,
-                offset=p.offset + comp.length_in - comp.length_out))
+            self.next.begin_prefill(
+                ImageLayout(
+                    positions=new_col[p.rows[:, None], kept_cols],
+                    rows=p.rows,
+                    origin=origin,
+                    key_mask=comp.gather(p.key_mask) & comp.valid,
+                    record=p.record,
+                    offset=p.offset + comp.length_in - comp.length_out,
+                )
+            )
         return out
 
     def _remap(self, kwargs: dict[str, Any], prefill: bool, q_len: int) -> dict[str, Any]:
@@ -267,7 +287,9 @@ class DecoderStage:
         blocked, allowed = (False, True) if mask.dtype == torch.bool else (torch.finfo(mask.dtype).min, 0.0)
         mask = mask.masked_fill(~valid[:, None, None, :], blocked)
         if prefill and comp.padded:
-            diagonal = torch.eye(q_len, dtype=torch.bool, device=mask.device)[None, None] & ~comp.valid[:, None, :, None]
+            diagonal = (
+                torch.eye(q_len, dtype=torch.bool, device=mask.device)[None, None] & ~comp.valid[:, None, :, None]
+            )
             mask = mask.masked_fill(diagonal, allowed)
         kwargs["attention_mask"] = mask
         return kwargs

@@ -93,7 +93,9 @@ class EncoderStages:
         handles = [self.layers[0].register_forward_pre_hook(self._begin, with_kwargs=True)]
         by_block = {s.place.layer: s for s in self.stages}
         for index in range(first, len(self.layers)):
-            handles.append(self.layers[index].register_forward_pre_hook(self._before(by_block.get(index)), with_kwargs=True))
+            handles.append(
+                self.layers[index].register_forward_pre_hook(self._before(by_block.get(index)), with_kwargs=True)
+            )
         return handles
 
     def tokens_per_block(self) -> list[int]:

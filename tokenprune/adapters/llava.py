@@ -53,8 +53,10 @@ class Placeholders:
 
 
 _LATER_CHUNK = "images after the first chunk of a cached prompt are not supported"
-_CUSTOM_MASK = ("tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; this 4D "
-                "attention mask is neither, so it cannot be remapped onto the compressed prompt")
+_CUSTOM_MASK = (
+    "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; this 4D "
+    "attention mask is neither, so it cannot be remapped onto the compressed prompt"
+)
 
 
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -74,9 +76,11 @@ def _key_mask(mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     allowed = mask if mask.dtype == torch.bool else mask == 0
     key = allowed[:, 0, -1, :length]
     q, width = allowed.shape[2], allowed.shape[3]
-    causal = torch.arange(width, device=mask.device)[None] <= torch.arange(length - q, length, device=mask.device)[:, None]
+    causal = (
+        torch.arange(width, device=mask.device)[None] <= torch.arange(length - q, length, device=mask.device)[:, None]
+    )
     expected = causal[None] & torch.nn.functional.pad(key, (0, width - length))[:, None, :]
-    real = key[:, length - q:, None]  # queries that are tokens, not padding
+    real = key[:, length - q :, None]  # queries that are tokens, not padding
     return key.long(), ((allowed[:, 0] == expected) | ~real).all()
 
 
@@ -175,7 +179,9 @@ class LlavaAdapter(ModelAdapter):
         signals = required_signals(vision_stages + self._projector_stages, info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
         if unknown:
-            raise SignalError(f"the llava adapter cannot provide {unknown} in the vision encoder or before the projector")
+            raise SignalError(
+                f"the llava adapter cannot provide {unknown} in the vision encoder or before the projector"
+            )
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
         self._info = info
@@ -185,21 +191,25 @@ class LlavaAdapter(ModelAdapter):
             handles += self._encoder.attach()
         language_model = self.core.language_model
         self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, info) for s in llm_stages]
-        for before, after in zip(self._decoders, self._decoders[1:]):
+        for before, after in zip(self._decoders, self._decoders[1:], strict=False):
             before.next = after
         for decoder in self._decoders:
             handles += decoder.attach()
-        return handles + [self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
-                          *self._core_hooks()]
+        return handles + [
+            self.core.multi_modal_projector.register_forward_pre_hook(self._prune_features),
+            *self._core_hooks(),
+        ]
 
     def _core_hooks(self) -> list[RemovableHandle]:
         """The hooks every LLaVA-family adapter sets on the model and its core: labels refused,
         the prompt rewritten before the core runs, the prefill's deferred checks read after the
         LM head has been launched (after the core, when the core is called on its own)."""
-        return [self.model.register_forward_pre_hook(self._before_model, with_kwargs=True),
-                self.model.register_forward_hook(self._after_model, always_call=True),
-                self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
-                self.core.register_forward_hook(self._after_core)]
+        return [
+            self.model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            self.model.register_forward_hook(self._after_model, always_call=True),
+            self.core.register_forward_pre_hook(self._before_core, with_kwargs=True),
+            self.core.register_forward_hook(self._after_core),
+        ]
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
@@ -248,17 +258,28 @@ class LlavaAdapter(ModelAdapter):
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
         vision = self.config.vision_config
         rows, cols = self._info.grid
-        block_tokens = self._encoder.tokens_per_block() if self._encoder is not None else [rows * cols + 1] * self._info.vision_layers
+        block_tokens = (
+            self._encoder.tokens_per_block()
+            if self._encoder is not None
+            else [rows * cols + 1] * self._info.vision_layers
+        )
         scoring = sum(signal_flops(s, block_tokens[s.layer], vision.hidden_size) for s in self._probe.signals)
-        self._encoded = {"records": records, "slots": slots, "block": rows * cols + full, "origin": origin,
-                         "scoring": scoring * features.shape[0], "vision_tokens": block_tokens,
-                         "vision_tokens_in": rows * cols + 1, "deferred": deferred}
+        self._encoded = {
+            "records": records,
+            "slots": slots,
+            "block": rows * cols + full,
+            "origin": origin,
+            "scoring": scoring * features.shape[0],
+            "vision_tokens": block_tokens,
+            "vision_tokens_in": rows * cols + 1,
+            "deferred": deferred,
+        }
         return (tokens,) + tuple(args[1:])
 
     def _before_core(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
-        kw = dict(zip(self._forward_params, args)) | kwargs
+        kw = dict(zip(self._forward_params, args, strict=False)) | kwargs
         cache = kw.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         encoded = (kw.get("mm_encoder_outputs") or {}).get("image")
@@ -341,13 +362,22 @@ class LlavaAdapter(ModelAdapter):
         slot_keep.scatter_(1, slots.to(slot_keep.device), True)
         batch = kw["input_ids"].shape[0]
         comp, new_ids, new_image_mask, mask, image_sample = self._rewrite_prompt(
-            kw, placeholders, slot_keep.flatten(), features, [block] * n_images, [slots.shape[1]] * n_images,
-            pruned["deferred"])
+            kw,
+            placeholders,
+            slot_keep.flatten(),
+            features,
+            [block] * n_images,
+            [slots.shape[1]] * n_images,
+            pruned["deferred"],
+        )
         text, vision = self.config.text_config, self.config.vision_config
         self._record = ForwardRecord(
             stages=[
                 StageRecord(
-                    stage=stage.to_spec(), at=stage.at, tokens_in=n_in, tokens_out=k,
+                    stage=stage.to_spec(),
+                    at=stage.at,
+                    tokens_in=n_in,
+                    tokens_out=k,
                     kept=list(origin.unbind(0)),
                     weights=None if weights is None else list(weights.unbind(0)),
                     scores=None if scores is None else list(scores.unbind(0)),
@@ -355,7 +385,8 @@ class LlavaAdapter(ModelAdapter):
                 )
                 for stage, n_in, k, origin, weights, scores in pruned["records"]
             ],
-            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            seq_len_in=comp.length_in,
+            seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
             scoring_flops=pruned["scoring"] / batch,
             vision_tokens=pruned["vision_tokens"],
@@ -364,19 +395,29 @@ class LlavaAdapter(ModelAdapter):
         self._run.record(self._record)
         if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(n_images, -1)
-            self._begin_decoders(columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
-                                 image_sample, pruned["origin"], new_ids, mask)
+            self._begin_decoders(
+                columns[:, 1:] if columns.shape[1] > pruned["origin"].shape[1] else columns,
+                image_sample,
+                pruned["origin"],
+                new_ids,
+                mask,
+            )
         return kw
 
-    def _begin_decoders(self, positions: Tensor, image_sample: list[int], origin: Tensor, new_ids: Tensor,
-                        mask: Tensor | None) -> None:
+    def _begin_decoders(
+        self, positions: Tensor, image_sample: list[int], origin: Tensor, new_ids: Tensor, mask: Tensor | None
+    ) -> None:
         """Tell the first `llm:K` stage where each image's tokens sit in the compressed prompt:
         `positions` `[I, n]` columns, `origin` `[I, n]` their provenance."""
-        self._decoders[0].begin_prefill(ImageLayout(
-            positions=positions, rows=torch.tensor(image_sample, device=positions.device), origin=origin,
-            key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
-            record=self._record_llm_stage,
-        ))
+        self._decoders[0].begin_prefill(
+            ImageLayout(
+                positions=positions,
+                rows=torch.tensor(image_sample, device=positions.device),
+                origin=origin,
+                key_mask=mask.bool() if mask is not None else torch.ones_like(new_ids, dtype=torch.bool),
+                record=self._record_llm_stage,
+            )
+        )
 
     def _refuse_unequal_images(self, reaching: list[int], what: str) -> None:
         """`llm:K` stages need every image to bring the same number of `what` (`reaching`, per image).
@@ -386,25 +427,34 @@ class LlavaAdapter(ModelAdapter):
         """
         if self._decoders and len(set(reaching)) > 1:
             raise InputError(
-                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on {self.name} need every image to reach them with "
+                f"{self._decoders[0].stage.to_spec()!r}: llm:K stages on {self.name} need every image to reach "
+                f"them with "
                 f"the same number of {what}, but they bring {reaching}; use images of one size or a projector stage "
                 "with an integer budget first"
             )
 
     @staticmethod
-    def _per_image_record(stage: Stage | None, results: list[dict[str, Any]], image_sample: list[int]) -> list[StageRecord]:
+    def _per_image_record(
+        stage: Stage | None, results: list[dict[str, Any]], image_sample: list[int]
+    ) -> list[StageRecord]:
         """The trace record of a projector stage run image by image (`results`: per image `tokens_in`,
         `kept`, `weights`, `scores`); none when no stage ran."""
         if stage is None:
             return []
         counts = [(r["tokens_in"], len(r["kept"])) for r in results]
-        return [StageRecord(
-            stage=stage.to_spec(), at=stage.at, tokens_in=max(c[0] for c in counts), tokens_out=max(c[1] for c in counts),
-            kept=[r["kept"] for r in results],
-            weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
-            scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
-            image_sample=image_sample, counts=counts if len(set(counts)) > 1 else None,
-        )]
+        return [
+            StageRecord(
+                stage=stage.to_spec(),
+                at=stage.at,
+                tokens_in=max(c[0] for c in counts),
+                tokens_out=max(c[1] for c in counts),
+                kept=[r["kept"] for r in results],
+                weights=None if results[0]["weights"] is None else [r["weights"] for r in results],
+                scores=None if results[0]["scores"] is None else [r["scores"] for r in results],
+                image_sample=image_sample,
+                counts=counts if len(set(counts)) > 1 else None,
+            )
+        ]
 
     def _refuse_feature_overrides(self, kw: dict[str, Any]) -> None:
         for key in self.feature_keys:
@@ -415,8 +465,14 @@ class LlavaAdapter(ModelAdapter):
                 )
 
     def _rewrite_prompt(
-        self, kw: dict[str, Any], placeholders: Placeholders, slot_keep: Tensor, features: Tensor,
-        blocks: list[int], kept: list[int], deferred: list[DeferredCheck],
+        self,
+        kw: dict[str, Any],
+        placeholders: Placeholders,
+        slot_keep: Tensor,
+        features: Tensor,
+        blocks: list[int],
+        kept: list[int],
+        deferred: list[DeferredCheck],
     ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
         """Shorten `kw`'s prompt to the kept image slots and put `features` in them; rewrites `kw`
         (embeddings, mask, positions, cache positions) and the decode state. Waits for nothing on
@@ -438,7 +494,11 @@ class LlavaAdapter(ModelAdapter):
             InputError: the prompt's placeholders do not match the images.
         """
         input_ids: Tensor = kw["input_ids"]
-        checks, per_row, image_mask = self._unread_prompt_checks(placeholders, blocks), placeholders.per_row, placeholders.mask
+        checks, per_row, image_mask = (
+            self._unread_prompt_checks(placeholders, blocks),
+            placeholders.per_row,
+            placeholders.mask,
+        )
         counts = per_row if per_row is not None else [sum(blocks)]  # unread: one row holds every block
         image_sample = _image_rows(counts, blocks)
         lengths = [input_ids.shape[1] - n for n in counts]
@@ -453,7 +513,9 @@ class LlavaAdapter(ModelAdapter):
         distinct = DeferredCheck(  # each image fills at most `kept` slots: equal totals, equal rows
             lambda: (slot_keep.sum() != total).reshape(1),
             "the kept image tokens do not sit in distinct placeholder slots: a selector's index must "
-            "name distinct input tokens", ScoreError)
+            "name distinct input tokens",
+            ScoreError,
+        )
         self._unread = [*checks, *deferred, distinct]
         comp = compact(keep, (max(lengths), min(lengths)))
         new_ids = comp.gather(input_ids)
@@ -462,8 +524,13 @@ class LlavaAdapter(ModelAdapter):
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
         mask = comp.attention_mask(placeholders.key_mask)
         self._prefill = _Prefill(comp, mask, placeholders.key_mask)
-        kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask,
-                  position_ids=self._prefill_positions(kw, comp))
+        kw.update(
+            input_ids=None,
+            pixel_values=None,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=self._prefill_positions(kw, comp),
+        )
         kw.pop("mm_encoder_outputs", None)
         if kw.get("cache_position") is not None:
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
@@ -476,10 +543,14 @@ class LlavaAdapter(ModelAdapter):
         checks = []
         if placeholders.per_row is None:
             mask, need = placeholders.mask, sum(blocks)
-            checks.append(DeferredCheck(
-                lambda: (mask.sum() != need).reshape(1),
-                f"the prompt's image tokens are not the {need} its {len(blocks)} image(s) need "
-                f"({', '.join(map(str, blocks))}); build inputs with the model's processor", InputError))
+            checks.append(
+                DeferredCheck(
+                    lambda: (mask.sum() != need).reshape(1),
+                    f"the prompt's image tokens are not the {need} its {len(blocks)} image(s) need "
+                    f"({', '.join(map(str, blocks))}); build inputs with the model's processor",
+                    InputError,
+                )
+            )
         if placeholders.causal is not None:
             causal = placeholders.causal
             checks.append(DeferredCheck(lambda: (~causal).reshape(1), _CUSTOM_MASK, InputError))
@@ -527,7 +598,7 @@ class LlavaAdapter(ModelAdapter):
                     "prefill with the original prompt's mask extended by the new tokens"
                 )
             prefix = state.attention_mask if state.attention_mask is not None else mask.new_ones(batch, comp.length_out)
-            kw["attention_mask"] = torch.cat([prefix.to(mask.dtype), mask[:, comp.length_in:]], dim=1)
+            kw["attention_mask"] = torch.cat([prefix.to(mask.dtype), mask[:, comp.length_in :]], dim=1)
         elif state.attention_mask is not None:
             tail = state.attention_mask.new_ones(batch, generated + step)
             kw["attention_mask"] = torch.cat([state.attention_mask, tail], dim=1)

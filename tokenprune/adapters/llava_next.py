@@ -90,7 +90,9 @@ class LlavaNextAdapter(LlavaAdapter):
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         self._info = self.info()
         if self.features_keep_cls() and self._info.has_cls:
-            raise InputError(f"the {self.name} adapter needs vision_feature_select_strategy='default' (crops without [CLS])")
+            raise InputError(
+                f"the {self.name} adapter needs vision_feature_select_strategy='default' (crops without [CLS])"
+            )
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         signals = required_signals(self._projector_stages, self._info)
         unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
@@ -100,9 +102,12 @@ class LlavaNextAdapter(LlavaAdapter):
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals, self._info.has_cls)
         language_model = self.core.language_model
         self._encoder = None
-        self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, self._info)
-                          for s in pipeline.stages if s.place.kind == "llm"]
-        for before, after in zip(self._decoders, self._decoders[1:]):
+        self._decoders = [
+            DecoderStage(language_model.layers, language_model.norm, s, self._info)
+            for s in pipeline.stages
+            if s.place.kind == "llm"
+        ]
+        for before, after in zip(self._decoders, self._decoders[1:], strict=False):
             before.next = after
         self._calls = CallCapture(self.core)
         self._layouts: dict[tuple[int, ...], Tensor] = {}
@@ -119,8 +124,10 @@ class LlavaNextAdapter(LlavaAdapter):
         (LLaVA-OneVision's large images), a token's provenance is the nearest patch."""
         rows, cols = self._info.grid
         index = []
-        for start, n in zip([sum(crops[:i]) for i in range(len(crops))], crops):
-            crop, row, col = torch.meshgrid(torch.arange(start, start + n), torch.arange(rows), torch.arange(cols), indexing="ij")
+        for start, n in zip([sum(crops[:i]) for i in range(len(crops))], crops, strict=False):
+            crop, row, col = torch.meshgrid(
+                torch.arange(start, start + n), torch.arange(rows), torch.arange(cols), indexing="ij"
+            )
             index.append(torch.stack([crop, row, col], dim=-1).flatten(1, 2).float().to(image_sizes.device))
         packed = self.pack(index, image_sizes, torch.full((3,), -1.0, device=image_sizes.device))
         out = []
@@ -137,8 +144,14 @@ class LlavaNextAdapter(LlavaAdapter):
         """Crops the tower encoded per image (anyres tiles plus the base image)."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        return [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
-                                          patch_size=self.config.vision_config.image_size) for s in sizes.tolist()]
+        return [
+            image_size_to_num_patches(
+                image_size=s,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            for s in sizes.tolist()
+        ]
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's packed tokens, then
@@ -150,7 +163,9 @@ class LlavaNextAdapter(LlavaAdapter):
             raise InputError(f"{self.model_class} inputs need image_sizes (as the model's processor returns them)")
         if encoded is None:
             extra = {k: kw[k] for k in ("batch_num_images",) if kw.get(k) is not None}
-            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_sizes=sizes, return_dict=True, **extra)
+            encoded = self.core.get_image_features(
+                pixel_values=kw["pixel_values"], image_sizes=sizes, return_dict=True, **extra
+            )
         packed = list(getattr(encoded, "pooler_output", encoded))
         vision = self.config.vision_config
         crops = self.crops(sizes, arguments)
@@ -159,42 +174,72 @@ class LlavaNextAdapter(LlavaAdapter):
         info, deferred = replace(self._info, grid=None), []
         firsts = [sum(crops[:i]) for i in range(len(crops))]
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
-        for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops)):
+        for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops, strict=False)):
             groups.setdefault((*size, n_crops), []).append(i)
         results: list[Any] = [None] * len(packed)
         for key, members in groups.items():
             if key not in self._layouts:  # a layout depends on size and crop count only: built once per context
-                self._layouts[key] = self.layout(sizes[members[:1]], crops[members[0]:members[0] + 1])[0]
+                self._layouts[key] = self.layout(sizes[members[:1]], crops[members[0] : members[0] + 1])[0]
             where = self._layouts[key]  # crops numbered from the image's first
-            outputs = self._prune_group(stage, info, torch.stack([packed[i] for i in members]), where,
-                                        crops[members[0]], [firsts[i] for i in members], signals, deferred)
-            for i, result in zip(members, outputs):
+            outputs = self._prune_group(
+                stage,
+                info,
+                torch.stack([packed[i] for i in members]),
+                where,
+                crops[members[0]],
+                [firsts[i] for i in members],
+                signals,
+                deferred,
+            )
+            for i, result in zip(members, outputs, strict=False):
                 results[i] = result
         self._refuse_unequal_images([len(r["kept"]) for r in results], "patch tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw, placeholders, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results], [len(r["features"]) for r in results], deferred)
+            kw,
+            placeholders,
+            torch.cat([r["slots"] for r in results]),
+            torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results],
+            [len(r["features"]) for r in results],
+            deferred,
+        )
         patches = self._info.grid[0] * self._info.grid[1]
         tokens_per_crop = patches + int(self._info.has_cls)
         text = self.config.text_config
         self._record = ForwardRecord(
             stages=self._per_image_record(stage, results, image_sample),
-            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            seq_len_in=comp.length_in,
+            seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
             scoring_flops=sum(signal_flops(s, tokens_per_crop, vision.hidden_size) for s in self._probe.signals)
-            * sum(crops) / kw["inputs_embeds"].shape[0],
+            * sum(crops)
+            / kw["inputs_embeds"].shape[0],
             vision_tokens=[tokens_per_crop] * self._info.vision_layers,
             vision_shape=(vision.hidden_size, vision.intermediate_size, tokens_per_crop),
         )
         self._run.record(self._record)
         if self._decoders:  # the kept patch tokens are the image tokens; newline tokens stay like text
             columns = new_image_mask.nonzero()[:, 1][torch.cat([r["patch_kept"] for r in results])]
-            self._begin_decoders(columns.view(len(results), -1), image_sample, torch.stack([r["kept"] for r in results]),
-                                 new_ids, new_mask)
+            self._begin_decoders(
+                columns.view(len(results), -1),
+                image_sample,
+                torch.stack([r["kept"] for r in results]),
+                new_ids,
+                new_mask,
+            )
         return kw
 
-    def _prune_group(self, stage: Any, info: Any, tokens: Tensor, where: Tensor, n_crops: int, firsts: list[int],
-                     signals: dict[Any, Tensor], deferred: list[DeferredCheck]) -> list[dict[str, Any]]:
+    def _prune_group(
+        self,
+        stage: Any,
+        info: Any,
+        tokens: Tensor,
+        where: Tensor,
+        n_crops: int,
+        firsts: list[int],
+        signals: dict[Any, Tensor],
+        deferred: list[DeferredCheck],
+    ) -> list[dict[str, Any]]:
         """Run `stage` on `G` images of one layout: packed `tokens` `[G, n, D]`, `where` `[n]` their
         `crop * P + patch` counted from the image's first crop (`-1` at newlines), `firsts` each
         image's first crop in the batch. Per image: the kept slots `[n]`, the kept tokens in packed
@@ -220,7 +265,15 @@ class LlavaNextAdapter(LlavaAdapter):
         out = tokens.clone()
         out.scatter_(1, kept_at[..., None].expand(-1, -1, tokens.shape[-1]), reduction.tokens.to(out.dtype))
         features = out[kept].split(kept.sum(1).tolist())
-        return [{"slots": kept[g], "features": features[g], "tokens_in": len(patch), "patch_kept": (where >= 0)[kept[g]],
-                 "kept": ids[g][reduction.index[g]],
-                 "weights": None if reduction.weights is None else reduction.weights[g],
-                 "scores": None if scores is None else scores[g]} for g in range(tokens.shape[0])]
+        return [
+            {
+                "slots": kept[g],
+                "features": features[g],
+                "tokens_in": len(patch),
+                "patch_kept": (where >= 0)[kept[g]],
+                "kept": ids[g][reduction.index[g]],
+                "weights": None if reduction.weights is None else reduction.weights[g],
+                "scores": None if scores is None else scores[g],
+            }
+            for g in range(tokens.shape[0])
+        ]

@@ -25,7 +25,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     before the LLM; its SigLIP tower has no [CLS] token."""
 
     model_class: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
-    feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
+    feature_keys: ClassVar[tuple[str, ...]] = (
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "vision_aspect_ratio",
+    )
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -34,11 +38,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return isinstance(model, LlavaOnevisionForConditionalGeneration)
 
     def pack(self, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
-        return self.core.pack_image_features(features, image_sizes, image_newline=newline,
-                                             vision_aspect_ratio=self.config.vision_aspect_ratio)[0]
+        return self.core.pack_image_features(
+            features, image_sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
+        )[0]
 
     def crops(self, sizes: Tensor, arguments: dict[str, Any]) -> list[int]:
         per_prompt = arguments.get("batch_num_images")
         tiled = [True] * len(sizes) if per_prompt is None else [int(n) == 1 for n in per_prompt for _ in range(int(n))]
         anyres = super().crops(sizes, arguments)
-        return [n if tile else 1 for n, tile in zip(anyres, tiled)]
+        return [n if tile else 1 for n, tile in zip(anyres, tiled, strict=False)]

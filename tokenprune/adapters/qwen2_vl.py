@@ -64,8 +64,13 @@ class Qwen2VLAdapter(LlavaAdapter):
         self.positions = "original"  # M-RoPE: kept tokens always keep their original 3D positions
 
     def info(self) -> ModelInfo:
-        return ModelInfo(vision_layers=len(self.core.visual.blocks), feature_layer=len(self.core.visual.blocks) - 1,
-                         has_cls=False, grid=None, llm_layers=self.config.text_config.num_hidden_layers)
+        return ModelInfo(
+            vision_layers=len(self.core.visual.blocks),
+            feature_layer=len(self.core.visual.blocks) - 1,
+            has_cls=False,
+            grid=None,
+            llm_layers=self.config.text_config.num_hidden_layers,
+        )
 
     def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
         """Hooks: the sequence rewrite before the LLM (which prunes the merged image tokens)."""
@@ -74,12 +79,17 @@ class Qwen2VLAdapter(LlavaAdapter):
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         signals = required_signals(self._projector_stages, self._info)
         if signals:
-            raise SignalError(f"the qwen2-vl adapter provides no vision signals yet (asked for {sorted(map(repr, signals))}); "
-                              "use score-free selectors (divprune, tome, pool, uniform) or random")
+            raise SignalError(
+                f"the qwen2-vl adapter provides no vision signals yet (asked for {sorted(map(repr, signals))}); "
+                "use score-free selectors (divprune, tome, pool, uniform) or random"
+            )
         language_model = self.core.language_model
-        self._decoders = [DecoderStage(language_model.layers, language_model.norm, s, self._info)
-                          for s in pipeline.stages if s.place.kind == "llm"]
-        for before, after in zip(self._decoders, self._decoders[1:]):
+        self._decoders = [
+            DecoderStage(language_model.layers, language_model.norm, s, self._info)
+            for s in pipeline.stages
+            if s.place.kind == "llm"
+        ]
+        for before, after in zip(self._decoders, self._decoders[1:], strict=False):
             before.next = after
         self._encoder, self._deltas = None, None
         self._calls = CallCapture(self.core)
@@ -91,13 +101,19 @@ class Qwen2VLAdapter(LlavaAdapter):
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's merged tokens (images
         of one grid together), then shorten the prompt, M-RoPE positions kept."""
-        grid = kw.get("image_grid_thw") if kw.get("image_grid_thw") is not None else self._calls.arguments.get("image_grid_thw")
+        grid = (
+            kw.get("image_grid_thw")
+            if kw.get("image_grid_thw") is not None
+            else self._calls.arguments.get("image_grid_thw")
+        )
         if grid is None:
             raise InputError("Qwen2-VL inputs need image_grid_thw (as the model's processor returns them)")
         if kw.get("pixel_values_videos") is not None:
             raise InputError("the qwen2-vl adapter prunes images; videos are not supported yet")
         if encoded is None:
-            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True)
+            encoded = self.core.get_image_features(
+                pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
+            )
         packed = list(getattr(encoded, "pooler_output", encoded))
         ids, mask = kw["input_ids"], kw.get("attention_mask")
         types = kw.get("mm_token_type_ids")
@@ -119,21 +135,35 @@ class Qwen2VLAdapter(LlavaAdapter):
                 reduction, scores = Reduction.drop(tokens, index), None
             else:
                 reduction, scores = run_stage(stage, tokens, info, {}, deferred)
-            slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, reduction.index, True)
+            slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(
+                1, reduction.index, True
+            )
             for g, i in enumerate(members):
-                results[i] = {"slots": slots[g], "features": reduction.tokens[g], "kept": reduction.index[g],
-                              "weights": None if reduction.weights is None else reduction.weights[g],
-                              "scores": None if scores is None else scores[g], "tokens_in": tokens.shape[1]}
+                results[i] = {
+                    "slots": slots[g],
+                    "features": reduction.tokens[g],
+                    "kept": reduction.index[g],
+                    "weights": None if reduction.weights is None else reduction.weights[g],
+                    "scores": None if scores is None else scores[g],
+                    "tokens_in": tokens.shape[1],
+                }
         self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw, placeholders, torch.cat([r["slots"] for r in results]), torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results], [len(r["features"]) for r in results], deferred)
+            kw,
+            placeholders,
+            torch.cat([r["slots"] for r in results]),
+            torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results],
+            [len(r["features"]) for r in results],
+            deferred,
+        )
         if kw.get("mm_token_type_ids") is not None:
             kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
         text = self.config.text_config
         self._record = ForwardRecord(
             stages=self._per_image_record(stage, results, image_sample),
-            seq_len_in=comp.length_in, seq_len_out=comp.length_out,
+            seq_len_in=comp.length_in,
+            seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
         )
         self._run.record(self._record)

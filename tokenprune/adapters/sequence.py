@@ -109,7 +109,7 @@ def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
     p_out, shortest = lengths
     # a stable sort on the flag puts each row's kept columns last, in order: a row's last p_out
     # columns are its kept ones, after the removed ones that become its left padding
-    source = keep.to(torch.uint8).argsort(dim=1, stable=True)[:, p - p_out:]
+    source = keep.to(torch.uint8).argsort(dim=1, stable=True)[:, p - p_out :]
     if shortest == p_out:
         return Compaction(source=source, keep=keep, padding=None)
     padding = ~keep.gather(1, source)

@@ -37,8 +37,9 @@ class VisionProbe:
     `attach` installs the hooks and returns them.
     """
 
-    def __init__(self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys],
-                 has_cls: bool = True) -> None:
+    def __init__(
+        self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys], has_cls: bool = True
+    ) -> None:
         self.attention = dict(attention)
         self.first_patch = 1 if has_cls else 0
         self.signals = signals
@@ -51,16 +52,14 @@ class VisionProbe:
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             if part == "k" and layer in self.key_layers:
-                self.keys[layer] = output[:, self.first_patch:]
+                self.keys[layer] = output[:, self.first_patch :]
             if layer not in self.cls_layers:
                 return
             pending = self._pending.setdefault(layer, {})
             pending[part] = output[:, :1] if part == "q" else output
             if len(pending) == 2:
                 attn = self.attention[layer]
-                self.rows[layer] = cls_attention_row(
-                    pending["q"], pending["k"], attn.num_heads, attn.scale
-                )
+                self.rows[layer] = cls_attention_row(pending["q"], pending["k"], attn.num_heads, attn.scale)
                 del self._pending[layer]
 
         return hook
@@ -84,5 +83,7 @@ class VisionProbe:
             elif isinstance(signal, PatchKeys) and signal.layer in self.keys:
                 keys = self.keys[signal.layer]
                 heads = self.attention[signal.layer].num_heads
-                out[signal] = keys if signal.heads == "concat" else rearrange(keys, "b n (h d) -> b n h d", h=heads).mean(2)
+                out[signal] = (
+                    keys if signal.heads == "concat" else rearrange(keys, "b n (h d) -> b n h d", h=heads).mean(2)
+                )
         return out

@@ -21,7 +21,9 @@ from .common import user_errors
 def bench_command(
     arch: str = typer.Option("llava-1.5-7b", help=f"Architecture: {', '.join(ARCHS)}."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --arch (the default)."),
-    model: str = typer.Option(None, "--model", help="A LLaVA-1.5 checkpoint (path or hub id) instead of random weights."),
+    model: str = typer.Option(
+        None, "--model", help="A LLaVA-1.5 checkpoint (path or hub id) instead of random weights."
+    ),
     strategies: str = typer.Option("vtc-cls", help="Comma-separated specs without budget."),
     budgets: str = typer.Option("576,192,128,64", help="Comma-separated token counts per image."),
     batch: str = typer.Option("1,16", help="Comma-separated batch sizes."),
@@ -48,10 +50,30 @@ def bench_command(
     if model and random_weights:
         raise SpecError("--random-weights and --model exclude each other: give one")
     mode = compile_mode if compile else None
-    rows = run(arch, names, counts, sizes, device, getattr(torch, dtype), repeats, new_tokens, seed, mode,
-               progress=lambda line: typer.echo(line, err=True), model_path=model)
-    meta = {"arch": arch if model is None else None, "model": model, "dtype": dtype, "seed": seed, "repeats": repeats, "new_tokens": new_tokens,
-            "compile": mode, **environment()}
+    rows = run(
+        arch,
+        names,
+        counts,
+        sizes,
+        device,
+        getattr(torch, dtype),
+        repeats,
+        new_tokens,
+        seed,
+        mode,
+        progress=lambda line: typer.echo(line, err=True),
+        model_path=model,
+    )
+    meta = {
+        "arch": arch if model is None else None,
+        "model": model,
+        "dtype": dtype,
+        "seed": seed,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "compile": mode,
+        **environment(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     title = f"{model or arch}, {dtype}, {meta['device']}" + (f", compiled ({mode})" if mode else "")

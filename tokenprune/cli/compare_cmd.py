@@ -79,8 +79,19 @@ def compare_command(
         _compare(shard, model, strategies, budgets, limit, data, out, batch_size, shard.device(device), seed, json_out)
 
 
-def _compare(shard: Shard, model: str, strategies: str, budgets: str, limit: int, data: Path | None, out: Path,
-             batch_size: int, device: str, seed: int, json_out: bool) -> None:
+def _compare(
+    shard: Shard,
+    model: str,
+    strategies: str,
+    budgets: str,
+    limit: int,
+    data: Path | None,
+    out: Path,
+    batch_size: int,
+    device: str,
+    seed: int,
+    json_out: bool,
+) -> None:
     torch.manual_seed(seed)
     budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
     if not budget_list:
@@ -98,19 +109,41 @@ def _compare(shard: Shard, model: str, strategies: str, budgets: str, limit: int
     with Progress(console=console, transient=True, disable=not shard.is_main) as progress:
         mine = len(shard.batch_indices(-(-len(samples) // batch_size)))
         task = progress.add_task("comparing", total=min(len(samples), mine * batch_size) * (len(plan) + 1))
-        local = evaluate(hf_model, processor, samples, [None] + [p for _, _, p in plan], batch_size, device, shard,
-                         lambda n: progress.advance(task, n))
+        local = evaluate(
+            hf_model,
+            processor,
+            samples,
+            [None] + [p for _, _, p in plan],
+            batch_size,
+            device,
+            shard,
+            lambda n: progress.advance(task, n),
+        )
     results = [sorted(shard.gather(part), key=lambda r: r.batch) for part in local]
     if not shard.is_main:
         return
-    rows: list[dict[str, Any]] = [{"strategy": "unpruned", "budget": None, "spec": "",
-                                   **metrics(results[0], results[0], answers, text_config)}]
-    for (name, budget, pipeline), result in zip(plan, results[1:]):
-        rows.append({"strategy": name, "budget": budget, "spec": pipeline.to_spec(),
-                     **metrics(result, results[0], answers, text_config)})
-    meta = {"model": model, "data": str(data) if data else "demo:eval", "limit": len(samples),
-            "seed": seed, "batch_size": batch_size, "budgets": budget_list, "processes": shard.world_size,
-            **environment()}
+    rows: list[dict[str, Any]] = [
+        {"strategy": "unpruned", "budget": None, "spec": "", **metrics(results[0], results[0], answers, text_config)}
+    ]
+    for (name, budget, pipeline), result in zip(plan, results[1:], strict=False):
+        rows.append(
+            {
+                "strategy": name,
+                "budget": budget,
+                "spec": pipeline.to_spec(),
+                **metrics(result, results[0], answers, text_config),
+            }
+        )
+    meta = {
+        "model": model,
+        "data": str(data) if data else "demo:eval",
+        "limit": len(samples),
+        "seed": seed,
+        "batch_size": batch_size,
+        "budgets": budget_list,
+        "processes": shard.world_size,
+        **environment(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", meta, rows)
     report.write_csv(out / "results.csv", rows)

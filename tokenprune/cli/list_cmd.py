@@ -16,11 +16,9 @@ def describe(entry: Entry) -> dict[str, Any]:
     """A JSON-compatible row: name, role, origin, doc, parameters (type and default)."""
     fields = getattr(entry.cls, "model_fields", {})
     params = {
-        name: {"type": str(f.annotation).replace("typing.", ""), "default": f.default}
-        for name, f in fields.items()
+        name: {"type": str(f.annotation).replace("typing.", ""), "default": f.default} for name, f in fields.items()
     }
-    row = {"name": entry.name, "role": entry.role, "origin": entry.origin, "doc": entry.doc,
-           "params": params}
+    row = {"name": entry.name, "role": entry.role, "origin": entry.origin, "doc": entry.doc, "params": params}
     if entry.role == "adapter":
         row["supports"] = entry.cls.model_class
         row["places"] = list(entry.cls.places)

@@ -38,7 +38,7 @@ def run_command(
     inputs = processor(images=Image.open(image).convert("RGB"), text=text, return_tensors="pt").to(device)
     with torch.inference_mode(), apply(hf_model, pipeline, positions=positions) as run:
         output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
     forward = run.trace[0]
     result = {
         "text": answer,

@@ -35,8 +35,9 @@ def visualize_command(
         raise FileNotFoundError(f"image file {str(image)!r} does not exist")
     hf_model, processor = load(model, device=device)
     grid = find_adapter(hf_model).info().grid
-    inputs = processor(images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt),
-                       return_tensors="pt").to(device)
+    inputs = processor(
+        images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt), return_tensors="pt"
+    ).to(device)
     panels = []
     for pipeline in pipelines:
         with torch.inference_mode(), apply(hf_model, pipeline) as run:

@@ -16,7 +16,9 @@ def _samples(args: tuple[str, int, int]) -> tuple[np.ndarray, list[Scene], list[
     return np.stack([s.render() for s, _ in pairs]), [s for s, _ in pairs], [q for _, q in pairs]
 
 
-def render_split(split: str, n: int, workers: int = 1, start: int = 0) -> tuple[np.ndarray, list[Scene], list[Question]]:
+def render_split(
+    split: str, n: int, workers: int = 1, start: int = 0
+) -> tuple[np.ndarray, list[Scene], list[Question]]:
     """Samples `start..start+n` of `split`: images `[n, 96, 96, 3]` uint8, scenes, questions."""
     chunk = max(1, n // (workers * 4) or 1)
     jobs = [(split, i, min(i + chunk, start + n)) for i in range(start, start + n, chunk)]

@@ -130,7 +130,9 @@ def make_question(scene: Scene, rng: np.random.Generator) -> Question:
                 shape = SHAPES[rng.integers(len(SHAPES))]
                 return Question(f"how many {shape} are there ?", NUMBERS[sum(o.shape == shape for o in objs)], kind)
             colour = list(COLOURS)[rng.integers(len(COLOURS))]
-            return Question(f"how many {colour} objects are there ?", NUMBERS[sum(o.colour == colour for o in objs)], kind)
+            return Question(
+                f"how many {colour} objects are there ?", NUMBERS[sum(o.colour == colour for o in objs)], kind
+            )
         if kind == "exists":
             shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
             if rng.integers(2):
@@ -158,9 +160,36 @@ def sample(split: str, index: int) -> tuple[Scene, Question]:
 
 def vocabulary() -> list[str]:
     """Every word the prompts and answers use (the demo tokenizer's vocabulary)."""
-    words = ["user", "assistant", ":", "?", "what", "colour", "is", "the", "shape", "object", "how",
-             "many", "are", "there", "objects", "a", "size", "on", "left", "or", "right", "at",
-             "top", "bottom", "yes", "no", "small", "large"]
+    words = [
+        "user",
+        "assistant",
+        ":",
+        "?",
+        "what",
+        "colour",
+        "is",
+        "the",
+        "shape",
+        "object",
+        "how",
+        "many",
+        "are",
+        "there",
+        "objects",
+        "a",
+        "size",
+        "on",
+        "left",
+        "or",
+        "right",
+        "at",
+        "top",
+        "bottom",
+        "yes",
+        "no",
+        "small",
+        "large",
+    ]
     return words + list(SHAPES) + list(COLOURS) + list(NUMBERS)
 
 

@@ -34,19 +34,39 @@ N_TOKENS = (IMAGE // PATCH) ** 2
 
 
 def vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=6,
-                            num_attention_heads=6, image_size=IMAGE, patch_size=PATCH,
-                            projection_dim=192)
+    return CLIPVisionConfig(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        projection_dim=192,
+    )
 
 
 def llava_config(vocab_size: int, image_token_id: int, feature_layer: int) -> LlavaConfig:
-    text = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
-                       max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                       tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vision_config(), text_config=text, image_token_id=image_token_id,
-                       vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu")
+    text = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config(),
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
 
 
 def schedule(step: int, total: int, warmup: int = 200) -> float:
@@ -56,8 +76,15 @@ def schedule(step: int, total: int, warmup: int = 200) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_vision(images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, lr: float,
-                    device: str, log: list[dict[str, Any]]) -> CLIPVisionModel:
+def pretrain_vision(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    device: str,
+    log: list[dict[str, Any]],
+) -> CLIPVisionModel:
     """Stage 1: ViT + multi-label head on the pooled [CLS]."""
     vit = CLIPVisionModel(vision_config()).to(device)
     head = nn.Linear(vit.config.hidden_size, labels.shape[1]).to(device)
@@ -78,8 +105,14 @@ def pretrain_vision(images: torch.Tensor, labels: torch.Tensor, steps: int, batc
         opt.step()
         sched.step()
         if step % 500 == 0 or step == steps - 1:
-            log.append({"stage": "vision", "step": step, "loss": round(loss.item(), 4),
-                        "seconds": round(time.time() - started, 1)})
+            log.append(
+                {
+                    "stage": "vision",
+                    "step": step,
+                    "loss": round(loss.item(), 4),
+                    "seconds": round(time.time() - started, 1),
+                }
+            )
             print(log[-1], flush=True)
     return vit.eval()
 
@@ -94,7 +127,7 @@ def encode_questions(processor: Any, questions: list[Any]) -> tuple[torch.Tensor
         if q.text not in prompts:
             ids = tok(build_prompt(processor, q.text), add_special_tokens=False).input_ids
             at = ids.index(image_id)
-            prompts[q.text] = ids[:at] + [image_id] * N_TOKENS + ids[at + 1:]
+            prompts[q.text] = ids[:at] + [image_id] * N_TOKENS + ids[at + 1 :]
         prompt = prompts[q.text]
         answer = [tok.convert_tokens_to_ids(q.answer), tok.eos_token_id]
         rows.append(prompt + answer)
@@ -103,7 +136,7 @@ def encode_questions(processor: Any, questions: list[Any]) -> tuple[torch.Tensor
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (row, lab) in enumerate(zip(rows, label_rows)):
+    for i, (row, lab) in enumerate(zip(rows, label_rows, strict=False)):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
@@ -121,9 +154,19 @@ def frozen_features(vit: CLIPVisionModel, images: torch.Tensor, layer: int, devi
     return torch.cat(out)
 
 
-def train_llava(vit: CLIPVisionModel, processor: Any, images: torch.Tensor, questions: list[Any],
-                feature_layer: int, steps: int, batch: int, lr: float, device: str,
-                log: list[dict[str, Any]], max_seconds: float) -> LlavaForConditionalGeneration:
+def train_llava(
+    vit: CLIPVisionModel,
+    processor: Any,
+    images: torch.Tensor,
+    questions: list[Any],
+    feature_layer: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    device: str,
+    log: list[dict[str, Any]],
+    max_seconds: float,
+) -> LlavaForConditionalGeneration:
     """Stage 2: frozen ViT (features computed once); projector and Llama trained on the answers.
 
     The forward is LLaVA's own (placeholder embeddings replaced by projected features), run on
@@ -161,8 +204,9 @@ def train_llava(vit: CLIPVisionModel, processor: Any, images: torch.Tensor, ques
         sched.step()
         out_of_time = time.time() - started > max_seconds
         if step % 500 == 0 or step == steps - 1 or out_of_time:
-            log.append({"stage": "qa", "step": step, "loss": round(loss.item(), 4),
-                        "seconds": round(time.time() - started, 1)})
+            log.append(
+                {"stage": "qa", "step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - started, 1)}
+            )
             print(log[-1], flush=True)
         if out_of_time:
             break
@@ -176,10 +220,12 @@ def accuracy(model: LlavaForConditionalGeneration, processor: Any, n: int, devic
     for start in range(0, n, 250):
         pairs = [sample("eval", i) for i in range(start, min(n, start + 250))]
         texts = [build_prompt(processor, q.text) for _, q in pairs]
-        inputs = processor(images=[Image.fromarray(s.render()) for s, _ in pairs], text=texts,
-                           return_tensors="pt", padding=True).to(device)
+        inputs = processor(
+            images=[Image.fromarray(s.render()) for s, _ in pairs], text=texts, return_tensors="pt", padding=True
+        ).to(device)
         pred = model(**inputs).logits[:, -1].argmax(-1).tolist()
-        hits += sum(processor.tokenizer.convert_ids_to_tokens(p) == q.answer for p, (_, q) in zip(pred, pairs))
+        tokens = processor.tokenizer.convert_ids_to_tokens
+        hits += sum(tokens(p) == q.answer for p, (_, q) in zip(pred, pairs, strict=False))
     return hits / n
 
 
@@ -210,8 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.from_numpy(np.stack([presence_labels(s) for s in scenes]))
     vit = pretrain_vision(images_t, labels, args.vision_steps, 256, 1e-3, args.device, log)
     vision_done = time.time()
-    model = train_llava(vit, processor, images_t, questions, args.feature_layer, args.qa_steps,
-                        args.batch, 1e-3, args.device, log, args.qa_seconds)
+    model = train_llava(
+        vit,
+        processor,
+        images_t,
+        questions,
+        args.feature_layer,
+        args.qa_steps,
+        args.batch,
+        1e-3,
+        args.device,
+        log,
+        args.qa_seconds,
+    )
     done = time.time()
     eval_accuracy = accuracy(model.float(), processor, 1000, args.device)
     print({"eval_accuracy_1000": eval_accuracy}, flush=True)
@@ -219,8 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     model.to(torch.float16).save_pretrained(args.out)
     processor.save_pretrained(args.out)
     info = {
-        "seconds": {"render": round(rendered - started, 1), "vision": round(vision_done - rendered, 1),
-                    "qa": round(done - vision_done, 1)},
+        "seconds": {
+            "render": round(rendered - started, 1),
+            "vision": round(vision_done - rendered, 1),
+            "qa": round(done - vision_done, 1),
+        },
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "args": {k: str(v) for k, v in vars(args).items()},
         "torch": torch.__version__,

@@ -83,9 +83,18 @@ class PrunedLMM:
         positions: `"contiguous"` or `"original"` position ids for kept tokens.
     """
 
-    def __init__(self, pretrained: str = DEMO, pipeline: str | None = None, pipeline_file: str | None = None,
-                 device: str | None = None, batch_size: int | str | None = 1, max_new_tokens: int = 32,
-                 dtype: str | None = None, positions: str = "contiguous", **unknown: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str = DEMO,
+        pipeline: str | None = None,
+        pipeline_file: str | None = None,
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_new_tokens: int = 32,
+        dtype: str | None = None,
+        positions: str = "contiguous",
+        **unknown: Any,
+    ) -> None:
         unknown.pop("max_batch_size", None)  # lmms-eval passes it to every model
         if unknown:
             allowed = "pretrained, pipeline, pipeline_file, device, batch_size, max_new_tokens, dtype, positions"
@@ -97,8 +106,13 @@ class PrunedLMM:
         self._device = self._shard.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load(pretrained, device=self._device, dtype=dtype)
         self.processor.tokenizer.padding_side = "left"
-        self.pipeline = (Pipeline.from_spec(pipeline) if pipeline is not None
-                         else Pipeline.from_file(pipeline_file) if pipeline_file is not None else None)
+        self.pipeline = (
+            Pipeline.from_spec(pipeline)
+            if pipeline is not None
+            else Pipeline.from_file(pipeline_file)
+            if pipeline_file is not None
+            else None
+        )
         if self.pipeline is not None:
             find_adapter(self.model, positions=positions).check(self.pipeline)
         self.positions = positions
@@ -137,11 +151,16 @@ class PrunedLMM:
         flat = list(_flatten(visuals or []))
         if not all(isinstance(v, Image.Image) for v in flat):
             kinds = sorted({type(v).__name__ for v in flat if not isinstance(v, Image.Image)})
-            raise InputError(f"tokenprune evaluates image tasks; task {task!r} gives visuals of type {', '.join(kinds)}")
+            raise InputError(
+                f"tokenprune evaluates image tasks; task {task!r} gives visuals of type {', '.join(kinds)}"
+            )
         return [v.convert("RGB") for v in flat]
 
     def _inputs(self, contexts: Sequence[str], visuals: Sequence[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        prompts = [build_prompt(self.processor, context, len(images)) for context, images in zip(contexts, visuals)]
+        prompts = [
+            build_prompt(self.processor, context, len(images))
+            for context, images in zip(contexts, visuals, strict=False)
+        ]
         images = [image for group in visuals for image in group]
         inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
         return dict(inputs.to(self._device))
@@ -158,23 +177,34 @@ class PrunedLMM:
             settings = dict(requests[indices[0]].args[1])
             unknown = sorted(set(settings) - set(GENERATION_KEYS))
             if unknown or int(settings.get("num_beams", 1)) != 1:
-                raise InputError(f"unsupported generation settings {unknown or {'num_beams': settings['num_beams']}}; "
-                                 f"supported: {', '.join(GENERATION_KEYS)} with num_beams=1")
+                raise InputError(
+                    f"unsupported generation settings {unknown or {'num_beams': settings['num_beams']}}; "
+                    f"supported: {', '.join(GENERATION_KEYS)} with num_beams=1"
+                )
             until = settings.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(settings.get("temperature", 0) or 0)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": settings.get("top_p") or 1.0} \
-                if temperature > 0 else {"do_sample": False}
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": settings.get("top_p") or 1.0}
+                if temperature > 0
+                else {"do_sample": False}
+            )
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 args = [requests[i].args for i in chunk]
                 inputs = self._inputs([a[0] for a in args], [self._visuals(*a[2:6]) for a in args])
                 with torch.inference_mode(), self._compressed() as run:
-                    ids = self.model.generate(**inputs, max_new_tokens=int(settings.get("max_new_tokens", self.max_new_tokens)),
-                                              pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
+                    ids = self.model.generate(
+                        **inputs,
+                        max_new_tokens=int(settings.get("max_new_tokens", self.max_new_tokens)),
+                        pad_token_id=self.processor.tokenizer.pad_token_id,
+                        **sampling,
+                    )
                 self._keep_trace(run)
-                texts = self.processor.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(chunk, texts):
+                texts = self.processor.tokenizer.batch_decode(
+                    ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                for i, text in zip(chunk, texts, strict=False):
                     out[i] = _cut(text, until)
         return out  # type: ignore[return-value]
 
@@ -192,7 +222,7 @@ class PrunedLMM:
             inputs["input_ids"] = torch.cat([inputs["input_ids"], tail], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tail)], dim=1)
             with torch.inference_mode(), self._compressed() as run:
-                logits = self.model(**inputs).logits[:, -tail.shape[1] - 1:-1].float()
+                logits = self.model(**inputs).logits[:, -tail.shape[1] - 1 : -1].float()
             self._keep_trace(run)
             logprobs = torch.log_softmax(logits, dim=-1)
             picked = logprobs.gather(-1, tail[..., None])[..., 0]

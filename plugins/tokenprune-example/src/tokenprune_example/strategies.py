@@ -29,5 +29,8 @@ class ExampleChunkMean(tp.Selector):
         weights = weights / weights.sum(dim=1, keepdim=True)
         first = torch.searchsorted(run, torch.arange(k))  # first token of each run
         merged = torch.einsum("kn,bnd->bkd", weights.to(tokens.dtype), tokens)
-        return Reduction(tokens=merged, index=repeat(first, "k -> b k", b=b).to(tokens.device),
-                         weights=repeat(weights, "k n -> b k n", b=b).to(tokens.device))
+        return Reduction(
+            tokens=merged,
+            index=repeat(first, "k -> b k", b=b).to(tokens.device),
+            weights=repeat(weights, "k n -> b k n", b=b).to(tokens.device),
+        )
