@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tokenprune import apply, bench, compiled
+from tokenprune.compat import cache_kwarg
 from tokenprune.versions import environment
 
 
@@ -64,7 +65,7 @@ def main() -> None:
         (args.out / "compiled.json").write_text(json.dumps(result, indent=2))
 
     def ttft(inputs: dict[str, torch.Tensor], cache: Any) -> float:
-        extra = {} if cache is None else {"past_key_values": cache}
+        extra = {} if cache is None else {cache_kwarg(): cache}
         if cache is not None:
             cache.reset()
         return bench.clock(lambda: model.generate(**inputs, **extra, max_new_tokens=1, do_sample=False), args.device)
@@ -74,7 +75,7 @@ def main() -> None:
         cache.reset()
         positions = torch.arange(inputs["input_ids"].shape[1], device=args.device)
         return bench.clock(
-            lambda: model(**inputs, past_key_values=cache, cache_position=positions, logits_to_keep=1), args.device
+            lambda: model(**inputs, **{cache_kwarg(): cache}, cache_position=positions, logits_to_keep=1), args.device
         )
 
     with torch.inference_mode():

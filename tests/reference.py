@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForImageTextToText
 
+from tokenprune.compat import cache_kwarg, output_cache
+
 
 def cls_attention_eager(path: str, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Per block, `[I, N]` head-mean [CLS] attention over patches, from an eager-attention copy of
@@ -40,7 +42,7 @@ def manual_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
             input_ids=nxt,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=out.past_key_values,
+            **{cache_kwarg(): output_cache(out)},
             use_cache=True,
         )
     return torch.cat(tokens, dim=1)
@@ -79,7 +81,7 @@ def teacher_forced_logits(model, inputs: dict, tokens: torch.Tensor, positions: 
         out = model(
             input_ids=tokens[:, step : step + 1],
             attention_mask=mask,
-            past_key_values=out.past_key_values,
+            **{cache_kwarg(): output_cache(out)},
             use_cache=True,
             **extra,
         )

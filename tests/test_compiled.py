@@ -5,6 +5,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.bench import build, image_tokens, inputs
+from tokenprune.compat import cache_kwarg
 from tokenprune.compiled import compile_model, static_cache, static_inputs
 from tokenprune.errors import InputError
 
@@ -46,11 +47,23 @@ def test_compiled_generate_equals_eager():
     with tp.apply(model, "vtc-cls@4"):
         eager.append(model.generate(**batch, **kw))
     compile_model(model, "cudagraphs")
-    compiled = [model.generate(**batch, **kw, past_key_values=static_cache(model, 2, width + steps))]
+    compiled = [model.generate(**batch, **kw, **{cache_kwarg(): static_cache(model, 2, width + steps)})]
     with tp.apply(model, "vtc-cls@4"):
-        compiled.append(model.generate(**batch, **kw, past_key_values=static_cache(model, 2, width + steps)))
+        compiled.append(model.generate(**batch, **kw, **{cache_kwarg(): static_cache(model, 2, width + steps)}))
     for a, b in zip(compiled, eager, strict=True):
         assert torch.equal(a.sequences, b.sequences)
         for x, y in zip(a.logits, b.logits, strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     assert model.model.language_model._compiled_call_impl is not None
+
+
+def test_compiled_bench_rows_skip_guards_after_the_warm_ups(tmp_path):
+    """The whole `bench --compile` path on the CPU (dynamo around eager kernels): after the
+    warm-ups, the timed runs of every row skip guard evaluation and must find a compiled graph
+    for each call (transformers 5.24 installs its output-capturing hooks lazily, inside the first
+    compiled call: compiled before they exist, the timed runs failed to recompile)."""
+    from tokenprune.bench import run
+
+    rows = run("tiny", ["vtc-cls"], [4], [1], "cpu", torch.float32, 2, 2, compile_mode="eager")
+    assert [r["row"] for r in rows][:2] == ["unpruned", "oracle"]
+    assert all(r["ttft_ms"] > 0 for r in rows)

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .apply import apply
+from .compat import cache_kwarg
 from .compiled import compile_model, static_cache
 from .errors import InputError
 from .flops import llm_flops
@@ -521,7 +522,7 @@ def measure_rows(
                 plan = plans[index]
                 caches[index] = static_cache(model, plan.batch, plan.inputs["input_ids"].shape[1] + new_tokens)
             caches[index].reset()
-            extra["past_key_values"] = caches[index]
+            extra[cache_kwarg()] = caches[index]
         return lambda: model.generate(
             **plans[index].inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False
         )

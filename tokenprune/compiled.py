@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 from transformers import StaticCache
 
+from .compat import install_output_hooks
 from .errors import InputError
 
-COMPILE_MODES = ("cudagraphs", "reduce-overhead")
+COMPILE_MODES = ("cudagraphs", "reduce-overhead", "eager")
 
 
 def static_inputs(inputs: Sequence[Any], weights: set[int]) -> list[int]:
@@ -91,8 +92,10 @@ def graph_backend(model: nn.Module) -> Callable[[torch.fx.GraphModule, list[Any]
 
 def compile_model(model: nn.Module, mode: str) -> None:
     """Compile the vision tower and the LLM, each as one graph per input shape (`dynamic=False`):
-    `cudagraphs` (the eager kernels captured as CUDA graphs by `graph_backend`, quick to compile)
-    or `reduce-overhead` (inductor kernels replayed as CUDA graphs, slower to compile). Whole
+    `cudagraphs` (the eager kernels captured as CUDA graphs by `graph_backend`, quick to compile),
+    `reduce-overhead` (inductor kernels replayed as CUDA graphs, slower to compile) or `eager`
+    (dynamo's capture and guards around eager kernels: no speed-up; it checks the compiled path on
+    any device, the CPU included). Whole
     modules, not layers: CUDA graph trees would let one layer's replay overwrite the outputs of the
     previous layer. The scoring and sequence rewrite between tower and LLM stay eager
     (data-dependent shapes). `generate` runs on a pre-initialised static KV cache
@@ -103,8 +106,11 @@ def compile_model(model: nn.Module, mode: str) -> None:
     config.recompile_limit = config.accumulated_recompile_limit = 256  # one entry per shape and hook set
     config.skip_nnmodule_hook_guards = False  # pruning hooks come and go between rows
     model.generation_config.disable_compile = True
-    options: dict[str, Any] = {"backend": graph_backend(model)} if mode == "cudagraphs" else {"mode": mode}
+    options: dict[str, Any] = {"mode": mode}
+    if mode in ("cudagraphs", "eager"):
+        options = {"backend": graph_backend(model) if mode == "cudagraphs" else "eager"}
     for module in (model.model.vision_tower, model.model.language_model):
+        install_output_hooks(module)
         module.compile(dynamic=False, **options)
 
 

@@ -9,8 +9,12 @@ from conftest import N_PATCHES, images
 from reference import manual_greedy
 
 import tokenprune as tp
+from tokenprune.compat import cache_kwarg
 from tokenprune.compiled import static_cache
 from tokenprune.errors import InputError
+
+CACHE_KEYWORDS = [cache_kwarg()] + (["past_key_values"] if cache_kwarg() == "cache" else [])
+"""The installed transformers' cache keyword, and its deprecated alias where it has one."""
 
 QUESTIONS = ["what colour is the square", "how many"]  # different lengths: left padding
 
@@ -122,7 +126,7 @@ def test_static_cache_decodes_as_dynamic(tiny, positions):
     with tp.apply(tiny.model, "vtc-cls@5", positions=positions):
         dynamic = tiny.model.generate(**inputs, **kw)
         static = tiny.model.generate(**inputs, **kw, cache_implementation="static")
-        built = tiny.model.generate(**inputs, **kw, past_key_values=static_cache(tiny.model, 2, width + steps))
+        built = tiny.model.generate(**inputs, **kw, **{cache_kwarg(): static_cache(tiny.model, 2, width + steps)})
     for out in (static, built):
         assert torch.equal(out.sequences, dynamic.sequences)
         for a, b in zip(out.logits, dynamic.logits, strict=True):
@@ -378,20 +382,22 @@ def test_single_prompt_reads_nothing_before_the_lm_head_and_is_still_checked(tin
         assert tiny.model(**inputs).logits.shape[1] == n - N_PATCHES + 4
 
 
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
 @pytest.mark.parametrize("static", [False, True])
 @torch.no_grad()
-def test_images_after_a_cached_chunk_are_refused(tiny, static):
+def test_images_after_a_cached_chunk_are_refused(tiny, static, keyword):
     """A dynamic cache's length is on the host (refused at once), a static cache's on the device
-    (refused after the LM head is launched, before the forward returns)."""
+    (refused after the LM head is launched, before the forward returns); under the cache keyword
+    of the installed transformers and its deprecated alias."""
     from transformers import DynamicCache
 
     inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
     n = inputs["input_ids"].shape[1]
     cache = static_cache(tiny.model, 1, 2 * n) if static else DynamicCache(config=tiny.model.config)
     with tp.apply(tiny.model, "vtc-cls@4"):
-        tiny.model(input_ids=inputs["input_ids"][:, :3], past_key_values=cache)  # a text chunk first
+        tiny.model(input_ids=inputs["input_ids"][:, :3], **{keyword: cache})  # a text chunk first
         with pytest.raises(InputError, match="after the first chunk of a cached prompt"):
-            tiny.model(**inputs, past_key_values=cache)
+            tiny.model(**inputs, **{keyword: cache})
 
 
 @torch.no_grad()
@@ -402,6 +408,6 @@ def test_generate_on_a_static_cache_reads_nothing_between_tower_and_llm(tiny):
     probe.inputs = tiny.inputs(QUESTIONS[:1], images(1, seed=9))
     cache = static_cache(tiny.model, 1, probe.inputs["input_ids"].shape[1] + 1)
     reads = probe.reads(
-        tiny.model, "vtc-cls@4", lambda m: m.generate(**probe.inputs, max_new_tokens=1, past_key_values=cache)
+        tiny.model, "vtc-cls@4", lambda m: m.generate(**probe.inputs, max_new_tokens=1, **{cache_kwarg(): cache})
     )
     assert reads == [("after", "tolist")]

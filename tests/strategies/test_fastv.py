@@ -8,6 +8,7 @@ from reference import assert_generate_matches, layer_lengths, topk_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.compat import output_cache
 from tokenprune.flops import layer_flops
 
 QUESTIONS = ["what colour is the square", "how many"]
@@ -46,7 +47,7 @@ def test_layers_see_exact_lengths_in_prefill_and_decode(tiny):
         out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     short = seq - 2 * (N_PATCHES - 3)
     assert seen[0] == seen[1] == [seq, 1, 1] and seen[2] == [short, 1, 1]
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert [cache.layers[i].get_seq_length() for i in range(3)] == [seq + 2, seq + 2, short + 2]
     assert run.trace[0].layer_tokens == [seq, seq, short]
     d, m = 32, 64

@@ -9,6 +9,7 @@ from reference import assert_generate_matches, layer_lengths, topk_reference
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenprune as tp
+from tokenprune.compat import output_cache
 
 QUESTIONS = ["what colour is the square", "how many"]
 CHAINS = {"fastv@8@llm:1 > fastv@4@llm:2": [(1, 8), (2, 4)], "fastv@6@llm:1 > uniform@0@llm:2": [(1, 6), (2, 0)]}
@@ -85,7 +86,7 @@ def test_each_layer_sees_its_stage_count_in_prefill_cache_and_decode(tiny):
         out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     first, second = seq - 2 * (N_PATCHES - 8), seq - 2 * (N_PATCHES - 4)
     assert seen == {0: [seq, 1, 1], 1: [first, 1, 1], 2: [second, 1, 1]}
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert [cache.layers[i].get_seq_length() for i in range(3)] == [seq + 2, first + 2, second + 2]
     assert run.trace[0].layer_tokens == [seq, first, second]
     a, b = run.trace[0].stages

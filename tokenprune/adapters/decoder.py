@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import cache_of
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage, stage_info
 from ..flops import signal_flops
@@ -149,7 +150,7 @@ class DecoderStage:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == self.k and self._prefill is not None:
-                if getattr(kwargs.get("past_key_values"), "is_compileable", False):
+                if getattr(cache_of(kwargs), "is_compileable", False):
                     raise InputError(
                         f"{self.stage.to_spec()!r}: llm:K stages need a dynamic KV cache (layers K.. cache "
                         "fewer tokens); static caches (cache_implementation='static') work with projector stages only"
@@ -257,7 +258,7 @@ class DecoderStage:
         mask = kwargs.get("attention_mask")
         if mask is None and not comp.padded and not prefill:
             return kwargs  # decoding without padding: nothing to remap, no work on the hot path
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         b = comp.source.shape[0]
         if prefill:
             cos, sin = kwargs["position_embeddings"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import cache_of
 from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals, run_stage
 from ..flops import signal_flops
@@ -280,7 +281,7 @@ class LlavaAdapter(ModelAdapter):
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
         kw = dict(zip(self._forward_params, args, strict=False)) | kwargs
-        cache = kw.get("past_key_values")
+        cache = cache_of(kw)
         past = cache.get_seq_length() if cache is not None else 0
         encoded = (kw.get("mm_encoder_outputs") or {}).get("image")
         if kw.get("pixel_values") is not None or encoded is not None:
