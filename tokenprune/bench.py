@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,8 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
+    config: Any  # the family's config and model class (transformers' config signatures are narrower)
+    cls: Any
     if "onevision" in shapes:
         from transformers import (
             LlavaOnevisionConfig,
@@ -268,7 +270,7 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
         config = LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(**spec["vision"]),
             text_config=text,
-            image_token_id=text.vocab_size - 1,
+            image_token_index=text.vocab_size - 1,
             image_grid_pinpoints=spec["pinpoints"],
             vision_feature_layer=-1,
         )
@@ -287,9 +289,9 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
         )
         cls, image = Qwen2VLForConditionalGeneration, spec["image"]
     else:
-        text = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        common = dict(
-            vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=text, image_token_id=text.vocab_size - 1
+        llama = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        common: dict[str, Any] = dict(
+            vision_config=CLIPVisionConfig(**shapes["vision"]), text_config=llama, image_token_id=llama.vocab_size - 1
         )
         if "next" in shapes:
             config, cls = (
@@ -306,18 +308,18 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
     return model.to(dtype).eval()
 
 
-def is_qwen(model: nn.Module) -> bool:
+def is_qwen(model: Any) -> bool:
     return hasattr(model.model, "visual")
 
 
-def is_next(model: nn.Module) -> bool:
+def is_next(model: Any) -> bool:
     """LLaVA-NeXT or LLaVA-OneVision: anyres crops packed per image."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     return isinstance(model, LlavaNextForConditionalGeneration | LlavaOnevisionForConditionalGeneration)
 
 
-def image_tokens(model: nn.Module) -> int:
+def image_tokens(model: Any) -> int:
     """Placeholder tokens of one benchmark image: the patch grid for LLaVA-1.5; for LLaVA-NeXT the
     packed count of the benchmark image (base, unpadded crops, newlines), from HF's own packing."""
     if is_qwen(model):
@@ -343,17 +345,17 @@ def image_tokens(model: nn.Module) -> int:
     return packed[0].shape[0]
 
 
-def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
+def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> Any:
     """A saved LLaVA-1.5 checkpoint (path or hub id) instead of random weights."""
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model: Any = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a LLaVA checkpoint from {path!r}: {exc}") from None
     model.bench_image = None
     return model.to(device).eval()
 
 
-def inputs(model: nn.Module, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def inputs(model: Any, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders (for
     LLaVA-NeXT, pixel values of the benchmark image's anyres crops and its `image_sizes`)."""
     config, device = model.config, model.device
@@ -401,7 +403,7 @@ def timed(fn: Callable[[], Any], repeats: int, device: str, warmup: int = 1) -> 
 
 
 @contextmanager
-def features_cut_to(model: nn.Module, select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def features_cut_to(model: Any, select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Inside, the projector receives `select(features)` (the oracle and official routes)."""
     handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: (select(a[0]),))
     try:
@@ -411,7 +413,7 @@ def features_cut_to(model: nn.Module, select: Callable[[torch.Tensor], torch.Ten
 
 
 @contextmanager
-def packed_cut_to(model: nn.Module, k: int) -> Iterator[None]:
+def packed_cut_to(model: Any, k: int) -> Iterator[None]:
     """Inside, LLaVA-NeXT's `get_image_features` returns each image's first k packed tokens (the
     oracle: no scoring, the LLM sees k tokens per image); wrapped on the instance, removed on exit."""
     original = model.model.get_image_features
@@ -429,13 +431,13 @@ def packed_cut_to(model: nn.Module, k: int) -> Iterator[None]:
         model.model.__dict__.pop("get_image_features", None)
 
 
-def oracle_route(model: nn.Module, k: int) -> AbstractContextManager[None]:
+def oracle_route(model: Any, k: int) -> AbstractContextManager[None]:
     """The LLM on k image tokens per image, with no scoring (see the module docstring)."""
     return packed_cut_to(model, k) if is_next(model) or is_qwen(model) else features_cut_to(model, lambda f: f[:, :k])
 
 
 @contextmanager
-def official_route(model: nn.Module, k: int) -> Iterator[None]:
+def official_route(model: Any, k: int) -> Iterator[None]:
     """VTC-CLS as the official code runs it: eager tower with every attention map, then top-k.
     The tower runs uncompiled here (as in the official code) even when the model is compiled."""
     tower = model.model.vision_tower
@@ -492,7 +494,7 @@ def clock(fn: Callable[[], Any], device: str) -> float:
 
 
 def measure_rows(
-    model: nn.Module,
+    model: Any,
     plans: list[RowPlan],
     repeats: int,
     new_tokens: int,
@@ -633,7 +635,7 @@ def run(
         plans = [RowPlan("unpruned", "", n, batch, full, nullcontext, fixed(n))]
         for k in budgets:
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
-            plans.append(RowPlan("oracle", "", k, batch, short, lambda k=k: oracle_route(model, k), fixed(k)))
+            plans.append(RowPlan("oracle", "", k, batch, short, partial(oracle_route, model, k), fixed(k)))
             if not is_next(model) and not is_qwen(model):
                 plans.append(
                     RowPlan(
@@ -642,7 +644,7 @@ def run(
                         k,
                         batch,
                         short,
-                        lambda k=k: official_route(model, k),
+                        partial(official_route, model, k),
                         fixed(k),
                     )
                 )
@@ -655,7 +657,7 @@ def run(
                         k,
                         batch,
                         full,
-                        lambda spec=spec: apply(model, spec),
+                        partial(apply, model, spec),
                         lambda handle: handle.trace[-1].tokens_per_layer(),
                     )
                 )

@@ -127,8 +127,8 @@ class LlavaAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
-        self.core = model.model
-        self.config = model.config
+        self.core: Any = model.model  # the HF core model: its submodules and methods are untyped
+        self.config: Any = model.config
         self._forward_params = list(inspect.signature(self.core.forward).parameters)
         self._prefill: _Prefill | None = None
         self._encoded: dict[str, Any] | None = None
