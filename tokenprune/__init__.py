@@ -8,6 +8,8 @@ run.trace
 ```
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .apply import Run, apply
 from .errors import TokenpruneError
 from .pipeline import Pipeline, Stage
@@ -16,7 +18,10 @@ from .registry import create, list_adapters, list_strategies, register, register
 from .signals import ClsAttention, Signal, TextAttention
 from .strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("tokenprune")  # the one source: pyproject.toml, through the installed metadata
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ClsAttention",
