@@ -10,7 +10,7 @@ run.trace
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .apply import Run, apply
+from .apply import Run, apply, check
 from .errors import TokenpruneError
 from .pipeline import Pipeline, Stage
 from .reduction import Reduction
@@ -38,6 +38,7 @@ __all__ = [
     "TokenpruneError",
     "__version__",
     "apply",
+    "check",
     "create",
     "list_adapters",
     "list_strategies",

@@ -6,16 +6,24 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from .adapters.base import ModelAdapter, find_adapter
 from .errors import InputError
+from .generation import GenerateGuard
 from .pipeline import Pipeline
+from .rollback import Snapshot
 from .trace import ForwardRecord
 
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class Removable(Protocol):
+    """A hook handle, or anything else `apply` removes on exit."""
+
+    def remove(self) -> None: ...
 
 
 @dataclass
@@ -54,6 +62,9 @@ def apply(
         positions: `"contiguous"` (default) renumbers kept tokens without gaps; `"original"` keeps
             each kept token's original position id.
 
+    `generate` supports greedy and sampled decoding with the KV cache, one sequence per prompt;
+    beam search, `num_return_sequences > 1` and `use_cache=False` are refused before any work.
+
     Raises:
         UnsupportedModelError: no adapter supports the model.
         PlaceError, SignalError: the pipeline cannot run on this model.
@@ -63,10 +74,7 @@ def apply(
     pipeline = Pipeline.coerce(pipeline)
     if model in _ACTIVE:
         raise InputError("tokenprune.apply is already active on this model; nest pipelines as stages instead")
-    adapter = find_adapter(model, positions=positions)
-    adapter.check(pipeline)
-    run = Run(pipeline=pipeline, adapter=adapter)
-    handles = adapter.attach(pipeline, run)
+    run, handles = _attach(model, pipeline, positions)
     _ACTIVE.add(model)
     try:
         yield run
@@ -74,4 +82,40 @@ def apply(
         for handle in handles:
             handle.remove()
         _ACTIVE.discard(model)
-    adapter.finish()
+    run.adapter.finish()
+
+
+def _attach(model: nn.Module, pipeline: Pipeline, positions: str) -> tuple[Run, list[Removable]]:
+    """The model's adapter checks `pipeline` and attaches it, all or nothing: a failure anywhere in
+    `attach` removes every hook and instance attribute it had placed, then raises."""
+    adapter = find_adapter(model, positions=positions)
+    adapter.check(pipeline)
+    run = Run(pipeline=pipeline, adapter=adapter)
+    before = Snapshot.take(model)
+    try:
+        handles: list[Removable] = [*adapter.attach(pipeline, run)]
+        if hasattr(model, "generate"):
+            handles.append(GenerateGuard(model))
+        return run, handles
+    except BaseException:
+        before.restore()
+        raise
+
+
+def check(model: nn.Module, pipeline: Pipeline | str | dict[str, Any], *, positions: str = "contiguous") -> Pipeline:
+    """Raise exactly what `apply(model, pipeline)` would raise on entering, and change nothing: the
+    checks of the model's adapter, then its attach, undone at once (all or nothing, as in `apply`).
+
+    Returns:
+        the pipeline, built from a spec string or config when given one.
+
+    Raises:
+        UnsupportedModelError, PlaceError, SignalError, SpecError, InputError: as `apply`.
+    """
+    pipeline = Pipeline.coerce(pipeline)
+    before = Snapshot.take(model)
+    try:
+        _attach(model, pipeline, positions)
+    finally:
+        before.restore()
+    return pipeline
