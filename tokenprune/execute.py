@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
-from .budget import resolve_budget
+from .budget import BudgetRule, resolve_budget
 from .errors import ScoreError
 from .pipeline import Stage
 from .reduction import Reduction
@@ -25,12 +26,17 @@ def run_stage(
     """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance, and the
     scorer's scores `[B, N]` (`None` for a score-free selector). `deferred`: see `Selector.reduce`.
 
+    A `BudgetRule` budget gives each image its own `k` (read to the host: one sync); images of one
+    `k` run through the selector together, so each keeps exactly what it keeps alone, and the
+    reduction is ragged (`Reduction.counts`) when the counts differ.
+
     Raises:
         BudgetError: the budget does not fit the `N` tokens reaching the stage.
         ScoreError: the scorer returned scores of the wrong shape or with NaN.
     """
     n = tokens.shape[1]
-    k = resolve_budget(stage.budget, n, where=stage)
+    rule = stage.budget if isinstance(stage.budget, BudgetRule) else None
+    k = 0 if rule is not None else resolve_budget(stage.budget, n, where=stage)
     scores = None
     if stage.scorer is not None:
         scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))
@@ -42,7 +48,18 @@ def run_stage(
     wanted = stage.selector.signals(info)
     context = ScoringContext(tokens=tokens, info=info, signals=signals)
     given = {s: context[s] for s in wanted} if wanted else None
-    return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+    if rule is None or scores is None:
+        return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+    counts = [int(c) for c in rule.counts(scores).tolist()]
+    if len(set(counts)) == 1:
+        return stage.selector.reduce(tokens, scores, counts[0], info.grid, given, deferred), scores
+    parts = []
+    for k in sorted(set(counts)):
+        rows = [i for i, c in enumerate(counts) if c == k]
+        at = torch.tensor(rows, device=tokens.device)
+        subset = None if given is None else {s: v[at] for s, v in given.items()}
+        parts.append((rows, stage.selector.reduce(tokens[at], scores[at], k, info.grid, subset, deferred)))
+    return Reduction.ragged(parts, tokens.shape[0], n), scores
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
