@@ -9,6 +9,7 @@ run.trace
 """
 
 from .apply import Run, apply
+from .budget import BudgetRule, IqrRule, MassRule
 from .errors import TokenpruneError
 from .pipeline import Pipeline, Stage
 from .reduction import Reduction
@@ -19,7 +20,10 @@ from .strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetRule",
     "ClsAttention",
+    "IqrRule",
+    "MassRule",
     "ModelInfo",
     "Pipeline",
     "Reduction",
