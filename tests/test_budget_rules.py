@@ -3,6 +3,7 @@ references, round-trips through spec and config, ragged batches equal per-image 
 
 import json
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -188,14 +189,18 @@ def test_ragged_batch_equals_each_image_alone(tiny, spec):
             assert torch.equal(alone.trace[0].stages[0].weights[0], stage.weights[i])
 
 
-def ragged_spec(model, inputs) -> str:
+RULES = ("iqr(whisker=0.5)", "mass(0.2)", "mass(0.65)", "iqr(whisker=0.25)", "mass(0.59)", "mass(0.4)")
+
+
+def ragged_spec(model, inputs, scorer="vtc-cls"):
     """The first of a few rule budgets that gives these images different counts (the tiny random
-    towers' [CLS] attention is nearly flat, so which one does depends on the checkpoint)."""
-    for rule in ("iqr(whisker=0.5)", "mass(0.2)", "mass(0.65)", "iqr(whisker=0.25)", "mass(0.59)"):
-        with tp.apply(model, f"vtc-cls@{rule}") as run:
+    towers' scores are nearly flat, so which one does depends on the checkpoint)."""
+    for rule in RULES:
+        pipe = tp.Pipeline([tp.Stage(scorer=scorer, budget=rule)])
+        with tp.apply(model, pipe) as run:
             model(**inputs)
         if len(set(run.trace[0].stages[0].kept_per_image())) > 1:
-            return f"vtc-cls@{rule}"
+            return pipe if not isinstance(scorer, str) else pipe.to_spec()
     raise AssertionError("no candidate rule gives these images different counts")
 
 
@@ -256,3 +261,53 @@ def test_llava_next_ragged_batch_equals_each_image_alone(tiny_next):
             single = tiny_next.model(**tiny_next.inputs([question], [imgs[i]])).logits[0, -1]
         torch.testing.assert_close(logits[i, -1], single, atol=1e-5, rtol=1e-5)
         assert torch.equal(alone.trace[0].stages[0].kept[0] + i * per_image, stage.kept[i])
+
+
+def test_compare_metrics_average_kept_over_images(tiny):
+    from tokenprune.evaluation import BatchResult, metrics
+
+    def result(batch, kept, m=2):
+        return BatchResult(batch, torch.zeros(m), torch.zeros(m), torch.zeros(m), 0.1, [20, 20, 20], kept)
+
+    text = tiny.model.config.text_config
+    reference = [result(0, None), result(1, None)]
+    assert metrics([result(0, [10, 20, 6]), result(1, [4])], reference, None, text)["kept"] == 10
+    assert metrics([result(0, [3, 4]), result(1, [4])], reference, None, text)["kept"] == pytest.approx(11 / 3)
+
+
+class FeatureNorm(tp.ScoringStrategy):
+    """A scorer that needs no [CLS] (unregistered, for this test): each token's feature norm."""
+
+    name: ClassVar[str] = "test-feature-norm"
+
+    def score(self, ctx):
+        return ctx.tokens.float().norm(dim=-1)
+
+
+@pytest.mark.parametrize("family", ["onevision", "qwen"])
+@torch.no_grad()
+def test_ragged_batch_equals_each_image_alone_without_cls(family, tiny_onevision, tiny_qwen):
+    from conftest import sized_images
+
+    from tokenprune.adapters.base import find_adapter
+
+    tiny = tiny_onevision if family == "onevision" else tiny_qwen
+    model, imgs = tiny.model, sized_images([(40, 70), (40, 70), (40, 70), (64, 48)], seed=6)
+    questions = QUESTIONS
+    inputs = tiny.inputs(questions, imgs)
+    pipe = ragged_spec(model, tiny.inputs(questions[:3], imgs[:3]), FeatureNorm())  # images of one size
+    with tp.apply(model, pipe) as run:
+        logits = model(**inputs).logits[:, -1]
+    stage = run.trace[0].stages[0]
+    counts = stage.kept_per_image()
+    assert len(set(counts[:3])) > 1, "images of one size keep different counts"
+    if family == "onevision":  # kept counts crops across the batch
+        crops = find_adapter(model).crops(inputs["image_sizes"], {})
+        offsets = [sum(crops[:i]) * N_PATCHES for i in range(len(crops))]
+    else:
+        offsets = [0] * len(imgs)
+    for i, question in enumerate(questions):
+        with tp.apply(model, pipe) as alone:
+            single = model(**tiny.inputs([question], [imgs[i]])).logits[0, -1]
+        torch.testing.assert_close(logits[i], single, atol=1e-5, rtol=1e-5)
+        assert torch.equal(alone.trace[0].stages[0].kept[0] + offsets[i], stage.kept[i])
