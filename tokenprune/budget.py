@@ -175,7 +175,7 @@ def parse_rule(text: str) -> BudgetRule:
         if len(positional) > (1 if primary else 0) or (positional and primary in params):
             usage = f"{name}(VALUE, key=value)" if primary else f"{name}(key=value)"
             raise BudgetError(f"budget rule {text.strip()!r}: write {usage}")
-        if positional:
+        if positional and primary is not None:
             params = {primary: positional[0], **params}
     return make_rule(name, params)
 

@@ -13,7 +13,7 @@ from .errors import ScoreError
 from .pipeline import Stage
 from .reduction import Reduction
 from .signals import Signal
-from .strategy import DeferredCheck, ModelInfo, ScoringContext
+from .strategy import DeferredCheck, ModelInfo, ScoringContext, Selector
 
 
 def run_stage(
@@ -35,8 +35,8 @@ def run_stage(
         ScoreError: the scorer returned scores of the wrong shape or with NaN.
     """
     n = tokens.shape[1]
-    rule = stage.budget if isinstance(stage.budget, BudgetRule) else None
-    k = 0 if rule is not None else resolve_budget(stage.budget, n, where=stage)
+    budget = stage.budget
+    rule, k = (budget, 0) if isinstance(budget, BudgetRule) else (None, resolve_budget(budget, n, where=stage))
     scores = None
     if stage.scorer is not None:
         scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))
@@ -51,15 +51,30 @@ def run_stage(
     if rule is None or scores is None:
         return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
     counts = [int(c) for c in rule.counts(scores).tolist()]
+    return reduce_per_count(stage.selector, tokens, scores, counts, info.grid, given, deferred), scores
+
+
+def reduce_per_count(
+    selector: Selector,
+    tokens: Tensor,
+    scores: Tensor,
+    counts: list[int],
+    grid: tuple[int, int] | None,
+    signals: Mapping[Signal, Tensor] | None,
+    deferred: list[DeferredCheck] | None,
+) -> Reduction:
+    """Reduce each image of `tokens` `[B, N, D]` to its own count (`counts`, per image): one
+    `selector.reduce` per distinct count, on the images that have it (their rows of `scores`
+    `[B, N]` and of each signal). A ragged `Reduction` when the counts differ."""
     if len(set(counts)) == 1:
-        return stage.selector.reduce(tokens, scores, counts[0], info.grid, given, deferred), scores
+        return selector.reduce(tokens, scores, counts[0], grid, signals, deferred)
     parts = []
     for k in sorted(set(counts)):
         rows = [i for i, c in enumerate(counts) if c == k]
         at = torch.tensor(rows, device=tokens.device)
-        subset = None if given is None else {s: v[at] for s, v in given.items()}
-        parts.append((rows, stage.selector.reduce(tokens[at], scores[at], k, info.grid, subset, deferred)))
-    return Reduction.ragged(parts, tokens.shape[0], n), scores
+        subset = None if signals is None else {s: v[at] for s, v in signals.items()}
+        parts.append((rows, selector.reduce(tokens[at], scores[at], k, grid, subset, deferred)))
+    return Reduction.ragged(parts, tokens.shape[0], tokens.shape[1])
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
