@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from .errors import BudgetError
+from .errors import BudgetError, SpecError
 
 
 class BudgetRule(BaseModel):
@@ -153,11 +153,12 @@ def parse_rule(text: str) -> BudgetRule:
     """`mass(0.9,min=16,max=64)`, `iqr` or `iqr(whisker=3.0)` -> the rule.
 
     Raises:
-        BudgetError: a malformed term, an unknown rule or invalid parameters.
+        SpecError: a malformed term.
+        BudgetError: an unknown rule or invalid parameters.
     """
     m = _RULE.match(text.strip())
     if m is None:
-        raise BudgetError(f"malformed budget rule {text.strip()!r}; expected e.g. mass(0.9,min=16,max=64) or iqr")
+        raise SpecError(f"malformed budget rule {text.strip()!r}; expected e.g. mass(0.9,min=16,max=64) or iqr")
     name, body = m.group(1), m.group(2)
     if name not in BUDGET_RULES:
         raise BudgetError(f"unknown budget rule {name!r}; known rules: {_rule_names()}")
@@ -170,11 +171,11 @@ def parse_rule(text: str) -> BudgetRule:
             positional = [ast.literal_eval(a) for a in call.args]
             params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
         except (SyntaxError, ValueError):
-            raise BudgetError(f"malformed parameters {body!r} of budget rule {name!r}; use numbers") from None
+            raise SpecError(f"malformed parameters {body!r} of budget rule {name!r}; use numbers") from None
         primary = BUDGET_RULES[name].primary
         if len(positional) > (1 if primary else 0) or (positional and primary in params):
             usage = f"{name}(VALUE, key=value)" if primary else f"{name}(key=value)"
-            raise BudgetError(f"budget rule {text.strip()!r}: write {usage}")
+            raise SpecError(f"budget rule {text.strip()!r}: write {usage}")
         if positional and primary is not None:
             params = {primary: positional[0], **params}
     return make_rule(name, params)
