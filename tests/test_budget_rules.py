@@ -322,3 +322,19 @@ def test_cli_refuses_a_bad_rule_in_one_line():
     result = CliRunner().invoke(app, ["compare", "--strategies", "vtc-cls", "--budgets", "0.25,mass(2.0)"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "invalid budget rule mass(fraction=2.0)" in result.output
+
+
+def test_per_count_reduction_pads_by_repeating_each_rows_last_output():
+    from tokenprune.execute import reduce_per_count
+
+    tokens, scores = torch.randn(3, 6, 4), torch.rand(3, 6)
+    topk = tp.create("topk")
+    ragged = reduce_per_count(topk, tokens, scores, [2, 4, 2], None, None, None)
+    assert ragged.counts == (2, 4, 2) and ragged.index.shape == (3, 4) and ragged.weights is None
+    for i, k in enumerate([2, 4, 2]):
+        alone = topk.reduce(tokens[i : i + 1], scores[i : i + 1], k)
+        assert torch.equal(ragged.index[i, :k], alone.index[0]) and torch.equal(ragged.tokens[i, :k], alone.tokens[0])
+        assert (ragged.index[i, k:] == alone.index[0, -1]).all() and (ragged.tokens[i, k:] == alone.tokens[0, -1]).all()
+    merged = reduce_per_count(tp.create("pool"), tokens, scores, [2, 4, 2], (2, 3), None, None)
+    assert merged.weights.shape == (3, 4, 6) and torch.allclose(merged.weights.sum(-1), torch.ones(3, 4))
+    assert reduce_per_count(topk, tokens, scores, [3, 3, 3], None, None, None).counts is None

@@ -185,9 +185,9 @@ def metrics(
 
 def _mean(values: list[int]) -> float | int:
     """The mean of `values`, an int when it is one (every image kept the same count)."""
-    total = sum(values)
     if not values:
         return 0
+    total = sum(values)
     return total // len(values) if total % len(values) == 0 else total / len(values)
 
 

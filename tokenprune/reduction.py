@@ -38,12 +38,6 @@ class Reduction:
         """Outputs per image (`k` for each unless `counts` is set)."""
         return list(self.counts) if self.counts is not None else [self.k] * self.index.shape[0]
 
-    def row(self, i: int) -> Reduction:
-        """Image `i` alone, without padding: `[1, k_i, ...]`."""
-        k = self.row_counts()[i]
-        weights = None if self.weights is None else self.weights[i : i + 1, :k]
-        return Reduction(tokens=self.tokens[i : i + 1, :k], index=self.index[i : i + 1, :k], weights=weights)
-
     @staticmethod
     def ragged(parts: list[tuple[list[int], Reduction]], batch: int, n: int) -> Reduction:
         """Assemble reductions of disjoint image subsets (`parts`: the rows each one holds, and its
@@ -57,8 +51,11 @@ class Reduction:
         dtype = next((p.weights.dtype for _, p in parts if p.weights is not None), torch.float32)
         weights = first.tokens.new_empty(batch, k, n, dtype=dtype) if merged else None
         counts = [0] * batch
+
+        def pad(t: Tensor) -> Tensor:  # [G, k_part, ...] -> [G, k, ...], repeating the last output
+            return torch.cat([t, t[:, -1:].expand(-1, k - t.shape[1], *t.shape[2:])], dim=1)
+
         for rows, part in parts:
-            pad = lambda t: torch.cat([t, t[:, -1:].expand(-1, k - part.k, *t.shape[2:])], dim=1)  # noqa: E731, B023
             at = torch.tensor(rows, device=index.device)
             tokens[at], index[at] = pad(part.tokens), pad(part.index)
             if weights is not None:
