@@ -162,21 +162,22 @@ def topk_reference(scores: list[float], k: int) -> list[int]:
         "vtc-cls@iqr(whisker=0.5)",
         "vtc-cls+divprune@mass(0.2)",
         "vtc-cls+tome@iqr(whisker=0.5,max=9)",
+        "tome@12@vision:2 > vtc-cls@iqr(whisker=0.25)",
     ],
 )
 @torch.no_grad()
 def test_ragged_batch_equals_each_image_alone(tiny, spec):
     model, imgs = tiny.model, images(4, seed=5)
     batch = tiny.inputs(QUESTIONS, imgs)
-    rule = tp.Pipeline.from_spec(spec).stages[0].budget
+    rule = tp.Pipeline.from_spec(spec).stages[-1].budget
     with tp.apply(model, spec) as run:
         logits = model(**batch).logits
-    stage = run.trace[0].stages[0]
+    stage = run.trace[0].stages[-1]
     counts = [len(k) for k in stage.kept]
     assert len(set(counts)) > 1, "the rule must give these images different counts"
-    assert stage.counts == [(N_PATCHES, c) for c in counts] and stage.tokens_out == max(counts)
+    assert stage.counts == [(stage.tokens_in, c) for c in counts] and stage.tokens_out == max(counts)
     assert stage.kept_per_image() == counts == rule.counts(torch.stack(stage.scores)).tolist()
-    assert json.loads(json.dumps(stage.to_json()))["counts"] == [[N_PATCHES, c] for c in counts]
+    assert json.loads(json.dumps(stage.to_json()))["counts"] == [[stage.tokens_in, c] for c in counts]
     if spec.startswith("vtc-cls@"):
         assert [k.tolist() for k in stage.kept] == [
             topk_reference(s.tolist(), c) for s, c in zip(stage.scores, counts, strict=True)
@@ -185,9 +186,9 @@ def test_ragged_batch_equals_each_image_alone(tiny, spec):
         with tp.apply(model, spec) as alone:
             single = model(**tiny.inputs([question], [imgs[i]])).logits[0, -1]
         torch.testing.assert_close(logits[i, -1], single, atol=1e-5, rtol=1e-5)
-        assert torch.equal(alone.trace[0].stages[0].kept[0], stage.kept[i])
+        assert torch.equal(alone.trace[0].stages[-1].kept[0], stage.kept[i])
         if stage.weights is not None:
-            assert torch.equal(alone.trace[0].stages[0].weights[0], stage.weights[i])
+            assert torch.equal(alone.trace[0].stages[-1].weights[0], stage.weights[i])
 
 
 RULES = ("iqr(whisker=0.5)", "mass(0.2)", "mass(0.65)", "iqr(whisker=0.25)", "mass(0.59)", "mass(0.4)")
