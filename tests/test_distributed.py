@@ -54,5 +54,5 @@ def test_shards_together_equal_one_process_batch_for_batch():
         for got, want in zip(merged, whole[slot], strict=False):
             assert torch.equal(got.pred, want.pred) and torch.equal(got.reference, want.reference)
             assert torch.equal(got.kl, want.kl) and got.lengths == want.lengths and got.kept == want.kept
-    assert [r.kept for r in whole[1]] == [36] * 4 and whole[0][0].kept is None
+    assert [r.kept for r in whole[1]] == [[36, 36]] * 3 + [[36]] and whole[0][0].kept is None  # per image
     assert all(float(r.kl.abs().max()) == 0.0 for r in whole[0])

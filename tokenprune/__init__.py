@@ -11,6 +11,7 @@ run.trace
 from importlib.metadata import PackageNotFoundError, version
 
 from .apply import Run, apply, check
+from .budget import BudgetRule, IqrRule, MassRule
 from .errors import TokenpruneError
 from .pipeline import Pipeline, Stage
 from .reduction import Reduction
@@ -24,7 +25,10 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "BudgetRule",
     "ClsAttention",
+    "IqrRule",
+    "MassRule",
     "ModelInfo",
     "Pipeline",
     "Reduction",

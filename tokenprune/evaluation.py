@@ -48,7 +48,7 @@ class BatchResult:
         kl: `[m]` float32 KL(unpruned || pruned) of the first-token distributions.
         seconds: wall time of the forward.
         lengths: tokens each decoder layer saw in the prefill.
-        kept: visual tokens per image after the last stage (`None` unpruned).
+        kept: per image, the visual tokens it keeps after the last stage (`None` unpruned).
     """
 
     batch: int
@@ -57,7 +57,7 @@ class BatchResult:
     kl: torch.Tensor
     seconds: float
     lengths: list[int]
-    kept: int | None
+    kept: list[int] | None
 
 
 def demo_samples(limit: int) -> list[Sample]:
@@ -99,12 +99,12 @@ def batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
 
 def prefill(
     model: nn.Module, processor: Any, batch: Sequence[Sample], pipeline: Pipeline | None, device: str
-) -> tuple[torch.Tensor, float, list[int], int | None]:
+) -> tuple[torch.Tensor, float, list[int], list[int] | None]:
     """One prefill of `batch` with `pipeline` applied (or none).
 
     Returns:
         first-token log-probabilities `[m, V]` (float32, CPU), seconds, tokens per decoder layer,
-        and visual tokens per image after the last stage (`None` unpruned).
+        and per image the visual tokens it keeps after the last stage (`None` unpruned).
     """
     prompts = [build_prompt(processor, s.question) for s in batch]
     inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True).to(device)
@@ -116,7 +116,7 @@ def prefill(
         else:
             with apply(model, pipeline) as run:
                 logits = model(**inputs).logits[:, -1]
-            lengths, kept = run.trace[-1].tokens_per_layer(), run.trace[-1].stages[-1].tokens_out
+            lengths, kept = run.trace[-1].tokens_per_layer(), run.trace[-1].stages[-1].kept_per_image()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -179,8 +179,16 @@ def metrics(
         "flops_ratio": cost / llm_flops(text_config, 0, [round(n) for n in _mean_lengths(reference)]),
         "seq_len": layer_tokens[0],
         "latency_ms": 1000 * sum(r.seconds for r in results) / len(pred),
-        "kept": None if results[0].kept is None else sum(r.kept for r in results) / len(results),
+        "kept": None if results[0].kept is None else _mean([n for r in results for n in r.kept or []]),
     }
+
+
+def _mean(values: list[int]) -> float | int:
+    """The mean of `values`, an int when it is one (every image kept the same count)."""
+    if not values:
+        return 0
+    total = sum(values)
+    return total // len(values) if total % len(values) == 0 else total / len(values)
 
 
 def _mean_lengths(results: Sequence[BatchResult]) -> list[float]:

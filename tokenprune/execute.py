@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
-from .budget import resolve_budget
+from .budget import BudgetRule, resolve_budget
 from .errors import ScoreError
 from .pipeline import Stage
 from .reduction import Reduction
 from .signals import Signal
-from .strategy import DeferredCheck, ModelInfo, ScoringContext
+from .strategy import DeferredCheck, ModelInfo, ScoringContext, Selector
 
 
 def run_stage(
@@ -25,12 +26,17 @@ def run_stage(
     """Apply `stage` to `tokens` `[B, N, D]`; returns `k` tokens per image with provenance, and the
     scorer's scores `[B, N]` (`None` for a score-free selector). `deferred`: see `Selector.reduce`.
 
+    A `BudgetRule` budget gives each image its own `k` (read to the host: one sync); images of one
+    `k` run through the selector together, so each keeps exactly what it keeps alone, and the
+    reduction is ragged (`Reduction.counts`) when the counts differ.
+
     Raises:
         BudgetError: the budget does not fit the `N` tokens reaching the stage.
         ScoreError: the scorer returned scores of the wrong shape or with NaN.
     """
     n = tokens.shape[1]
-    k = resolve_budget(stage.budget, n, where=stage)
+    budget = stage.budget
+    rule, k = (budget, 0) if isinstance(budget, BudgetRule) else (None, resolve_budget(budget, n, where=stage))
     scores = None
     if stage.scorer is not None:
         scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))
@@ -42,7 +48,33 @@ def run_stage(
     wanted = stage.selector.signals(info)
     context = ScoringContext(tokens=tokens, info=info, signals=signals)
     given = {s: context[s] for s in wanted} if wanted else None
-    return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+    if rule is None or scores is None:
+        return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+    counts = [int(c) for c in rule.counts(scores).tolist()]
+    return reduce_per_count(stage.selector, tokens, scores, counts, info.grid, given, deferred), scores
+
+
+def reduce_per_count(
+    selector: Selector,
+    tokens: Tensor,
+    scores: Tensor,
+    counts: list[int],
+    grid: tuple[int, int] | None,
+    signals: Mapping[Signal, Tensor] | None,
+    deferred: list[DeferredCheck] | None,
+) -> Reduction:
+    """Reduce each image of `tokens` `[B, N, D]` to its own count (`counts`, per image): one
+    `selector.reduce` per distinct count, on the images that have it (their rows of `scores`
+    `[B, N]` and of each signal). A ragged `Reduction` when the counts differ."""
+    if len(set(counts)) == 1:
+        return selector.reduce(tokens, scores, counts[0], grid, signals, deferred)
+    parts = []
+    for k in sorted(set(counts)):
+        rows = [i for i, c in enumerate(counts) if c == k]
+        at = torch.tensor(rows, device=tokens.device)
+        subset = None if signals is None else {s: v[at] for s, v in signals.items()}
+        parts.append((rows, selector.reduce(tokens[at], scores[at], k, grid, subset, deferred)))
+    return Reduction.ragged(parts, tokens.shape[0], tokens.shape[1])
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_serializer, model_validator
 
-from .budget import Budget, check_budget, format_budget
+from .budget import Budget, BudgetRule, budget_config, check_budget, format_budget
 from .errors import PlaceError, SpecError, TokenpruneError
 from .places import Place
 from .registry import REGISTRY, create
@@ -40,7 +40,8 @@ def _as_strategy(value: Any, role: str) -> Strategy | None:
 
 class Stage(BaseModel):
     """One compression step: a place, a scorer (optional for score-free selectors), a selector and
-    a budget (int `k` per image, or a ratio of the tokens reaching the stage)."""
+    a budget (int `k` per image, a ratio of the tokens reaching the stage, or a `BudgetRule`
+    evaluated per image on the scorer's scores)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -77,6 +78,11 @@ class Stage(BaseModel):
             if self.scorer is None:
                 raise SpecError("a stage needs a scorer, a selector, or both")
             object.__setattr__(self, "selector", create(self.scorer.default_selector))
+        if self.scorer is None and isinstance(self.budget, BudgetRule):
+            raise SpecError(
+                f"budget rule {self.budget} is evaluated on a scorer's scores, and {self.selector.name!r} "
+                f"has none; pair it with a scorer, e.g. vtc-cls+{self.selector.name}@{self.budget}"
+            )
         if self.scorer is None and self.selector.needs_scores:
             raise SpecError(
                 f"selector {self.selector.name!r} needs scores; pair it with a scorer, "
@@ -118,7 +124,12 @@ class Stage(BaseModel):
         def term(s: Strategy | None) -> dict[str, Any] | None:
             return None if s is None else {"name": s.name, **s.params()}
 
-        return {"at": self.at, "scorer": term(self.scorer), "selector": term(self.selector), "budget": self.budget}
+        return {
+            "at": self.at,
+            "scorer": term(self.scorer),
+            "selector": term(self.selector),
+            "budget": budget_config(self.budget),
+        }
 
 
 class Pipeline(BaseModel):

@@ -18,16 +18,51 @@ class Reduction:
             token itself for a drop; for a merge, the input token whose position the output takes).
         weights: `[B, k, N]` provenance weights, each row summing to 1, or `None` for a pure drop
             (one-hot at `index`).
+        counts: per image, its number of outputs when images keep different counts (a budget
+            rule); `k` is then the largest, and a row's outputs past its count repeat its last
+            output (so scattering or gathering a padded row is the same as the real one). `None`:
+            every image keeps `k`.
     """
 
     tokens: Tensor
     index: Tensor
     weights: Tensor | None = None
+    counts: tuple[int, ...] | None = None
 
     @property
     def k(self) -> int:
         """Number of output tokens per image."""
         return self.index.shape[1]
+
+    def row_counts(self) -> list[int]:
+        """Outputs per image (`k` for each unless `counts` is set)."""
+        return list(self.counts) if self.counts is not None else [self.k] * self.index.shape[0]
+
+    @staticmethod
+    def ragged(parts: list[tuple[list[int], Reduction]], batch: int, n: int) -> Reduction:
+        """Assemble reductions of disjoint image subsets (`parts`: the rows each one holds, and its
+        reduction of those rows) into one of `batch` images, padded as `counts` describes (see the
+        class); `n`: the tokens in per image (for dense weights when only some parts merge)."""
+        k = max(part.k for _, part in parts)
+        merged = any(part.weights is not None for _, part in parts)
+        first = parts[0][1]
+        tokens = first.tokens.new_empty(batch, k, first.tokens.shape[-1])
+        index = first.index.new_empty(batch, k)
+        dtype = next((p.weights.dtype for _, p in parts if p.weights is not None), torch.float32)
+        weights = first.tokens.new_empty(batch, k, n, dtype=dtype) if merged else None
+        counts = [0] * batch
+
+        def pad(t: Tensor) -> Tensor:  # [G, k_part, ...] -> [G, k, ...], repeating the last output
+            return torch.cat([t, t[:, -1:].expand(-1, k - t.shape[1], *t.shape[2:])], dim=1)
+
+        for rows, part in parts:
+            at = torch.tensor(rows, device=index.device)
+            tokens[at], index[at] = pad(part.tokens), pad(part.index)
+            if weights is not None:
+                weights[at] = pad(part.dense_weights(n).to(dtype))
+            for row in rows:
+                counts[row] = part.k
+        return Reduction(tokens=tokens, index=index, weights=weights, counts=tuple(counts))
 
     def dense_weights(self, n: int) -> Tensor:
         """Provenance as `[B, k, N]` weights (one-hot rows for a pure drop)."""

@@ -4,7 +4,8 @@
 pipeline := stage (">" stage)*
 stage    := strategy ["+" strategy] "@" budget ["@" place]
 strategy := NAME ["(" key=value ("," key=value)* ")"]
-budget   := INT | FLOAT           # 64 keeps 64 tokens, 0.25 keeps a quarter, 1.0 keeps all
+budget   := INT | FLOAT | RULE    # 64 keeps 64 tokens, 0.25 keeps a quarter, 1.0 keeps all
+RULE     := NAME ["(" [value ","] key=value ("," key=value)* ")"]   # per image: mass(0.9,min=16), iqr
 place    := "projector" | "llm:" INT | "vision:" INT
 ```
 Values are Python literals (`3`, `-0.5`, `'last'`, `[-2, -6, -10]`, `True`). Examples:
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import Budget, parse_rule
 from .errors import SpecError
 
 _NAME = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(?:\((.*)\))?$", re.DOTALL)
@@ -37,7 +39,7 @@ class StageSpec:
     """One parsed stage: its strategy terms, budget and optional place."""
 
     strategies: tuple[StrategySpec, ...]
-    budget: int | float
+    budget: Budget
     at: str | None = None
 
 
@@ -94,13 +96,17 @@ def parse_strategy(text: str) -> StrategySpec:
     return StrategySpec(name=name, params=params)
 
 
-def parse_budget(text: str) -> int | float:
-    """`64` -> 64 (a count), `0.25` / `1.0` -> a ratio."""
+def parse_budget(text: str) -> Budget:
+    """`64` -> 64 (a count), `0.25` / `1.0` -> a ratio, `mass(0.9)` -> a `BudgetRule`."""
     text = text.strip()
+    if text[:1].isalpha():
+        return parse_rule(text)
     try:
         return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
     except ValueError:
-        raise SpecError(f"malformed budget {text!r}; use an int count (64) or a ratio in (0, 1] (0.25)") from None
+        raise SpecError(
+            f"malformed budget {text!r}; use an int count (64), a ratio in (0, 1] (0.25) or a rule (mass(0.9))"
+        ) from None
 
 
 def parse_stage(text: str) -> StageSpec:

@@ -38,6 +38,10 @@ class StageRecord:
     image_sample: list[int] = field(default_factory=list)
     counts: list[tuple[int, int]] | None = None
 
+    def kept_per_image(self) -> list[int]:
+        """Tokens each image keeps after this stage (they differ under a budget rule)."""
+        return [out for _, out in self.counts] if self.counts is not None else [self.tokens_out] * len(self.kept)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-compatible summary (kept indices as lists)."""
         return {

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -129,3 +130,30 @@ def test_compare_sharded_over_two_processes_equals_one_process(tmp_path):
         assert row.pop("latency_ms") > 0
     assert sharded["rows"] == single["rows"]
     assert [r["spec"] for r in single["rows"]] == ["", "vtc-cls@0.25", "random@0.25", "fastv@0.25"]
+
+
+def test_compare_reports_the_mean_kept_count_of_a_budget_rule(tmp_path):
+    import torch
+
+    import tokenprune as tp
+    from tokenprune.cli.compare_cmd import default_strategies
+    from tokenprune.evaluation import demo_samples
+    from tokenprune.models import build_prompt, load
+
+    out = tmp_path / "res"
+    args = ["compare", "--strategies", "vtc-cls@mass(0.9)", "--budgets", "0.25", "--limit", "6"]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    assert row["spec"] == "vtc-cls@mass(0.9)" and row["budget"] == "mass(0.9)"
+    model, processor = load("demo")
+    counts = []
+    for sample in demo_samples(6):  # each image alone: the counts the rule gives it
+        inputs = processor(images=[sample.image], text=[build_prompt(processor, sample.question)], return_tensors="pt")
+        with torch.no_grad(), tp.apply(model, "vtc-cls@mass(0.9)") as run:
+            model(**inputs)
+        counts += run.trace[0].stages[0].kept_per_image()
+    assert row["kept"] == pytest.approx(sum(counts) / len(counts))
+    with (out / "results.csv").open() as handle:
+        assert float(list(csv.DictReader(handle))[1]["kept"]) == pytest.approx(row["kept"])
+    assert "vtc-cls@mass(0.9)" in default_strategies(model)

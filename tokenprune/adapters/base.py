@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..budget import BudgetRule
 from ..errors import InputError, PlaceError, UnsupportedModelError
 from ..execute import required_signals
 from ..pipeline import Pipeline
@@ -32,11 +33,14 @@ class ModelAdapter(ABC):
     Class attributes:
         model_class: the model class name(s) it supports, for messages.
         places: the place kinds it can run stages at.
+        ragged_places: the place kinds where images of one batch may keep different counts (a
+            stage with a `BudgetRule` budget); none by default.
     """
 
     name: ClassVar[str] = ""
     model_class: ClassVar[str] = ""
     places: ClassVar[tuple[str, ...]] = ("projector",)
+    ragged_places: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         if positions not in POSITION_MODES:
@@ -66,15 +70,32 @@ class ModelAdapter(ABC):
         """Refuse, before any forward, a pipeline this adapter cannot run.
 
         Raises:
-            PlaceError: a stage at a place this adapter does not support.
+            PlaceError: a stage at a place this adapter does not support, a budget rule where images
+                cannot keep different counts, or a stage after one that needs equal counts.
             SignalError: a scorer needs a signal this model cannot provide.
         """
+        ragged = None
         for stage in pipeline.stages:
             if stage.place.kind not in self.places:
                 raise PlaceError(
                     f"stage {stage.to_spec()!r} runs at {stage.at}, which the {self.name!r} adapter "
                     f"does not support; supported places: {', '.join(self.places)}"
                 )
+            if ragged is not None:
+                raise PlaceError(
+                    f"stage {stage.to_spec()!r} follows {ragged.to_spec()!r}, whose budget rule lets images keep "
+                    f"different counts, and the {self.name!r} adapter runs a stage at {stage.at} only on equal "
+                    "counts; give the earlier stage an int or ratio budget, or make the rule stage the last"
+                )
+            if isinstance(stage.budget, BudgetRule):
+                if stage.place.kind not in self.ragged_places:
+                    supported = ", ".join(self.ragged_places) or "none"
+                    raise PlaceError(
+                        f"stage {stage.to_spec()!r}: a budget rule lets images keep different counts, which the "
+                        f"{self.name!r} adapter supports at: {supported} (not at {stage.at}); use an int or "
+                        "ratio budget there"
+                    )
+                ragged = stage
         required_signals(list(pipeline.stages), self.info())
 
 

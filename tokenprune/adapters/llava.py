@@ -116,6 +116,7 @@ class LlavaAdapter(ModelAdapter):
 
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
     places: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
+    ragged_places: ClassVar[tuple[str, ...]] = ("projector",)
     feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy")
     """Config fields that shape the image features; per-call overrides of them are refused."""
 
@@ -245,14 +246,17 @@ class LlavaAdapter(ModelAdapter):
         records, deferred = [], list(self._encoded["deferred"]) if self._encoded is not None else []
         if encoded is not None:
             origin, deferred = encoded.origin, deferred + list(encoded.deferred)
-            records = [(stage, n_in, r.k, kept, r.weights, scores) for stage, n_in, r, scores, kept in encoded.records]
+            records = [
+                (stage, n_in, r.k, kept, r.weights, scores, None) for stage, n_in, r, scores, kept in encoded.records
+            ]
+        counts = None  # per image, when a budget rule left images with different counts
         for stage in self._projector_stages:
             n_in = tokens.shape[1]
             info = replace(self._info, grid=current_grid(self._info, n_in))
             reduction, scores = run_stage(stage, tokens, info, signals, deferred)
             origin = origin.gather(1, reduction.index)
-            records.append((stage, n_in, reduction.k, origin, reduction.weights, scores))
-            tokens = reduction.tokens
+            records.append((stage, n_in, reduction.k, origin, reduction.weights, scores, reduction.counts))
+            tokens, counts = reduction.tokens, reduction.counts
         slots = origin
         if full:
             tokens = torch.cat([features[:, :1], tokens], dim=1)
@@ -270,6 +274,7 @@ class LlavaAdapter(ModelAdapter):
             "slots": slots,
             "block": rows * cols + full,
             "origin": origin,
+            "counts": counts,
             "scoring": scoring * features.shape[0],
             "vision_tokens": block_tokens,
             "vision_tokens_in": rows * cols + 1,
@@ -360,7 +365,12 @@ class LlavaAdapter(ModelAdapter):
         slots, block = pruned["slots"], pruned["block"]
         n_images = slots.shape[0]
         slot_keep = torch.zeros(n_images, block, dtype=torch.bool, device=kw["input_ids"].device)
-        slot_keep.scatter_(1, slots.to(slot_keep.device), True)
+        slot_keep.scatter_(1, slots.to(slot_keep.device), True)  # a ragged row's padding repeats a kept slot
+        extra = slots.shape[1] - pruned["origin"].shape[1]  # the [CLS] feature, when the projector keeps it
+        counts = [slots.shape[1]] * n_images if pruned["counts"] is None else [c + extra for c in pruned["counts"]]
+        if pruned["counts"] is not None:  # drop each image's padding rows
+            rows = [i * slots.shape[1] + j for i, c in enumerate(counts) for j in range(c)]
+            features = features[torch.tensor(rows, device=features.device)]
         batch = kw["input_ids"].shape[0]
         comp, new_ids, new_image_mask, mask, image_sample = self._rewrite_prompt(
             kw,
@@ -368,7 +378,7 @@ class LlavaAdapter(ModelAdapter):
             slot_keep.flatten(),
             features,
             [block] * n_images,
-            [slots.shape[1]] * n_images,
+            counts,
             pruned["deferred"],
         )
         text, vision = self.config.text_config, self.config.vision_config
@@ -379,12 +389,16 @@ class LlavaAdapter(ModelAdapter):
                     at=stage.at,
                     tokens_in=n_in,
                     tokens_out=k,
-                    kept=list(origin.unbind(0)),
-                    weights=None if weights is None else list(weights.unbind(0)),
+                    kept=[row[:c] for row, c in zip(origin.unbind(0), out, strict=True)],
+                    weights=None
+                    if weights is None
+                    else [row[:c] for row, c in zip(weights.unbind(0), out, strict=True)],
                     scores=None if scores is None else list(scores.unbind(0)),
                     image_sample=image_sample,
+                    counts=None if ragged is None else [(n_in, c) for c in out],
                 )
-                for stage, n_in, k, origin, weights, scores in pruned["records"]
+                for stage, n_in, k, origin, weights, scores, ragged in pruned["records"]
+                for out in [ragged or [k] * origin.shape[0]]
             ],
             seq_len_in=comp.length_in,
             seq_len_out=comp.length_out,

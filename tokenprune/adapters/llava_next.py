@@ -7,8 +7,9 @@ adapter:
 
 * finds which crop and patch each packed token is by running HF's own `pack_image_features` on an
   index tensor (newline tokens: none), so each token gets its crop's signals ([CLS] attention, keys);
-* applies the budget per image over all its crops (`k` tokens, or a ratio of its non-newline
-  tokens): with `topk` that is allocation by global score, each crop's [CLS] row summing to at most 1;
+* applies the budget per image over all its crops (`k` tokens, a ratio of its non-newline
+  tokens, or a budget rule on its scores): with `topk` that is allocation by global score, each
+  crop's [CLS] row summing to at most 1;
 * keeps a row's newline token while the row keeps at least one token (the base image has none);
 * records in `kept` each output's `crop * P + patch` (crop 0 is the base image), in packed order.
 
@@ -265,14 +266,15 @@ class LlavaNextAdapter(LlavaAdapter):
         out = tokens.clone()
         out.scatter_(1, kept_at[..., None].expand(-1, -1, tokens.shape[-1]), reduction.tokens.to(out.dtype))
         features = out[kept].split(kept.sum(1).tolist())
+        counts = reduction.row_counts()  # a ragged row's padding repeats its last output: the scatters above hold
         return [
             {
                 "slots": kept[g],
                 "features": features[g],
                 "tokens_in": len(patch),
                 "patch_kept": (where >= 0)[kept[g]],
-                "kept": ids[g][reduction.index[g]],
-                "weights": None if reduction.weights is None else reduction.weights[g],
+                "kept": ids[g][reduction.index[g, : counts[g]]],
+                "weights": None if reduction.weights is None else reduction.weights[g, : counts[g]],
                 "scores": None if scores is None else scores[g],
             }
             for g in range(tokens.shape[0])

@@ -4,8 +4,8 @@ before the LLM; kept tokens keep their original 3D (M-RoPE) position ids.
 * No [CLS] token: [CLS]-based scorers are refused (no substitute score is made up); score-free
   selectors (`divprune`, `tome`, `pool`, `uniform`) and `random` run. Grid selectors use each image's
   merged grid (`h/2 x w/2` for a single frame).
-* Budget per image: `k` tokens, or a ratio of the image's merged tokens; images of one grid run as
-  one batch.
+* Budget per image: `k` tokens, a ratio of the image's merged tokens, or a budget rule on its
+  scores; images of one grid run as one batch.
 * Positions: the model's own `get_rope_index` over the full prompt, gathered at the kept columns
   (or `generate`'s own position ids, gathered likewise); later tokens continue at their original
   position plus the row's M-RoPE delta. The `positions` option of `tp.apply` does not apply: M-RoPE
@@ -138,12 +138,13 @@ class Qwen2VLAdapter(LlavaAdapter):
             slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(
                 1, reduction.index, True
             )
+            counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
             for g, i in enumerate(members):
                 results[i] = {
                     "slots": slots[g],
-                    "features": reduction.tokens[g],
-                    "kept": reduction.index[g],
-                    "weights": None if reduction.weights is None else reduction.weights[g],
+                    "features": reduction.tokens[g, : counts[g]],
+                    "kept": reduction.index[g, : counts[g]],
+                    "weights": None if reduction.weights is None else reduction.weights[g, : counts[g]],
                     "scores": None if scores is None else scores[g],
                     "tokens_in": tokens.shape[1],
                 }

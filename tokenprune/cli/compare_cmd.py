@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from .. import report
 from ..adapters.base import find_adapter
-from ..budget import format_budget
+from ..budget import Budget, BudgetRule, format_budget
 from ..distributed import Shard, shard_from_env
 from ..errors import SpecError, TokenpruneError
 from ..evaluation import answer_ids, demo_samples, evaluate, jsonl_samples, metrics
@@ -23,10 +23,13 @@ from ..spec import parse_budget, split_top_level
 from ..versions import environment
 from .common import print_json, user_errors
 
+ADAPTIVE = ("vtc-cls@mass(0.9)",)
+"""Rows with a budget rule that the default comparison adds, where the model's adapter runs them."""
+
 
 def default_strategies(model: Any) -> list[str]:
     """Every registered strategy that this model's adapter runs with its defaults (scorers with
-    their default selector and place, and score-free selectors)."""
+    their default selector and place, and score-free selectors), then the `ADAPTIVE` rows."""
     adapter = find_adapter(model)
     names = []
     for name, entry in list_strategies().items():
@@ -37,28 +40,41 @@ def default_strategies(model: Any) -> list[str]:
         except TokenpruneError:
             continue
         names.append(name)
+    for spec in ADAPTIVE:
+        try:
+            adapter.check(Pipeline.from_spec(spec))
+        except TokenpruneError:
+            continue
+        names.append(spec)
     return names
 
 
-def expand(strategies: list[str], budgets: list[int | float]) -> list[tuple[str, int | float, Pipeline]]:
+def expand(strategies: list[str], budgets: list[Budget]) -> list[tuple[str, int | float | str, Pipeline]]:
     """`(strategy, budget, pipeline)` for each strategy crossed with each budget; a strategy that
-    already carries `@budget` is used once as written."""
-    out = []
+    already carries `@budget` is used once as written. A budget rule is reported in spec form."""
+    out: list[tuple[str, int | float | str, Pipeline]] = []
     for item in strategies:
         if "@" in item:
             pipeline = Pipeline.from_spec(item)
-            out.append((item, pipeline.stages[-1].budget, pipeline))
+            out.append((item, _reported(pipeline.stages[-1].budget), pipeline))
             continue
         for budget in budgets:
-            out.append((item, budget, Pipeline.from_spec(f"{item}@{format_budget(budget)}")))
+            out.append((item, _reported(budget), Pipeline.from_spec(f"{item}@{format_budget(budget)}")))
     return out
+
+
+def _reported(budget: Budget) -> int | float | str:
+    """A budget as results files hold it: the number, or a rule's spec form (`mass(0.9)`)."""
+    return format_budget(budget) if isinstance(budget, BudgetRule) else budget
 
 
 @user_errors
 def compare_command(
     model: str = typer.Option(DEMO, help="'demo' (bundled), a checkpoint path or hub id."),
     strategies: str = typer.Option("", help="Comma-separated specs without budget (default: all that apply)."),
-    budgets: str = typer.Option("1.0,0.5,0.25,0.125", help="Comma-separated budgets: ratios (0.25) or counts (36)."),
+    budgets: str = typer.Option(
+        "1.0,0.5,0.25,0.125", help="Comma-separated budgets: ratios (0.25), counts (36) or rules (mass(0.9))."
+    ),
     limit: int = typer.Option(500, min=1, help="Number of samples."),
     data: Path = typer.Option(None, help="JSONL of {image, question, answer?}; default: the demo eval split."),
     out: Path = typer.Option(Path("tokenprune-results"), help="Output directory."),
@@ -93,7 +109,7 @@ def _compare(
     json_out: bool,
 ) -> None:
     torch.manual_seed(seed)
-    budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    budget_list = [parse_budget(b) for b in split_top_level(budgets, ",") if b.strip()]
     if not budget_list:
         raise SpecError("--budgets is empty; give e.g. 1.0,0.5,0.25")
     hf_model, processor = load(model, device=device)
@@ -140,7 +156,7 @@ def _compare(
         "limit": len(samples),
         "seed": seed,
         "batch_size": batch_size,
-        "budgets": budget_list,
+        "budgets": [_reported(b) for b in budget_list],
         "processes": shard.world_size,
         **environment(),
     }
