@@ -7,11 +7,15 @@ The scenes and questions are the LLaVA demo's (`tokenprune.demo.train`): 96x96 i
 
 Stage 1 pre-trains a Qwen2-VL vision tower (2D RoPE, no [CLS], no absolute position embedding) of
 `--pretrain-depth` blocks: a multi-label head on the mean of its output tokens predicts which (shape,
-colour) pairs the scene holds, and which of them lie in the right or bottom half. With no absolute
-positions, a token can only place itself in the image through attention, so the position targets make
-attention look across the image. Stage 2 keeps the tower's first `--vision-depth` blocks, frozen
-(early features stay local, so which tokens are kept matters, as in the LLaVA demo), and trains the
-patch merger and a small Qwen2 LLM with M-RoPE from scratch on the answers.
+colour) pairs the scene holds and which of them are large (`scenes.content_labels`). Every token's
+output enters the loss, so tokens learn to describe what they cover and attention to gather an
+object's patches; nothing needs one token to summarise the image. Stage 2 keeps the tower's first
+`--vision-depth` blocks, frozen (early features stay local, so which tokens are kept matters, as in
+the LLaVA demo), and trains the patch merger and a small Qwen2 LLM with M-RoPE from scratch on the
+answers. Where things are reaches the LLM as Qwen2-VL passes it, through each merged token's M-RoPE
+row and column; `ROPE_THETA` and `MROPE_SECTION` are scaled to the demo's short sequences so that a
+6x6 grid spans a usable range of rotary phase (Qwen2-VL's own theta of 1e6 turns a 6-token column
+range into a hundredth of a radian).
 
 The checkpoint is saved in bfloat16, then reloaded with `tokenprune.models.load` (as `--model DIR`
 loads it) and scored on the evaluation split, unpruned and with `random@0.25`. Stage 2's step count
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from einops import rearrange, repeat
 from PIL import Image
 from torch import Tensor, nn
@@ -44,8 +46,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 from transformers.vision_utils import get_vision_position_ids
 
 from ..models import build_prompt
+from ..versions import environment
 from .data import normalise, render_split
-from .scenes import COLOURS, KINDS, SHAPES, make_question, presence_labels, sample, vocabulary
+from .scenes import COLOURS, KINDS, SHAPES, content_labels, make_question, sample, vocabulary
 from .tokenizer import qwen_processor
 from .train import encode_questions, schedule
 
@@ -53,6 +56,8 @@ IMAGE, PATCH, MERGE, TEMPORAL = 96, 8, 2, 2
 GRID = IMAGE // PATCH  # 12 x 12 patches
 N_TOKENS = (GRID // MERGE) ** 2  # 36 merged tokens reach the LLM
 IMAGE_TOKEN = "<|image_pad|>"
+ROPE_THETA = 10.0  # the LLM's rotary base: a 6-token row or column spans up to ~1.3 rad of phase
+MROPE_SECTION = [4, 14, 14]  # rotary frequencies for (time, row, column): one frame needs few for time
 
 
 def vision_config(depth: int) -> Qwen2VLVisionConfig:
@@ -83,7 +88,7 @@ def qwen_config(vocab_size: int, token_ids: dict[str, int], vision_depth: int) -
         pad_token_id=token_ids["<pad>"],
         bos_token_id=None,
         eos_token_id=token_ids["<|im_end|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": MROPE_SECTION},
     )
     return Qwen2VLConfig(
         vision_config=vision_config(vision_depth).to_dict(),
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     questions = [make_question(s, rng) for s in scenes for _ in range(args.questions_per_scene)]
     rendered = time.time()
     images_t = torch.from_numpy(images).to(args.device)
-    labels = torch.from_numpy(np.stack([presence_labels(s) for s in scenes]))
+    labels = torch.from_numpy(np.stack([content_labels(s) for s in scenes]))
     tower = pretrain_vision(
         images_t, labels, args.pretrain_depth, args.vision_steps, args.vision_batch, 1e-3, args.device, log
     )
@@ -348,32 +353,29 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     random_quarter = score(reloaded, reloaded_processor, args.eval, args.device, "random@0.25")["all"]
     log({"eval_accuracy_random@0.25": random_quarter})
+    seconds = {
+        "render": round(rendered - started, 1),
+        "vision": round(vision_done - rendered, 1),
+        "qa": round(trained - vision_done, 1),
+        "total": round(time.time() - started, 1),
+    }
+    steps = {"vision": args.vision_steps, "qa": qa_steps, "qa_planned": args.qa_steps}
+    log({"seconds": seconds, "steps": steps})
+    log_file.close()
     info = {
-        "seconds": {
-            "render": round(rendered - started, 1),
-            "vision": round(vision_done - rendered, 1),
-            "qa": round(trained - vision_done, 1),
-            "total": round(time.time() - started, 1),
-        },
-        "steps": {"vision": args.vision_steps, "qa": qa_steps, "qa_planned": args.qa_steps},
+        "seconds": seconds,
+        "steps": steps,
         "seeds": {"torch": [0, 1, 2, 3], "questions": 7, "scenes": "tokenprune.demo.scenes.SPLIT_SEEDS"},
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "args": {k: str(v) for k, v in vars(args).items()},
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        **environment(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "eval_questions": args.eval,
         "eval_accuracy": unpruned,
         "eval_accuracy_random@0.25": random_quarter,
         "log": history,
-        "classes": [f"{where}{c} {s}" for where in ("", "right: ", "bottom: ") for s in SHAPES for c in COLOURS],
+        "classes": [f"{which}{c} {s}" for which in ("", "large: ") for s in SHAPES for c in COLOURS],
     }
     (args.out / "training.json").write_text(json.dumps(info, indent=2))
-    log({"seconds": info["seconds"], "steps": info["steps"]})
-    log_file.close()
 
 
 if __name__ == "__main__":
