@@ -13,9 +13,9 @@ object's patches; nothing needs one token to summarise the image. Stage 2 keeps 
 `--vision-depth` blocks, frozen (early features stay local, so which tokens are kept matters, as in
 the LLaVA demo), and trains the patch merger and a small Qwen2 LLM with M-RoPE from scratch on the
 answers. Where things are reaches the LLM as Qwen2-VL passes it, through each merged token's M-RoPE
-row and column; `ROPE_THETA` and `MROPE_SECTION` are scaled to the demo's short sequences so that a
-6x6 grid spans a usable range of rotary phase (Qwen2-VL's own theta of 1e6 turns a 6-token column
-range into a hundredth of a radian).
+row and column; `ROPE_THETA` and `MROPE_SECTION` are scaled to the demo's short prompts so that a
+6x6 grid spans a usable range of rotary phase (Qwen2-VL's own theta of 1e6 turns 6 columns by less
+than a thousandth of a radian).
 
 The checkpoint is saved in bfloat16, then reloaded with `tokenprune.models.load` (as `--model DIR`
 loads it) and scored on the evaluation split, unpruned and with `random@0.25`. Stage 2's step count
@@ -56,7 +56,7 @@ IMAGE, PATCH, MERGE, TEMPORAL = 96, 8, 2, 2
 GRID = IMAGE // PATCH  # 12 x 12 patches
 N_TOKENS = (GRID // MERGE) ** 2  # 36 merged tokens reach the LLM
 IMAGE_TOKEN = "<|image_pad|>"
-ROPE_THETA = 10.0  # the LLM's rotary base: a 6-token row or column spans up to ~1.3 rad of phase
+ROPE_THETA = 10.0  # the LLM's rotary base: 6 columns span up to 1.4 rad of phase, 6 rows 3.7 rad
 MROPE_SECTION = [4, 14, 14]  # rotary frequencies for (time, row, column): one frame needs few for time
 
 
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-batch", type=int, default=256, help="images per stage-1 step")
     parser.add_argument("--eval", type=int, default=1000, help="evaluation questions scored at the end")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering scenes")
-    parser.add_argument("--time-budget", type=float, default=420.0, help="seconds for the whole run (fits stage 2)")
+    parser.add_argument("--time-budget", type=float, default=400.0, help="seconds for the whole run (fits stage 2)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to try the pipeline end to end")
     args = parser.parse_args(argv)
     if args.quick:
