@@ -345,36 +345,36 @@ def main(argv: list[str] | None = None) -> None:
 
     model.to(torch.bfloat16).save_pretrained(args.out)
     processor.save_pretrained(args.out)
-    from ..models import load
-
-    reloaded, reloaded_processor = load(str(args.out), device=args.device, dtype="float32")
-    unpruned = score(reloaded, reloaded_processor, args.eval, args.device)
-    log({"eval_accuracy": unpruned})
-    torch.manual_seed(0)
-    random_quarter = score(reloaded, reloaded_processor, args.eval, args.device, "random@0.25")["all"]
-    log({"eval_accuracy_random@0.25": random_quarter})
     seconds = {
         "render": round(rendered - started, 1),
         "vision": round(vision_done - rendered, 1),
         "qa": round(trained - vision_done, 1),
-        "total": round(time.time() - started, 1),
     }
-    steps = {"vision": args.vision_steps, "qa": qa_steps, "qa_planned": args.qa_steps}
-    log({"seconds": seconds, "steps": steps})
-    log_file.close()
     info = {
         "seconds": seconds,
-        "steps": steps,
+        "steps": {"vision": args.vision_steps, "qa": qa_steps, "qa_planned": args.qa_steps},
         "seeds": {"torch": [0, 1, 2, 3], "questions": 7, "scenes": "tokenprune.demo.scenes.SPLIT_SEEDS"},
         "args": {k: str(v) for k, v in vars(args).items()},
         **environment(),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "eval_questions": args.eval,
-        "eval_accuracy": unpruned,
-        "eval_accuracy_random@0.25": random_quarter,
         "log": history,
         "classes": [f"{which}{c} {s}" for which in ("", "large: ") for s in SHAPES for c in COLOURS],
     }
+    (args.out / "training.json").write_text(json.dumps(info, indent=2))  # kept should the scoring fail
+
+    from ..models import load
+
+    reloaded, reloaded_processor = load(str(args.out), device=args.device, dtype="float32")
+    info["eval_questions"] = args.eval
+    info["eval_accuracy"] = score(reloaded, reloaded_processor, args.eval, args.device)
+    log({"eval_accuracy": info["eval_accuracy"]})
+    torch.manual_seed(0)
+    random_quarter = score(reloaded, reloaded_processor, args.eval, args.device, "random@0.25")
+    info["eval_accuracy_random@0.25"] = random_quarter["all"]
+    log({"eval_accuracy_random@0.25": info["eval_accuracy_random@0.25"]})
+    seconds["total"] = round(time.time() - started, 1)
+    log({"seconds": seconds, "steps": info["steps"]})
+    log_file.close()
     (args.out / "training.json").write_text(json.dumps(info, indent=2))
 
 
