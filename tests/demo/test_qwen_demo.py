@@ -163,3 +163,16 @@ def test_missing_demo_qwen_is_a_clear_error(monkeypatch):
         load("demo-qwen")
     result = CliRunner().invoke(app, ["compare", "--model", "demo-qwen", "--limit", "2"])
     assert result.exit_code == 2 and "tokenprune.demo.train_qwen" in result.output
+
+
+def test_keep_tower_blocks_copies_the_first_blocks(processor):
+    torch.manual_seed(0)
+    tower = Qwen2VisionTransformerPretrainedModel(train_qwen.vision_config(3))
+    tok = processor.tokenizer
+    model = Qwen2VLForConditionalGeneration(train_qwen.qwen_config(len(tok), tok.get_vocab(), 2))
+    merger = {k: v.clone() for k, v in model.model.visual.merger.state_dict().items()}
+    train_qwen.keep_tower_blocks(model, tower)
+    ours, theirs = model.model.visual.state_dict(), tower.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if not k.startswith("merger."))
+    assert all(torch.equal(v, merger[k]) for k, v in model.model.visual.merger.state_dict().items())
+    assert not any(k.startswith("blocks.2.") for k in ours)

@@ -179,6 +179,19 @@ def frozen_features(tower: Qwen2VisionTransformerPretrainedModel, images: Tensor
     return torch.cat(out)
 
 
+def keep_tower_blocks(model: Qwen2VLForConditionalGeneration, tower: Qwen2VisionTransformerPretrainedModel) -> None:
+    """Copy the pre-trained tower's patch embedding and first blocks into `model`'s (its merger stays new)."""
+    depth = len(model.model.visual.blocks)
+    state = {
+        k: v
+        for k, v in tower.state_dict().items()
+        if not k.startswith("merger.") and (not k.startswith("blocks.") or int(k.split(".")[1]) < depth)
+    }
+    missing, unexpected = model.model.visual.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("merger.") for k in missing):
+        raise RuntimeError(f"tower weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 def fit_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float) -> int:
     """The total step count that ends within `seconds_left` after `step`, at most `planned`."""
     return max(step + 1, min(planned, step + int(seconds_left / seconds_per_step)))
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256, help="questions per stage-2 step")
     parser.add_argument("--vision-batch", type=int, default=256, help="images per stage-1 step")
     parser.add_argument("--eval", type=int, default=1000, help="evaluation questions scored at the end")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering scenes")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes rendering scenes")
     parser.add_argument("--time-budget", type=float, default=400.0, help="seconds for the whole run (fits stage 2)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to try the pipeline end to end")
     args = parser.parse_args(argv)
@@ -332,11 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(2)
     config = qwen_config(len(tok), tok.get_vocab(), args.vision_depth)
     model = Qwen2VLForConditionalGeneration(config).to(args.device)
-    pretrained = {k: v for k, v in tower.state_dict().items() if not k.startswith("merger.")}
-    pretrained = {
-        k: v for k, v in pretrained.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < args.vision_depth
-    }
-    model.model.visual.load_state_dict(pretrained, strict=False)
+    keep_tower_blocks(model, tower)
     deadline = started + args.time_budget - 45  # left for saving, reloading and scoring
     qa_steps = train_qa(
         model, processor, images_t, questions, args.qa_steps, args.batch, 1e-3, args.device, log, deadline
