@@ -22,7 +22,9 @@ QWEN_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """`Qwen2VLProcessor` for images and text alone: no video processor, hence no torchvision."""
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ) -> None:
         kwargs.pop("video_processor", None)  # a saved Qwen2VLProcessor's video part, unused here
         self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
         self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")

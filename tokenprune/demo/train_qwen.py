@@ -120,11 +120,14 @@ def tower_forward(tower: Qwen2VisionTransformerPretrainedModel, pixels: Tensor) 
     x = tower.patch_embed(pixels.flatten(0, 1)).view(batch, n, -1)
     positions = get_vision_position_ids(torch.tensor([[1, grid, grid]], device=x.device), tower.spatial_merge_size)
     cos, sin = tower.rotary_pos_emb(x, positions)
+    block: Any
     for block in tower.blocks:
         attn = block.attn
         q, k, v = rearrange(attn.qkv(block.norm1(x)), "b n (three h d) -> three b n h d", three=3, h=attn.num_heads)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        out = nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v.to(q.dtype))))
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.to(q.dtype).transpose(1, 2)
+        )
         x = x + attn.proj(rearrange(out, "b h n d -> b n (h d)"))
         x = x + block.mlp(block.norm2(x))
     return x
