@@ -176,3 +176,23 @@ def test_keep_tower_blocks_copies_the_first_blocks(processor):
     assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if not k.startswith("merger."))
     assert all(torch.equal(v, merger[k]) for k, v in model.model.visual.merger.state_dict().items())
     assert not any(k.startswith("blocks.2.") for k in ours)
+
+
+def test_training_forward_is_the_models_forward(processor):
+    """Stage 2's forward on precomputed tower outputs (shared M-RoPE rows, no mask) gives the logits
+    that the model gives on the processor's inputs, so what is trained is what is evaluated."""
+    torch.manual_seed(0)
+    tok = processor.tokenizer
+    model = Qwen2VLForConditionalGeneration(train_qwen.qwen_config(len(tok), tok.get_vocab(), 2)).eval()
+    pairs = [sample("eval", i) for i in range(3)]
+    ids, _, _ = encode_questions(processor, [q for _, q in pairs], train_qwen.IMAGE_TOKEN, train_qwen.N_TOKENS)
+    with torch.no_grad():
+        images = torch.from_numpy(np.stack([s.render() for s, _ in pairs]))
+        features = train_qwen.tower_forward(model.model.visual, train_qwen.patchify(images))
+        ours = train_qwen.qa_logits(model, ids, features, train_qwen.prompt_positions(model, ids[:1]))
+        for row, (scene, q) in enumerate(pairs):
+            enc = processor(
+                images=Image.fromarray(scene.render()), text=build_prompt(processor, q.text), return_tensors="pt"
+            )
+            n = enc["input_ids"].shape[1]
+            torch.testing.assert_close(ours[row, :n], model(**enc).logits[0], rtol=1e-4, atol=1e-4)

@@ -200,6 +200,25 @@ def fit_steps(step: int, planned: int, seconds_per_step: float, seconds_left: fl
     return max(step + 1, min(planned, step + int(seconds_left / seconds_per_step)))
 
 
+def prompt_positions(model: Qwen2VLForConditionalGeneration, ids: Tensor) -> Tensor:
+    """`[3, 1, L]` M-RoPE positions of the prompt row `ids` `[1, L]` (one image, `get_rope_index`)."""
+    row = ids.cpu()
+    grid = torch.tensor([[1, GRID, GRID]])
+    return model.model.get_rope_index(row, (row == model.config.image_token_id).int(), image_grid_thw=grid)[0]
+
+
+def qa_logits(model: Qwen2VLForConditionalGeneration, ids: Tensor, features: Tensor, positions: Tensor) -> Tensor:
+    """Qwen2-VL's forward on precomputed tower outputs: `[B, L]` ids, `[B, N, D]` features (before the
+    merger), `[3, 1, L]` positions shared by the rows -> `[B, L, V]` logits, no attention mask."""
+    core = model.model
+    merger = core.visual.merger
+    x = core.get_input_embeddings()(ids)
+    units = merger(features.to(merger.ln_q.weight.dtype))
+    x = x.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), units.to(x.dtype))
+    positions = positions.expand(-1, len(ids), -1)
+    return model.lm_head(core.language_model(inputs_embeds=x, position_ids=positions, use_cache=False)[0])
+
+
 def train_qa(
     model: Qwen2VLForConditionalGeneration,
     processor: Any,
@@ -224,17 +243,13 @@ def train_qa(
     core.visual.blocks.requires_grad_(False)
     features = frozen_features(core.visual, images, device)
     ids, _, labels = (t.to(device) for t in encode_questions(processor, questions, IMAGE_TOKEN, N_TOKENS))
-    image_id = model.config.image_token_id
-    row = ids[:1].cpu()
-    grid = torch.tensor([[1, GRID, GRID]])
-    positions = core.get_rope_index(row, (row == image_id).int(), image_grid_thw=grid)[0].to(device)
+    positions = prompt_positions(model, ids[:1]).to(device)
     scene_of = (torch.arange(len(questions)) // (len(questions) // len(images))).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.startswith("cuda"))
     plan = {"total": steps}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, plan["total"]))
     gen = torch.Generator(device=device).manual_seed(3)
-    embed, lm, merger = core.get_input_embeddings(), core.language_model, core.visual.merger
     model.train()
     started = time.time()
     probe = (20, 120)  # steps between which the step time is measured
@@ -242,13 +257,7 @@ def train_qa(
     while step < plan["total"]:
         idx = torch.randint(len(questions), (batch,), generator=gen, device=device)
         with autocast(device):
-            x = embed(ids[idx])
-            units = merger(features[scene_of[idx]].to(merger.ln_q.weight.dtype))
-            x = x.masked_scatter((ids[idx] == image_id).unsqueeze(-1), units.to(x.dtype))
-            hidden = lm(
-                inputs_embeds=x, position_ids=positions.expand(-1, batch, -1), use_cache=False
-            ).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1])
+            logits = qa_logits(model, ids[idx], features[scene_of[idx]], positions)[:, :-1]
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[idx, 1:].flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
