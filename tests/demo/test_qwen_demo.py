@@ -196,3 +196,30 @@ def test_training_forward_is_the_models_forward(processor):
             )
             n = enc["input_ids"].shape[1]
             torch.testing.assert_close(ours[row, :n], model(**enc).logits[0], rtol=1e-4, atol=1e-4)
+
+
+SHIPPED = models.demo_path(models.DEMO_QWEN)
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="demo-qwen checkpoint not shipped in this tree")
+@torch.no_grad()
+def test_shipped_demo_qwen_is_small_loads_and_reaches_the_bar():
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) <= 20 * 2**20
+    model, processor = load("demo-qwen")
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    assert not hasattr(model.config.vision_config, "image_size")  # Qwen's tower: no [CLS], no fixed grid
+    pairs = [sample("eval", i) for i in range(200)]
+    inputs = processor(
+        images=[Image.fromarray(s.render()) for s, _ in pairs],
+        text=[build_prompt(processor, q.text) for _, q in pairs],
+        return_tensors="pt",
+        padding=True,
+    )
+    assert ((inputs["input_ids"] == model.config.image_token_id).sum(1) == train_qwen.N_TOKENS).all()
+    answers = [q.answer for _, q in pairs]
+
+    def accuracy(logits):
+        words = processor.tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+        return sum(w == a for w, a in zip(words, answers, strict=True)) / len(pairs)
+
+    assert accuracy(model(**inputs).logits) >= 0.95
