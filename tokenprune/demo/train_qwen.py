@@ -8,8 +8,8 @@ The scenes and questions are the LLaVA demo's (`tokenprune.demo.train`): 96x96 i
 Stage 1 pre-trains a Qwen2-VL vision tower (2D RoPE, no [CLS], no absolute position embedding) of
 `--pretrain-depth` blocks: a multi-label head on the mean of its output tokens predicts which (shape,
 colour) pairs the scene holds and which of them are large (`scenes.content_labels`). Every token's
-output enters the loss, so tokens learn to describe what they cover and attention to gather an
-object's patches; nothing needs one token to summarise the image. Stage 2 keeps the tower's first
+output enters the loss, so each token learns to describe what it covers; nothing asks one token to
+summarise the image, as a [CLS] objective does. Stage 2 keeps the tower's first
 `--vision-depth` blocks, frozen (early features stay local, so which tokens are kept matters, as in
 the LLaVA demo), and trains the patch merger and a small Qwen2 LLM with M-RoPE from scratch on the
 answers. Where things are reaches the LLM as Qwen2-VL passes it, through each merged token's M-RoPE
