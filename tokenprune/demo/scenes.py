@@ -213,8 +213,8 @@ def content_labels(scene: Scene) -> np.ndarray:
     """`[2 * len(SHAPES) * len(COLOURS)]` float32 multi-hot for the demo-qwen tower's mean-pooled objective.
 
     Two blocks over the (shape, colour) pairs: present; present and large. No position targets: a
-    tower with only relative (rotary) positions cannot tell where it is, and the LLM gets each token's
-    row and column from M-RoPE.
+    tower with only relative (rotary) positions has little to tell where a token is (attention mixes
+    values that carry no position), and the LLM gets each token's row and column from M-RoPE.
     """
     pairs = len(SHAPES) * len(COLOURS)
     labels = np.zeros(2 * pairs, dtype=np.float32)
