@@ -6,6 +6,7 @@ and a markdown table `docs/results/<name>.md`. Usage:
     python benchmarks/demo_compare.py                      # the default run, timed
     python benchmarks/demo_compare.py --name sweep --limit 2000 --budgets 0.25,0.125,0.0625 \
         --strategies "vtc-cls,vtc-cls(layer=-1),vtc-cls-ensemble(start_layer=0),..."
+    python benchmarks/demo_compare.py --name demo-qwen-default --model demo-qwen   # the Qwen2-VL demo
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--budgets")
     parser.add_argument("--strategies")
+    parser.add_argument("--model", help="demo (the default), demo-qwen, or a checkpoint path")
     args = parser.parse_args()
     out = ROOT / "docs" / "results" / args.name
     command = [sys.executable, "-m", "tokenprune.cli.app", "compare", "--out", str(out)]
-    for flag in ("limit", "budgets", "strategies"):
+    for flag in ("limit", "budgets", "strategies", "model"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     start = time.perf_counter()

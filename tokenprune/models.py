@@ -11,34 +11,53 @@ from torch import nn
 from .errors import TokenpruneError
 
 DEMO = "demo"
+DEMO_QWEN = "demo-qwen"
+DEMOS = {DEMO: "checkpoint", DEMO_QWEN: "checkpoint-qwen"}  # name -> directory in tokenprune/demo
+TRAINERS = {DEMO: "tokenprune.demo.train", DEMO_QWEN: "tokenprune.demo.train_qwen"}
 
 
 class ModelLoadError(TokenpruneError):
     """A model or processor that could not be loaded."""
 
 
-def demo_path() -> Path:
-    """Directory of the demo checkpoint shipped inside the package."""
-    return Path(__file__).parent / "demo" / "checkpoint"
+def demo_path(name: str = DEMO) -> Path:
+    """Directory of a demo checkpoint shipped inside the package (`"demo"` or `"demo-qwen"`)."""
+    return Path(__file__).parent / "demo" / DEMOS[name]
 
 
 def resolve(model: str) -> str:
-    """`"demo"` becomes the bundled checkpoint's path; anything else is a path or hub id."""
-    return str(demo_path()) if model == DEMO else model
+    """A demo's name becomes its bundled checkpoint's path; anything else is a path or hub id.
+
+    Raises:
+        ModelLoadError: the named demo's checkpoint is not in this installation.
+    """
+    if model not in DEMOS:
+        return model
+    path = demo_path(model)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"the {model!r} checkpoint is not in this installation ({path} is missing); train it with "
+            f"`python -m {TRAINERS[model]} --out DIR` and pass --model DIR, or install a release that ships it"
+        )
+    return str(path)
 
 
 def load(model: str, device: str = "cpu", dtype: str | None = None) -> tuple[nn.Module, Any]:
-    """Load `(model, processor)` with plain `transformers` (`from_pretrained`), in eval mode.
+    """Load `(model, processor)` with plain `transformers` (`from_pretrained`), in eval mode; a
+    Qwen2-VL processor whose video half cannot be built is loaded for images alone
+    (`tokenprune.processors`).
 
     Raises:
         ModelLoadError: the path or id does not hold a loadable image-text model and processor.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from .processors import load_processor
 
     source = resolve(model)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else "auto")
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = load_processor(source)
         loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

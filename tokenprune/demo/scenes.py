@@ -207,3 +207,19 @@ def presence_labels(scene: Scene) -> np.ndarray:
         labels[pairs + pair] = float(o.cx >= SIZE / 2)
         labels[2 * pairs + pair] = float(o.cy >= SIZE / 2)
     return labels
+
+
+def content_labels(scene: Scene) -> np.ndarray:
+    """`[2 * len(SHAPES) * len(COLOURS)]` float32 multi-hot for the demo-qwen tower's mean-pooled objective.
+
+    Two blocks over the (shape, colour) pairs: present; present and large. No position targets: a
+    tower with only relative (rotary) positions has little to tell where a token is (attention mixes
+    values that carry no position), and the LLM gets each token's row and column from M-RoPE.
+    """
+    pairs = len(SHAPES) * len(COLOURS)
+    labels = np.zeros(2 * pairs, dtype=np.float32)
+    for o in scene.objects:
+        pair = SHAPES.index(o.shape) * len(COLOURS) + list(COLOURS).index(o.colour)
+        labels[pair] = 1.0
+        labels[pairs + pair] = float(o.size == "large")
+    return labels

@@ -117,17 +117,20 @@ def pretrain_vision(
     return vit.eval()
 
 
-def encode_questions(processor: Any, questions: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `[M, L]` ids (image expanded to its tokens), attention mask, labels (answer + eos)."""
+def encode_questions(
+    processor: Any, questions: list[Any], image_token: str = "<image>", n_tokens: int = N_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `[M, L]` ids (the prompt's `image_token` expanded to `n_tokens`), attention mask,
+    labels (answer + eos)."""
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids("<image>")
+    image_id = tok.convert_tokens_to_ids(image_token)
     rows, label_rows = [], []
     prompts = {}
     for q in questions:
         if q.text not in prompts:
             ids = tok(build_prompt(processor, q.text), add_special_tokens=False).input_ids
             at = ids.index(image_id)
-            prompts[q.text] = ids[:at] + [image_id] * N_TOKENS + ids[at + 1 :]
+            prompts[q.text] = ids[:at] + [image_id] * n_tokens + ids[at + 1 :]
         prompt = prompts[q.text]
         answer = [tok.convert_tokens_to_ids(q.answer), tok.eos_token_id]
         rows.append(prompt + answer)
