@@ -10,6 +10,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
+# installed (not imported from the source tree, which lacks the tokenprune.strategies mapping)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m tokenprune.demo.train_qwen --out /tmp/demo-qwen --device cuda "$@" 2>&1 | grep -v Warn | tee "$out/train.log"
+(cd /tmp && python3 -m tokenprune.demo.train_qwen --out /tmp/demo-qwen --device cuda "$@") 2>&1 | grep -v Warn | tee "$out/train.log"
 tar -C /tmp -cf "$out/demo-qwen.tar" demo-qwen
