@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..adapters.base import find_adapter
 from ..apply import apply
+from ..errors import InputError
 from ..models import DEMO, build_prompt, load
 from ..pipeline import Pipeline
 from ..spec import split_top_level
@@ -34,7 +35,13 @@ def visualize_command(
     if not image.is_file():
         raise FileNotFoundError(f"image file {str(image)!r} does not exist")
     hf_model, processor = load(model, device=device)
-    grid = find_adapter(hf_model).info().grid
+    adapter = find_adapter(hf_model)
+    grid = adapter.info().grid
+    if grid is None:
+        raise InputError(
+            f"visualize draws on one fixed patch grid, which {adapter.model_class} models (the {adapter.name!r} "
+            "adapter) do not have: their images keep their own sizes; use a LLaVA-1.5 model such as 'demo'"
+        )
     inputs = processor(
         images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt), return_tensors="pt"
     ).to(device)
