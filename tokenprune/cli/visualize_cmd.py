@@ -37,11 +37,6 @@ def visualize_command(
     hf_model, processor = load(model, device=device)
     adapter = find_adapter(hf_model)
     grid = adapter.info().grid
-    if grid is None:
-        raise InputError(
-            f"visualize draws on one fixed patch grid, which {adapter.model_class} models (the {adapter.name!r} "
-            "adapter) do not have: their images keep their own sizes; use a LLaVA-1.5 model such as 'demo'"
-        )
     inputs = processor(
         images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt), return_tensors="pt"
     ).to(device)
@@ -49,7 +44,14 @@ def visualize_command(
     for pipeline in pipelines:
         with torch.inference_mode(), apply(hf_model, pipeline) as run:
             hf_model(**inputs)
-        kept, scores = stage_maps(run.trace[0].stages[0], grid)
+        record = run.trace[0].stages[0]
+        if grid is None or record.tokens_in != grid[0] * grid[1]:
+            raise InputError(
+                f"visualize draws an image's tokens on one patch grid, but {adapter.model_class} (the "
+                f"{adapter.name!r} adapter) gives {record.at} {record.tokens_in} tokens per image in several crops "
+                "or a grid of the image's own size; use a LLaVA-1.5 model such as 'demo'"
+            )
+        kept, scores = stage_maps(record, grid)
         panels.append((pipeline.to_spec(), kept, scores))
     draw(processed_image(processor, inputs["pixel_values"]), panels, out)
     typer.echo(f"wrote {out}")
