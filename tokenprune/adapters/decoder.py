@@ -115,7 +115,7 @@ class DecoderStage:
     def attach(self) -> list[RemovableHandle]:
         handles = []
         if self.read_layer is not None:
-            attn = self.layers[self.read_layer].self_attn
+            attn: Any = self.layers[self.read_layer].self_attn  # an HF attention module, read by name
             handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
             if self.query is not None:
                 handles.append(attn.q_proj.register_forward_hook(self._capture("q")))

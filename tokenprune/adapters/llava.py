@@ -126,9 +126,10 @@ class LlavaAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
-        self.core: Any = model.model  # the HF core model: its submodules and methods are untyped
+        core: Any = model.model  # the HF core model: its submodules and methods are untyped
+        self.core: Any = core
         self.config: Any = model.config
-        self._forward_params = list(inspect.signature(self.core.forward).parameters)
+        self._forward_params = list(inspect.signature(core.forward).parameters)
         self._prefill: _Prefill | None = None
         self._encoded: dict[str, Any] | None = None
         self._pipeline: Pipeline | None = None
@@ -567,13 +568,13 @@ class LlavaAdapter(ModelAdapter):
     def _decode_positions(self, mask: Tensor | None, start: int, step: int) -> Tensor:
         """Original-frame position ids `[B, step]` of a later forward's tokens, the first at `start`
         (`mask`: the forward's original-frame 2D attention mask, or `None`)."""
-        batch = self._prefill.compaction.source.shape[0]
-        return (torch.arange(step, device=self._prefill.compaction.source.device) + start).expand(batch, -1)
+        source = require_state(self._prefill, "the prefill").compaction.source
+        return (torch.arange(step, device=source.device) + start).expand(source.shape[0], -1)
 
     def _record_llm_stage(self, stage: StageRecord, from_layer: int, tokens: int, scoring_flops: float) -> None:
         """An `llm:K` stage ran: decoder layers `from_layer..` now see `tokens` tokens."""
-        record = self._record
-        layers = record.llm_shape[2]
+        record = require_state(self._record, "the forward record")
+        layers = require_state(record.llm_shape, "the record's LLM shape")[2]
         counts = record.layer_tokens or [record.seq_len_out] * layers
         record.layer_tokens = counts[:from_layer] + [tokens] * (layers - from_layer)
         record.stages.append(stage)
@@ -581,7 +582,7 @@ class LlavaAdapter(ModelAdapter):
 
     def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """Map a later forward of the same generation (original frame) onto the compressed cache."""
-        state = self._prefill
+        state = require_state(self._prefill, "the prefill")
         comp = state.compaction
         step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         batch = comp.source.shape[0]
