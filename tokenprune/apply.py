@@ -6,11 +6,11 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 
-from .adapters.base import ModelAdapter, find_adapter
+from .adapters.base import Handle, ModelAdapter, find_adapter
 from .errors import InputError
 from .generation import GenerateGuard
 from .pipeline import Pipeline
@@ -18,12 +18,6 @@ from .rollback import Snapshot
 from .trace import ForwardRecord
 
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class Removable(Protocol):
-    """A hook handle, or anything else `apply` removes on exit."""
-
-    def remove(self) -> None: ...
 
 
 @dataclass
@@ -85,7 +79,7 @@ def apply(
     run.adapter.finish()
 
 
-def _attach(model: nn.Module, pipeline: Pipeline, positions: str) -> tuple[Run, list[Removable]]:
+def _attach(model: nn.Module, pipeline: Pipeline, positions: str) -> tuple[Run, list[Handle]]:
     """The model's adapter checks `pipeline` and attaches it, all or nothing: a failure anywhere in
     `attach` removes every hook and instance attribute it had placed, then raises."""
     adapter = find_adapter(model, positions=positions)
@@ -93,7 +87,7 @@ def _attach(model: nn.Module, pipeline: Pipeline, positions: str) -> tuple[Run, 
     run = Run(pipeline=pipeline, adapter=adapter)
     before = Snapshot.take(model)
     try:
-        handles: list[Removable] = [*adapter.attach(pipeline, run)]
+        handles: list[Handle] = [*adapter.attach(pipeline, run)]
         if hasattr(model, "generate"):
             handles.append(GenerateGuard(model))
         return run, handles

@@ -82,7 +82,7 @@ def graph_backend(model: nn.Module) -> Callable[[torch.fx.GraphModule, list[Any]
                 placeholders=get_placeholder_info(aot_graph.graph),
                 mutated_input_idxs=mutated,
             )
-            replay._boxed_call = True
+            replay._boxed_call = True  # type: ignore[attr-defined]  # torch's boxed-call flag, set by its backends
             return replay
 
         return aot_autograd(fw_compiler=compiler, inference_compiler=compiler)(graph, example_inputs)
@@ -102,14 +102,15 @@ def compile_model(model: nn.Module, mode: str) -> None:
     (`static_cache`), and its own whole-model compile is disabled."""
     if mode not in COMPILE_MODES:
         raise InputError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
+    hf: Any = model  # an HF multimodal model: its config and submodules are read by name (untyped)
     config = torch._dynamo.config
     config.recompile_limit = config.accumulated_recompile_limit = 256  # one entry per shape and hook set
     config.skip_nnmodule_hook_guards = False  # pruning hooks come and go between rows
-    model.generation_config.disable_compile = True
+    hf.generation_config.disable_compile = True
     options: dict[str, Any] = {"mode": mode}
     if mode in ("cudagraphs", "eager"):
         options = {"backend": graph_backend(model) if mode == "cudagraphs" else "eager"}
-    for module in (model.model.vision_tower, model.model.language_model):
+    for module in (hf.model.vision_tower, hf.model.language_model):
         install_output_hooks(module)
         module.compile(dynamic=False, **options)
 
@@ -117,8 +118,9 @@ def compile_model(model: nn.Module, mode: str) -> None:
 def static_cache(model: nn.Module, batch: int, length: int) -> StaticCache:
     """A static KV cache of `length` positions, allocated up front so its buffers have fixed
     addresses (CUDA graphs) and the compiled modules never see its lazy initialisation."""
-    text = model.config.text_config
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    hf: Any = model  # an HF multimodal model: its config, dtype and device are read by name (untyped)
+    text = hf.config.text_config
+    cache = StaticCache(config=hf.config, max_cache_len=length)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache.early_initialization(batch, text.num_key_value_heads, head_dim, model.dtype, model.device)
+    cache.early_initialization(batch, text.num_key_value_heads, head_dim, hf.dtype, hf.device)
     return cache

@@ -85,7 +85,7 @@ def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:
 
 def required_signals(stages: list[Stage], info: ModelInfo) -> set[Signal]:
     """Every signal the scorers and selectors of `stages` ask for."""
-    wanted = set()
+    wanted: set[Signal] = set()
     for stage in stages:
         local = stage_info(stage, info)
         wanted.update(stage.scorer.signals(local) if stage.scorer is not None else ())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .signals import ClsAttention, KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
 
@@ -19,15 +20,16 @@ def prefill_flops(tokens_per_layer: Sequence[int], d: int, m: int) -> int:
     return sum(layer_flops(n, d, m) for n in tokens_per_layer)
 
 
-def llm_flops(config: object, seq_len: int, layers_tokens: Sequence[int] | None = None) -> int:
-    """Prefill FLOPs of a HF text config (`hidden_size`, `intermediate_size`, `num_hidden_layers`)
-    for `seq_len` tokens in every layer, or per-layer counts `layers_tokens`."""
+def llm_flops(config: Any, seq_len: int, layers_tokens: Sequence[int] | None = None) -> int:
+    """Prefill FLOPs of a HF text config (`hidden_size`, `intermediate_size`, `num_hidden_layers`,
+    read by name: HF configs are untyped) for `seq_len` tokens in every layer, or per-layer counts
+    `layers_tokens`."""
     counts = layers_tokens if layers_tokens is not None else [seq_len] * config.num_hidden_layers
     return prefill_flops(counts, config.hidden_size, config.intermediate_size)
 
 
-def vision_flops(config: object, tokens_per_block: Sequence[int]) -> int:
-    """FLOPs of a ViT encoder (HF vision config: `hidden_size`, `intermediate_size`) whose block `i`
+def vision_flops(config: Any, tokens_per_block: Sequence[int]) -> int:
+    """FLOPs of a ViT encoder (HF vision config, untyped: `hidden_size`, `intermediate_size`) whose block `i`
     sees `tokens_per_block[i]` tokens, with the same per-layer formula as the LLM."""
     return prefill_flops(tokens_per_block, config.hidden_size, config.intermediate_size)
 

@@ -62,7 +62,7 @@ def load(model: str, device: str = "cpu", dtype: str | None = None) -> tuple[nn.
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {model!r} ({source}): {first}") from None
-    return loaded.to(device).eval(), processor
+    return loaded.to(device).eval(), processor  # type: ignore[arg-type]  # HF: @wraps hides `to`'s self
 
 
 def build_prompt(processor: Any, question: str, n_images: int = 1) -> str:

@@ -11,7 +11,7 @@ import torch
 
 def environment() -> dict[str, Any]:
     """Package versions, Python, platform and accelerator."""
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("tokenprune", "torch", "transformers", "pydantic"):
         try:
             packages[name] = version(name)

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..budget import BudgetRule
-from ..errors import InputError, PlaceError, UnsupportedModelError
+from ..errors import InputError, PlaceError, RegistryError, UnsupportedModelError
 from ..execute import required_signals
 from ..pipeline import Pipeline
-from ..registry import list_adapters
+from ..registry import Entry, list_adapters
 from ..strategy import ModelInfo
 from .sequence import POSITION_MODES
 
 if TYPE_CHECKING:
     from ..apply import Run
+
+T = TypeVar("T")
+
+
+class Handle(Protocol):
+    """What `ModelAdapter.attach` returns: a hook handle (`torch.utils.hooks.RemovableHandle`) or
+    anything else that undoes one change to the model."""
+
+    def remove(self) -> None: ...
+
+
+def require_state(value: T | None, what: str) -> T:
+    """`value`, state that `attach` or an earlier hook of the same forward sets (`what` names it).
+
+    Raises:
+        RuntimeError: it is unset: the hooks ran out of the order the adapter relies on (a tokenprune bug).
+    """
+    if value is None:
+        raise RuntimeError(f"tokenprune internal error: {what} is not set")
+    return value
 
 
 class ModelAdapter(ABC):
@@ -58,7 +78,7 @@ class ModelAdapter(ABC):
         """Model facts strategies may use (depths, feature layer, [CLS], patch grid)."""
 
     @abstractmethod
-    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+    def attach(self, pipeline: Pipeline, run: Run) -> Sequence[Handle]:
         """Install the hooks that run `pipeline`, recording into `run`; return their handles."""
 
     def finish(self) -> None:
@@ -107,7 +127,22 @@ def find_adapter(model: nn.Module, positions: str = "contiguous") -> ModelAdapte
     """
     adapters = list_adapters()
     for entry in adapters.values():
-        if entry.cls.supports(model):
-            return entry.cls(model, positions=positions)
-    supported = ", ".join(f"{e.cls.model_class} ({name})" for name, e in adapters.items())
+        cls = adapter_class(entry)
+        if cls.supports(model):
+            return cls(model, positions=positions)
+    supported = ", ".join(f"{adapter_class(e).model_class} ({name})" for name, e in adapters.items())
     raise UnsupportedModelError(f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}")
+
+
+def adapter_class(entry: Entry) -> type[ModelAdapter]:
+    """The `ModelAdapter` subclass a registry entry holds.
+
+    Raises:
+        RegistryError: it holds something else (a plugin registered a class that is not an adapter).
+    """
+    cls = entry.cls
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise RegistryError(
+            f"adapter {entry.name!r} (from {entry.origin}) is {cls!r}, not a tokenprune ModelAdapter subclass"
+        )
+    return cls

@@ -28,9 +28,10 @@ from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage, stage_info
 from ..flops import signal_flops
 from ..pipeline import Stage
-from ..signals import KeyNorm, NormedTokens, TextAttention, TextPivots
+from ..signals import KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
 from ..strategy import ModelInfo
 from ..trace import StageRecord
+from .base import require_state
 from .sequence import Compaction, compact
 
 LLM_SIGNALS = (TextAttention, KeyNorm, TextPivots, NormedTokens)
@@ -44,11 +45,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def received_attention(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: nn.Module, key_mask: Tensor, query: str
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, attn: Any, key_mask: Tensor, query: str
 ) -> Tensor:
     """Head-mean attention each key position receives, `[B, S]` float32.
 
     q `[B, Sq, H*d]` (the last row for `query="last"`), k `[B, S, Hkv*d]`: projection outputs.
+    attn: the HF attention module (its `head_dim` and `scaling` are read by name, untyped).
     key_mask `[B, S]` bool (False for padding). `"mean"` averages over non-padding queries.
     """
     d = attn.head_dim
@@ -90,8 +92,9 @@ class DecoderStage:
         if not 1 <= self.k < len(layers):
             raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
         self.info = stage_info(stage, info)
-        self.wanted = required_signals([stage], info)
-        unknown = [s for s in self.wanted if not isinstance(s, LLM_SIGNALS)]
+        wanted = required_signals([stage], info)
+        self.wanted = {s for s in wanted if isinstance(s, LLM_SIGNALS)}
+        unknown = [s for s in wanted if s not in self.wanted]
         if unknown:
             raise SignalError(
                 f"{stage.to_spec()!r} asks for {unknown}, which do not exist inside the LLM; run it at the projector"
@@ -112,7 +115,7 @@ class DecoderStage:
     def attach(self) -> list[RemovableHandle]:
         handles = []
         if self.read_layer is not None:
-            attn = self.layers[self.read_layer].self_attn
+            attn: Any = self.layers[self.read_layer].self_attn  # an HF attention module, read by name
             handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
             if self.query is not None:
                 handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
@@ -146,31 +149,33 @@ class DecoderStage:
 
     def _before_layer(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-            if self._prefill is None and self._keep is None:
+            prefill = self._prefill
+            if prefill is None and self._keep is None:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == self.k and self._prefill is not None:
+            if index == self.k and prefill is not None:
                 if getattr(cache_of(kwargs), "is_compileable", False):
                     raise InputError(
                         f"{self.stage.to_spec()!r}: llm:K stages need a dynamic KV cache (layers K.. cache "
                         "fewer tokens); static caches (cache_implementation='static') work with projector stages only"
                     )
-                hidden = self._prune(hidden)
-            kwargs = self._remap(kwargs, prefill=self._prefill is not None, q_len=hidden.shape[1])
+                hidden = self._prune(hidden, prefill)
+            comp = require_state(self._keep, f"the compaction of {self.stage.to_spec()!r}")
+            kwargs = self._remap(kwargs, comp, prefill=prefill is not None, q_len=hidden.shape[1])
             return (hidden,) + tuple(args[1:]), kwargs
 
         return hook
 
-    def _signals(self, hidden: Tensor) -> dict[Any, Tensor]:
-        """The requested signals for the image tokens of this prefill; `hidden` `[B, S, D]` enters layer K."""
-        p, batch = self._prefill, hidden.shape[0]
+    def _signals(self, hidden: Tensor, p: ImageLayout) -> dict[Signal, Tensor]:
+        """The requested signals for the image tokens of prefill `p`; `hidden` `[B, S, D]` enters layer K."""
+        batch = hidden.shape[0]
         at_images = lambda t: t[p.rows[:, None], p.positions]  # noqa: E731  [B, S, ...] -> [I, n, ...]
-        values: dict[Any, Tensor] = {}
+        values: dict[Signal, Tensor] = {}
         normed = self.norm(hidden) if any(isinstance(s, NormedTokens | TextPivots) for s in self.wanted) else None
         if self.read_layer is not None:
             cos, sin = (t.expand(batch, *t.shape[1:]) for t in self._captured.pop("rope"))
             k = self._captured.pop("k")
-            attn = self.layers[self.read_layer].self_attn
+            attn: Any = self.layers[self.read_layer].self_attn  # an HF attention module, read by name
             keys = rotate(rearrange(k.float(), "b s (h d) -> b h s d", d=attn.head_dim), cos.float(), sin.float())
             l1 = keys.abs().sum(dim=(1, 3))  # [B, S]
             for signal in self.wanted:
@@ -181,17 +186,16 @@ class DecoderStage:
                     values[signal] = at_images(
                         l1 if signal.p == 1 else keys.abs().pow(signal.p).sum(dim=(1, 3)).pow(1 / signal.p)
                     )
-                elif isinstance(signal, TextPivots):
-                    values[signal] = self._text_pivots(normed, l1, signal)
+                elif isinstance(signal, TextPivots) and normed is not None:  # normed: computed for TextPivots
+                    values[signal] = self._text_pivots(p, normed, l1, signal)
         for signal in self.wanted:
             if isinstance(signal, NormedTokens):
                 values[signal] = at_images(normed)
         return values
 
-    def _text_pivots(self, normed: Tensor, l1: Tensor, signal: TextPivots) -> Tensor:
+    def _text_pivots(self, p: ImageLayout, normed: Tensor, l1: Tensor, signal: TextPivots) -> Tensor:
         """`[I, count, D]` final-normed states (`normed` `[B, S, D]`) of each image's `count` best
-        prompt tokens after it, ranked by key L1 norm `l1` `[B, S]`."""
-        p = self._prefill
+        prompt tokens after it (in prefill `p`), ranked by key L1 norm `l1` `[B, S]`."""
         after = torch.arange(normed.shape[1], device=normed.device)[None] > p.positions.max(dim=1).values[:, None]
         candidates = after & p.key_mask[p.rows]  # [I, S]: valid columns after the image
         is_image = torch.zeros_like(p.key_mask)
@@ -207,11 +211,11 @@ class DecoderStage:
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : signal.count]
         return normed[p.rows[:, None], order.sort(dim=1).values]
 
-    def _prune(self, hidden: Tensor) -> Tensor:
-        """Run the stage on the image tokens' hidden states and shorten the sequence `[B, S, D]`."""
-        p = self._prefill
+    def _prune(self, hidden: Tensor, p: ImageLayout) -> Tensor:
+        """Run the stage on the image tokens (laid out as in prefill `p`) of the hidden states `[B, S, D]`
+        and shorten the sequence."""
         tokens = hidden[p.rows[:, None], p.positions]  # [I, n, D]
-        reduction, scores = run_stage(self.stage, tokens, self.info, self._signals(hidden))
+        reduction, scores = run_stage(self.stage, tokens, self.info, self._signals(hidden, p))
         kept_cols = p.positions.gather(1, reduction.index)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         keep[p.rows[:, None], p.positions] = False
@@ -249,12 +253,11 @@ class DecoderStage:
             )
         return out
 
-    def _remap(self, kwargs: dict[str, Any], prefill: bool, q_len: int) -> dict[str, Any]:
-        """Masks, rotary embeddings and positions of a layer at or after K, for the kept columns.
+    def _remap(self, kwargs: dict[str, Any], comp: Compaction, prefill: bool, q_len: int) -> dict[str, Any]:
+        """Masks, rotary embeddings and positions of a layer at or after K, for the columns `comp` kept.
 
         Padding added by the compaction is masked as a key; as a query it attends to itself only
         (a fully masked row would turn into NaN and leak through the values)."""
-        comp = self._keep
         mask = kwargs.get("attention_mask")
         if mask is None and not comp.padded and not prefill:
             return kwargs  # decoding without padding: nothing to remap, no work on the hot path

@@ -24,6 +24,7 @@ from ..errors import PlaceError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..strategy import DeferredCheck, ModelInfo
+from .base import require_state
 from .vision import VisionProbe
 
 
@@ -100,8 +101,9 @@ class EncoderStages:
 
     def tokens_per_block(self) -> list[int]:
         """Tokens ([CLS] included) each block saw in the last run."""
-        counts, n = [], self.state.records[0][1] if self.state.records else self.state.origin.shape[1]
-        done = {stage.place.layer: reduction.k for stage, _, reduction, _, _ in self.state.records}
+        state = require_state(self.state, "the encoder state")
+        counts, n = [], state.records[0][1] if state.records else state.origin.shape[1]
+        done = {stage.place.layer: reduction.k for stage, _, reduction, _, _ in state.records}
         for block in range(len(self.layers)):
             n = done.get(block, n)
             counts.append(n + 1)
@@ -117,10 +119,11 @@ class EncoderStages:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             rest = args[1:]
+            state = require_state(self.state, "the encoder state")
             if stage is not None:
-                hidden = self._reduce(stage, hidden)
-            if self.state.merged:
-                bias = torch.cat([self.state.size.new_zeros(hidden.shape[0], 1), self.state.size.log()], dim=1)
+                hidden = self._reduce(stage, state, hidden)
+            if state.merged:
+                bias = torch.cat([state.size.new_zeros(hidden.shape[0], 1), state.size.log()], dim=1)
                 bias = bias.to(hidden.dtype)[:, None, None, :]  # [I, 1, 1, 1 + n]: per key
                 given = rest[0] if rest else kwargs.get("attention_mask")
                 mask = bias if given is None else given + bias
@@ -132,9 +135,9 @@ class EncoderStages:
 
         return hook
 
-    def _reduce(self, stage: Stage, hidden: Tensor) -> Tensor:
-        """Run `stage` on the patch tokens of `hidden` `[I, 1 + n, D]`; returns `[I, 1 + k, D]`."""
-        state, tokens = self.state, hidden[:, 1:]
+    def _reduce(self, stage: Stage, state: EncoderState, hidden: Tensor) -> Tensor:
+        """Run `stage` on the patch tokens of `hidden` `[I, 1 + n, D]`, updating `state`; returns `[I, 1 + k, D]`."""
+        tokens = hidden[:, 1:]
         info = replace(self.info, grid=current_grid(self.info, tokens.shape[1]))
         reduction, scores = run_stage(stage, tokens, info, self.probe.values(), state.deferred)
         if reduction.weights is None:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..compat import cache_of
 from ..errors import InputError, ScoreError, SignalError
@@ -19,14 +18,13 @@ from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
-from ..signals import ClsAttention, PatchKeys
 from ..strategy import DeferredCheck, ModelInfo, raise_deferred
 from ..trace import ForwardRecord, StageRecord
-from .base import ModelAdapter
+from .base import Handle, ModelAdapter, require_state
 from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages, check_signal_blocks, current_grid
 from .sequence import Compaction, compact
-from .vision import VisionProbe
+from .vision import VisionProbe, split_vision_signals
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -60,11 +58,12 @@ _CUSTOM_MASK = (
 )
 
 
-def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+def _encoder_layers(vision_tower: Any) -> nn.ModuleList:
+    """The blocks of an HF vision tower (`vision_tower`: its submodules are read by name, untyped)."""
     return getattr(vision_tower, "vision_model", vision_tower).encoder.layers
 
 
-def _has_cls(vision_tower: nn.Module) -> bool:
+def _has_cls(vision_tower: Any) -> bool:
     embeddings = getattr(vision_tower, "vision_model", vision_tower).embeddings
     return getattr(embeddings, "class_embedding", None) is not None
 
@@ -128,9 +127,10 @@ class LlavaAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
-        self.core: Any = model.model  # the HF core model: its submodules and methods are untyped
+        core: Any = model.model  # the HF core model: its submodules and methods are untyped
+        self.core: Any = core
         self.config: Any = model.config
-        self._forward_params = list(inspect.signature(self.core.forward).parameters)
+        self._forward_params = list(inspect.signature(core.forward).parameters)
         self._prefill: _Prefill | None = None
         self._encoded: dict[str, Any] | None = None
         self._pipeline: Pipeline | None = None
@@ -169,7 +169,11 @@ class LlavaAdapter(ModelAdapter):
             llm_layers=self.config.text_config.num_hidden_layers,
         )
 
-    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+    def _patch_grid(self) -> tuple[int, int]:
+        """The patch grid `(rows, cols)` of one image (or crop) in the attached model's tower."""
+        return require_state(require_state(self._info, "the model info").grid, "the patch grid")
+
+    def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
         """Hooks: the [CLS] probe on the blocks scorers read, pruning before the projector (so any
         image encoding inside the context is compressed), and the sequence rewrite before the LLM."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
@@ -178,8 +182,7 @@ class LlavaAdapter(ModelAdapter):
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         llm_stages = [s for s in pipeline.stages if s.place.kind == "llm"]
         check_signal_blocks(vision_stages + self._projector_stages, info, min(self._feature_blocks()))
-        signals = required_signals(vision_stages + self._projector_stages, info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
+        signals, unknown = split_vision_signals(required_signals(vision_stages + self._projector_stages, info))
         if unknown:
             raise SignalError(
                 f"the llava adapter cannot provide {unknown} in the vision encoder or before the projector"
@@ -187,7 +190,7 @@ class LlavaAdapter(ModelAdapter):
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
         self._info = info
-        handles = self._probe.attach()
+        handles: list[Handle] = list(self._probe.attach())
         self._encoder = EncoderStages(encoder, vision_stages, info, self._probe) if vision_stages else None
         if self._encoder is not None:
             handles += self._encoder.attach()
@@ -202,7 +205,7 @@ class LlavaAdapter(ModelAdapter):
             *self._core_hooks(),
         ]
 
-    def _core_hooks(self) -> list[RemovableHandle]:
+    def _core_hooks(self) -> list[Handle]:
         """The hooks every LLaVA-family adapter sets on the model and its core: labels refused,
         the prompt rewritten before the core runs, the prefill's deferred checks read after the
         LM head has been launched (after the core, when the core is called on its own)."""
@@ -238,7 +241,8 @@ class LlavaAdapter(ModelAdapter):
         features = args[0]
         full = self.features_keep_cls()
         tokens = features[:, 1:] if full else features
-        signals = self._probe.values()
+        probe, model_info = require_state(self._probe, "the vision probe"), require_state(self._info, "the model info")
+        signals = probe.values()
         encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         # NaN checks read after the LM head has been launched, not here; those of an encoding no
@@ -252,7 +256,7 @@ class LlavaAdapter(ModelAdapter):
         counts = None  # per image, when a budget rule left images with different counts
         for stage in self._projector_stages:
             n_in = tokens.shape[1]
-            info = replace(self._info, grid=current_grid(self._info, n_in))
+            info = replace(model_info, grid=current_grid(model_info, n_in))
             reduction, scores = run_stage(stage, tokens, info, signals, deferred)
             origin = origin.gather(1, reduction.index)
             records.append((stage, n_in, reduction.k, origin, reduction.weights, scores, reduction.counts))
@@ -262,13 +266,13 @@ class LlavaAdapter(ModelAdapter):
             tokens = torch.cat([features[:, :1], tokens], dim=1)
             slots = torch.cat([torch.zeros_like(origin[:, :1]), origin + 1], dim=1)
         vision = self.config.vision_config
-        rows, cols = self._info.grid
+        rows, cols = self._patch_grid()
         block_tokens = (
             self._encoder.tokens_per_block()
             if self._encoder is not None
-            else [rows * cols + 1] * self._info.vision_layers
+            else [rows * cols + 1] * model_info.vision_layers
         )
-        scoring = sum(signal_flops(s, block_tokens[s.layer], vision.hidden_size) for s in self._probe.signals)
+        scoring = sum(signal_flops(s, block_tokens[s.layer], vision.hidden_size) for s in probe.signals)
         self._encoded = {
             "records": records,
             "slots": slots,
@@ -407,7 +411,7 @@ class LlavaAdapter(ModelAdapter):
             vision_tokens=pruned["vision_tokens"],
             vision_shape=(vision.hidden_size, vision.intermediate_size, pruned["vision_tokens_in"]),
         )
-        self._run.record(self._record)
+        require_state(self._run, "the run").record(self._record)
         if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(n_images, -1)
             self._begin_decoders(
@@ -578,13 +582,13 @@ class LlavaAdapter(ModelAdapter):
     def _decode_positions(self, mask: Tensor | None, start: int, step: int) -> Tensor:
         """Original-frame position ids `[B, step]` of a later forward's tokens, the first at `start`
         (`mask`: the forward's original-frame 2D attention mask, or `None`)."""
-        batch = self._prefill.compaction.source.shape[0]
-        return (torch.arange(step, device=self._prefill.compaction.source.device) + start).expand(batch, -1)
+        source = require_state(self._prefill, "the prefill").compaction.source
+        return (torch.arange(step, device=source.device) + start).expand(source.shape[0], -1)
 
     def _record_llm_stage(self, stage: StageRecord, from_layer: int, tokens: int, scoring_flops: float) -> None:
         """An `llm:K` stage ran: decoder layers `from_layer..` now see `tokens` tokens."""
-        record = self._record
-        layers = record.llm_shape[2]
+        record = require_state(self._record, "the forward record")
+        layers = require_state(record.llm_shape, "the record's LLM shape")[2]
         counts = record.layer_tokens or [record.seq_len_out] * layers
         record.layer_tokens = counts[:from_layer] + [tokens] * (layers - from_layer)
         record.stages.append(stage)
@@ -592,7 +596,7 @@ class LlavaAdapter(ModelAdapter):
 
     def _continue(self, kw: dict[str, Any], past: int) -> dict[str, Any]:
         """Map a later forward of the same generation (original frame) onto the compressed cache."""
-        state = self._prefill
+        state = require_state(self._prefill, "the prefill")
         comp = state.compaction
         step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         batch = comp.source.shape[0]

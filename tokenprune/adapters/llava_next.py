@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
@@ -41,12 +40,12 @@ from ..flops import signal_flops
 from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
-from ..signals import ClsAttention, PatchKeys
 from ..strategy import DeferredCheck
 from ..trace import ForwardRecord
+from .base import Handle, require_state
 from .decoder import DecoderStage
 from .llava import LlavaAdapter, Placeholders, _encoder_layers
-from .vision import VisionProbe
+from .vision import VisionProbe, split_vision_signals
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -57,8 +56,10 @@ class CallCapture:
     the instance; `remove()` deletes the wrapper, so the class's method shows through again."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.arguments = module, {}
-        original = module.get_image_features
+        self.module = module
+        self.arguments: dict[str, Any] = {}
+        core: Any = module  # an HF core model: `get_image_features` is read by name (untyped)
+        original = core.get_image_features
         signature = inspect.signature(original)
 
         @wraps(original)  # generate inspects its signature to pre-encode images
@@ -85,7 +86,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         return isinstance(model, LlavaNextForConditionalGeneration)
 
-    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+    def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
         """Hooks: the [CLS] probe on the blocks scorers read (every crop), and the sequence rewrite
         before the LLM, which prunes the packed features."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
@@ -95,8 +96,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"the {self.name} adapter needs vision_feature_select_strategy='default' (crops without [CLS])"
             )
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
-        signals = required_signals(self._projector_stages, self._info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
+        signals, unknown = split_vision_signals(required_signals(self._projector_stages, self._info))
         if unknown:
             raise SignalError(f"the llava-next adapter cannot provide {unknown} before the LLM")
         encoder = _encoder_layers(self.core.vision_tower)
@@ -112,7 +112,7 @@ class LlavaNextAdapter(LlavaAdapter):
             before.next = after
         self._calls = CallCapture(self.core)
         self._layouts: dict[tuple[int, ...], Tensor] = {}
-        handles = self._probe.attach() + [self._calls]
+        handles: list[Handle] = [*self._probe.attach(), self._calls]
         for decoder in self._decoders:
             handles += decoder.attach()
         return handles + self._core_hooks()
@@ -123,7 +123,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         HF's packing runs on three channels, crop and patch row and column; where it interpolates
         (LLaVA-OneVision's large images), a token's provenance is the nearest patch."""
-        rows, cols = self._info.grid
+        rows, cols = self._patch_grid()
         index = []
         for start, n in zip([sum(crops[:i]) for i in range(len(crops))], crops, strict=False):
             crop, row, col = torch.meshgrid(
@@ -170,9 +170,11 @@ class LlavaNextAdapter(LlavaAdapter):
         packed = list(getattr(encoded, "pooler_output", encoded))
         vision = self.config.vision_config
         crops = self.crops(sizes, arguments)
-        signals = {s: v.flatten(0, 1) for s, v in self._probe.values().items()}  # [C * P] or [C * P, d]
+        probe = require_state(self._probe, "the vision probe")
+        signals = {s: v.flatten(0, 1) for s, v in probe.values().items()}  # [C * P] or [C * P, d]
         stage = self._projector_stages[0] if self._projector_stages else None
-        info, deferred = replace(self._info, grid=None), []
+        model_info = require_state(self._info, "the model info")
+        info, deferred = replace(model_info, grid=None), list[DeferredCheck]()
         firsts = [sum(crops[:i]) for i in range(len(crops))]
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
         for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops, strict=False)):
@@ -204,21 +206,21 @@ class LlavaNextAdapter(LlavaAdapter):
             [len(r["features"]) for r in results],
             deferred,
         )
-        patches = self._info.grid[0] * self._info.grid[1]
-        tokens_per_crop = patches + int(self._info.has_cls)
+        rows, cols = self._patch_grid()
+        tokens_per_crop = rows * cols + int(model_info.has_cls)
         text = self.config.text_config
         self._record = ForwardRecord(
             stages=self._per_image_record(stage, results, image_sample),
             seq_len_in=comp.length_in,
             seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
-            scoring_flops=sum(signal_flops(s, tokens_per_crop, vision.hidden_size) for s in self._probe.signals)
+            scoring_flops=sum(signal_flops(s, tokens_per_crop, vision.hidden_size) for s in probe.signals)
             * sum(crops)
             / kw["inputs_embeds"].shape[0],
-            vision_tokens=[tokens_per_crop] * self._info.vision_layers,
+            vision_tokens=[tokens_per_crop] * model_info.vision_layers,
             vision_shape=(vision.hidden_size, vision.intermediate_size, tokens_per_crop),
         )
-        self._run.record(self._record)
+        require_state(self._run, "the run").record(self._record)
         if self._decoders:  # the kept patch tokens are the image tokens; newline tokens stay like text
             columns = new_image_mask.nonzero()[:, 1][torch.cat([r["patch_kept"] for r in results])]
             self._begin_decoders(
@@ -245,7 +247,8 @@ class LlavaNextAdapter(LlavaAdapter):
         `crop * P + patch` counted from the image's first crop (`-1` at newlines), `firsts` each
         image's first crop in the batch. Per image: the kept slots `[n]`, the kept tokens in packed
         order, its tokens in, and the trace's kept provenance, weights and scores."""
-        patches = self._info.grid[0] * self._info.grid[1]
+        rows, cols = self._patch_grid()
+        patches = rows * cols
         patch = (where >= 0).nonzero()[:, 0]  # packed positions of patch tokens
         ids = where[patch][None] + torch.tensor(firsts, device=where.device)[:, None] * patches  # [G, m]
         local = {s: v[ids] for s, v in signals.items()}

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
-from ..strategy import ModelInfo
+from ..strategy import DeferredCheck, ModelInfo
 from ..trace import ForwardRecord
+from .base import Handle, require_state
 from .decoder import DecoderStage
 from .llava import LlavaAdapter, Placeholders
 from .llava_next import CallCapture
@@ -62,6 +62,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
         self.positions = "original"  # M-RoPE: kept tokens always keep their original 3D positions
+        self._deltas: Tensor | None = None  # [B, 1] each row's M-RoPE delta, set by the prefill
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -72,7 +73,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             llm_layers=self.config.text_config.num_hidden_layers,
         )
 
-    def attach(self, pipeline: Pipeline, run: Run) -> list[RemovableHandle]:
+    def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
         """Hooks: the sequence rewrite before the LLM (which prunes the merged image tokens)."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         self._info = self.info()
@@ -93,7 +94,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             before.next = after
         self._encoder, self._deltas = None, None
         self._calls = CallCapture(self.core)
-        handles = [self._calls]
+        handles: list[Handle] = [self._calls]
         for decoder in self._decoders:
             handles += decoder.attach()
         return handles + self._core_hooks()
@@ -126,9 +127,11 @@ class Qwen2VLAdapter(LlavaAdapter):
         for i, (t, h, w) in enumerate(grid.tolist()):
             groups.setdefault((t, h // merge, w // merge), []).append(i)
         stage = self._projector_stages[0] if self._projector_stages else None
-        deferred, results = [], [None] * len(packed)
+        model_info = require_state(self._info, "the model info")
+        deferred: list[DeferredCheck] = []
+        found: dict[int, dict[str, Any]] = {}  # per image, by its index in the prompt
         for (t, rows, cols), members in groups.items():
-            info = replace(self._info, grid=(rows, cols) if t == 1 else None)
+            info = replace(model_info, grid=(rows, cols) if t == 1 else None)
             tokens = torch.stack([packed[i] for i in members])
             if stage is None:  # only llm:K stages: every image token reaches the LLM
                 index = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
@@ -140,7 +143,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             )
             counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
             for g, i in enumerate(members):
-                results[i] = {
+                found[i] = {
                     "slots": slots[g],
                     "features": reduction.tokens[g, : counts[g]],
                     "kept": reduction.index[g, : counts[g]],
@@ -148,6 +151,7 @@ class Qwen2VLAdapter(LlavaAdapter):
                     "scores": None if scores is None else scores[g],
                     "tokens_in": tokens.shape[1],
                 }
+        results = [found[i] for i in range(len(packed))]
         self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
         comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
             kw,
@@ -167,7 +171,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
         )
-        self._run.record(self._record)
+        require_state(self._run, "the run").record(self._record)
         if self._decoders:
             columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
             self._begin_decoders(columns, image_sample, torch.stack([r["kept"] for r in results]), new_ids, new_mask)
@@ -182,9 +186,10 @@ class Qwen2VLAdapter(LlavaAdapter):
     def _decode_positions(self, mask: Tensor | None, start: int, step: int) -> Tensor:
         """`[3, B, step]`: each row's text position (counted on its original mask, as HF counts it,
         padding excluded) plus its M-RoPE delta."""
-        batch = self._prefill.compaction.source.shape[0]
+        batch = require_state(self._prefill, "the prefill").compaction.source.shape[0]
+        deltas = require_state(self._deltas, "the M-RoPE deltas")
         if mask is not None:
-            text = (mask.long().cumsum(-1) - 1)[:, -step:].to(self._deltas.device)
+            text = (mask.long().cumsum(-1) - 1)[:, -step:].to(deltas.device)
         else:
-            text = (torch.arange(step, device=self._deltas.device) + start)[None].expand(batch, -1)
-        return (text + self._deltas.view(batch, 1))[None].expand(3, -1, -1)
+            text = (torch.arange(step, device=deltas.device) + start)[None].expand(batch, -1)
+        return (text + deltas.view(batch, 1))[None].expand(3, -1, -1)

@@ -105,8 +105,9 @@ def compact(keep: Tensor, lengths: tuple[int, int] | None = None) -> Compaction:
     p = keep.shape[1]
     if lengths is None:
         kept = keep.sum(dim=1)
-        lengths = tuple(int(v) for v in torch.stack([kept.max(), kept.min()]).tolist())
-    p_out, shortest = lengths
+        p_out, shortest = (int(v) for v in torch.stack([kept.max(), kept.min()]).tolist())
+    else:
+        p_out, shortest = lengths
     # a stable sort on the flag puts each row's kept columns last, in order: a row's last p_out
     # columns are its kept ones, after the removed ones that become its left padding
     source = keep.to(torch.uint8).argsort(dim=1, stable=True)[:, p - p_out :]

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..signals import ClsAttention, PatchKeys
+from ..signals import ClsAttention, PatchKeys, Signal
 
 
 def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> Tensor:
@@ -28,6 +28,12 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
     return probs.mean(dim=1)[:, 0, 1:]
 
 
+def split_vision_signals(signals: set[Signal]) -> tuple[set[ClsAttention | PatchKeys], list[Signal]]:
+    """`signals` split into those a `VisionProbe` computes and the rest (which it cannot provide)."""
+    vision = {s for s in signals if isinstance(s, ClsAttention | PatchKeys)}
+    return vision, [s for s in signals if s not in vision]
+
+
 class VisionProbe:
     """Records vision-encoder signals of chosen blocks while the encoder runs, at no extra projection.
 
@@ -38,8 +44,9 @@ class VisionProbe:
     """
 
     def __init__(
-        self, attention: Mapping[int, nn.Module], signals: set[ClsAttention | PatchKeys], has_cls: bool = True
+        self, attention: Mapping[int, Any], signals: set[ClsAttention | PatchKeys], has_cls: bool = True
     ) -> None:
+        # HF attention modules, per block: `num_heads`, `scale`, `q_proj`, `k_proj` are read by name (untyped)
         self.attention = dict(attention)
         self.first_patch = 1 if has_cls else 0
         self.signals = signals
@@ -73,10 +80,10 @@ class VisionProbe:
             handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
         return handles
 
-    def values(self) -> dict[ClsAttention | PatchKeys, Tensor]:
+    def values(self) -> dict[Signal, Tensor]:
         """Each signal the last encoder run computed: `ClsAttention` `[B, N]`; `PatchKeys` `[B, N, D]`,
         or `[B, N, d_head]` averaged over heads."""
-        out: dict[ClsAttention | PatchKeys, Tensor] = {}
+        out: dict[Signal, Tensor] = {}
         for signal in self.signals:
             if isinstance(signal, ClsAttention) and signal.layer in self.rows:
                 out[signal] = self.rows[signal.layer]

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..adapters.base import adapter_class
 from ..registry import Entry, list_adapters, list_strategies
 from .common import print_json, user_errors
 
@@ -20,8 +21,9 @@ def describe(entry: Entry) -> dict[str, Any]:
     }
     row = {"name": entry.name, "role": entry.role, "origin": entry.origin, "doc": entry.doc, "params": params}
     if entry.role == "adapter":
-        row["supports"] = entry.cls.model_class
-        row["places"] = list(entry.cls.places)
+        adapter = adapter_class(entry)
+        row["supports"] = adapter.model_class
+        row["places"] = list(adapter.places)
     return row
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..adapters.base import find_adapter
 from ..apply import apply
+from ..errors import InputError
 from ..models import DEMO, build_prompt, load
 from ..pipeline import Pipeline
 from ..spec import split_top_level
@@ -34,7 +35,8 @@ def visualize_command(
     if not image.is_file():
         raise FileNotFoundError(f"image file {str(image)!r} does not exist")
     hf_model, processor = load(model, device=device)
-    grid = find_adapter(hf_model).info().grid
+    adapter = find_adapter(hf_model)
+    grid = adapter.info().grid
     inputs = processor(
         images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt), return_tensors="pt"
     ).to(device)
@@ -42,7 +44,14 @@ def visualize_command(
     for pipeline in pipelines:
         with torch.inference_mode(), apply(hf_model, pipeline) as run:
             hf_model(**inputs)
-        kept, scores = stage_maps(run.trace[0].stages[0], grid)
+        record = run.trace[0].stages[0]
+        if grid is None or record.tokens_in != grid[0] * grid[1]:
+            raise InputError(
+                f"visualize draws an image's tokens on one patch grid, but {adapter.model_class} (the "
+                f"{adapter.name!r} adapter) gives {record.at} {record.tokens_in} tokens per image in several crops "
+                "or a grid of the image's own size; use a LLaVA-1.5 model such as 'demo'"
+            )
+        kept, scores = stage_maps(record, grid)
         panels.append((pipeline.to_spec(), kept, scores))
     draw(processed_image(processor, inputs["pixel_values"]), panels, out)
     typer.echo(f"wrote {out}")

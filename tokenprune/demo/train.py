@@ -62,7 +62,7 @@ def llava_config(vocab_size: int, image_token_id: int, feature_layer: int) -> Ll
     return LlavaConfig(
         vision_config=vision_config(),
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
@@ -86,7 +86,7 @@ def pretrain_vision(
     log: list[dict[str, Any]],
 ) -> CLIPVisionModel:
     """Stage 1: ViT + multi-label head on the pooled [CLS]."""
-    vit = CLIPVisionModel(vision_config()).to(device)
+    vit = CLIPVisionModel(vision_config()).to(device)  # type: ignore[arg-type]  # HF: @wraps hides `to`'s self
     head = nn.Linear(vit.config.hidden_size, labels.shape[1]).to(device)
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
@@ -178,7 +178,8 @@ def train_llava(
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     torch.manual_seed(2)
-    model = LlavaForConditionalGeneration(llava_config(len(tok), image_id, feature_layer)).to(device)
+    model = LlavaForConditionalGeneration(llava_config(len(tok), image_id, feature_layer))
+    model.to(device)  # type: ignore[arg-type]  # HF: @wraps hides `to`'s self
     model.model.vision_tower.load_state_dict(vit.state_dict())
     model.model.vision_tower.requires_grad_(False)
     features = frozen_features(vit, images, feature_layer, device)
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_accuracy = accuracy(model.float(), processor, 1000, args.device)
     print({"eval_accuracy_1000": eval_accuracy}, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(args.out)
+    model.to(torch.float16).save_pretrained(args.out)  # type: ignore[arg-type]  # HF: @wraps hides `to`'s self
     processor.save_pretrained(args.out)
     info = {
         "seconds": {
