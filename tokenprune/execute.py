@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .budget import BudgetRule, resolve_budget
-from .errors import ScoreError
+from .errors import ScoreError, SpecError
 from .pipeline import Stage
 from .reduction import Reduction
 from .signals import Signal
@@ -45,13 +45,16 @@ def run_stage(
                 f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
                 f"expected [B, N] = {list(tokens.shape[:2])}"
             )
-    wanted = stage.selector.signals(info)
+    selector = stage.selector
+    if selector is None:  # a validated Stage always has one (its scorer's default, when not given)
+        raise SpecError(f"stage {stage.to_spec()!r} has no selector")
+    wanted = selector.signals(info)
     context = ScoringContext(tokens=tokens, info=info, signals=signals)
     given = {s: context[s] for s in wanted} if wanted else None
     if rule is None or scores is None:
-        return stage.selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+        return selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
     counts = [int(c) for c in rule.counts(scores).tolist()]
-    return reduce_per_count(stage.selector, tokens, scores, counts, info.grid, given, deferred), scores
+    return reduce_per_count(selector, tokens, scores, counts, info.grid, given, deferred), scores
 
 
 def reduce_per_count(

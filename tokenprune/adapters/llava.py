@@ -247,7 +247,8 @@ class LlavaAdapter(ModelAdapter):
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         # NaN checks read after the LM head has been launched, not here; those of an encoding no
         # prefill consumed (`get_image_features` called alone) go with this one's, or to `finish`
-        records, deferred = [], list(self._encoded["deferred"]) if self._encoded is not None else []
+        records: list[tuple[Any, ...]] = []  # per stage: stage, tokens in, k, origin, weights, scores, counts
+        deferred = list(self._encoded["deferred"]) if self._encoded is not None else []
         if encoded is not None:
             origin, deferred = encoded.origin, deferred + list(encoded.deferred)
             records = [

@@ -142,7 +142,7 @@ def pretrain_vision(
 ) -> Qwen2VisionTransformerPretrainedModel:
     """Stage 1: tower + multi-label head on the mean of its output tokens (no [CLS])."""
     torch.manual_seed(1)
-    tower = Qwen2VisionTransformerPretrainedModel(vision_config(depth)).to(device)
+    tower = Qwen2VisionTransformerPretrainedModel(vision_config(depth)).to(device)  # type: ignore[arg-type]  # transformers wraps .to
     norm = nn.LayerNorm(tower.config.embed_dim).to(device)
     head = nn.Linear(tower.config.embed_dim, labels.shape[1]).to(device)
     params = [p for module in (tower, norm, head) for p in module.parameters()]
