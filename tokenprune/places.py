@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .errors import PlaceError
 from .spec import shorten
 
-_PLACE = re.compile(r"^(?:(projector)|(vision|llm):(\d+))$")
+_PLACE = re.compile(r"^(?:(projector)|(vision|llm):(\d{1,9}))$")
 _ORDER = {"vision": 0, "projector": 1, "llm": 2}
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from .errors import RegistryError, StrategyConfigError, UnknownStrategyError
+from .spec import shorten
 from .strategy import ScoringStrategy, Selector, Strategy
 
 STRATEGY_GROUP = "tokenprune.strategies"
@@ -191,7 +192,7 @@ class Registry:
         table = self.strategies()
         if name not in table:
             known = ", ".join(table) or "(none)"
-            raise UnknownStrategyError(f"unknown strategy {name!r}; known strategies: {known}")
+            raise UnknownStrategyError(f"unknown strategy {shorten(name)}; known strategies: {known}")
         return table[name]
 
 
