@@ -48,6 +48,13 @@ def apply(
     Inside, `model(**inputs)` and `model.generate(**inputs)` run compressed; on exit (also through an
     exception) every hook is removed and the model is exactly as before.
 
+    The hooks act on the module, not on the caller: while the context is open, *every* forward of
+    `model` is compressed, including a plain call from another thread (which also records into
+    this run's trace), and so is a `copy.deepcopy(model)` made inside the context (the copy carries
+    the hooks and stays compressed after the context exits). To serve compressed and uncompressed
+    requests at once, use two model instances; make copies before entering the context. Only one
+    `apply` may be active on a model at a time.
+
     Args:
         model: a supported Hugging Face model (see `tokenprune list`).
         pipeline: a `Pipeline`, a spec string (`"vtc-cls@64"`) or a config dict.
