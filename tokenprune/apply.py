@@ -50,9 +50,9 @@ def apply(
 
     The hooks act on the module, not on the caller: while the context is open, *every* forward of
     `model` is compressed, including a plain call from another thread (which also records into
-    this run's trace), and so is a `copy.deepcopy(model)` made inside the context (the copy carries
-    the hooks and stays compressed after the context exits). To serve compressed and uncompressed
-    requests at once, use two model instances; make copies before entering the context. Only one
+    this run's trace). A `copy.deepcopy(model)` made inside the context would carry the hooks, so
+    it is refused with an `InputError`; copy the model before entering the context or after it
+    exits. To serve compressed and uncompressed requests at once, use two model instances. Only one
     `apply` may be active on a model at a time.
 
     Args:
@@ -63,6 +63,7 @@ def apply(
 
     Raises:
         UnsupportedModelError: no adapter supports the model.
+        InputError: `apply` is already active on the model; or, inside, a deep copy of it.
         PlaceError, SignalError: the pipeline cannot run on this model.
         ScoreError: on exit, for image features encoded inside the context (e.g. by calling
             `get_image_features` alone) whose scores contained NaN and that no forward consumed.

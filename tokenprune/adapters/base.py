@@ -45,6 +45,14 @@ class ModelAdapter(ABC):
         self.model = model
         self.positions = positions
 
+    def __deepcopy__(self, memo: dict[int, object]) -> ModelAdapter:
+        """Refuse: `copy.deepcopy(model)` inside `tp.apply` reaches the adapter through the hooks, and
+        a copy carrying them would be neither compressed correctly nor plain."""
+        raise InputError(
+            f"cannot deep-copy a {type(self.model).__name__} while tokenprune.apply is active on it (the copy "
+            "would carry its hooks); copy the model before entering the context or after it exits"
+        )
+
     @classmethod
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
