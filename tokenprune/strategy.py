@@ -115,7 +115,7 @@ class Strategy(BaseModel):
     def _no_lax_coercion(cls, value: Any, info: ValidationInfo) -> Any:
         """Refuse a bool, bytes or str (also inside a list) for a parameter whose type does not name
         that type: pydantic's lax mode would silently read `True` as 1 and `b"3"` or `"3"` as 3."""
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = cls.model_fields[str(info.field_name)].annotation
         allowed = _named_types(annotation)
         for item in value if isinstance(value, list | tuple) else (value,):
             kind = next((t for t in (bool, bytes, str) if isinstance(item, t)), None)

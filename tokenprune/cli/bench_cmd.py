@@ -15,7 +15,7 @@ from ..models import resolve
 from ..pipeline import Pipeline
 from ..spec import split_top_level
 from ..versions import environment
-from .common import SEED_RANGE, check_device, positive_int, split_values, user_errors
+from .common import SEED_MAX, SEED_MIN, check_device, positive_int, split_values, user_errors
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -34,7 +34,7 @@ def bench_command(
     dtype: str = typer.Option("bfloat16", help=f"Weights and activations dtype: {', '.join(DTYPES)}."),
     repeats: int = typer.Option(5, min=1, help="Timed repeats per measurement (median)."),
     new_tokens: int = typer.Option(16, min=2, help="Tokens generated for the decode rate."),
-    seed: int = typer.Option(0, **SEED_RANGE, help="Seed for weights and inputs."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for weights and inputs."),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache; tower and LLM compiled (CUDA graphs)."),
     compile_mode: str = typer.Option("cudagraphs", help=f"With --compile: {', '.join(COMPILE_MODES)}."),
     out: Path = typer.Option(Path("tokenprune-bench"), help="Output directory."),

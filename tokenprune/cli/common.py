@@ -18,7 +18,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 DEBUG_HINT = "run with --debug for the traceback"
-SEED_RANGE = {"min": -(2**63), "max": 2**64 - 1}
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds `torch.manual_seed` accepts, as typer.Option bounds."""
 
 

@@ -21,7 +21,7 @@ from ..pipeline import Pipeline
 from ..registry import list_strategies
 from ..spec import parse_budget, split_top_level
 from ..versions import environment
-from .common import SEED_RANGE, check_device, print_json, user_errors
+from .common import SEED_MAX, SEED_MIN, check_device, print_json, user_errors
 
 
 def default_strategies(model: Any) -> list[str]:
@@ -64,7 +64,7 @@ def compare_command(
     out: Path = typer.Option(Path("tokenprune-results"), help="Output directory."),
     batch_size: int = typer.Option(50, min=1, help="Samples per forward."),
     device: str = typer.Option("cpu", help="Torch device."),
-    seed: int = typer.Option(0, **SEED_RANGE, help="Torch seed (recorded in the results)."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Torch seed (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
 ) -> None:
     """Compare strategies x budgets: accuracy, agreement and KL vs unpruned, FLOPs, latency.
