@@ -20,6 +20,8 @@ class GroupMerge(Selector):
     feature similarity, merging by importance. At `k = N` every token is its own group.
     """
 
+    weights_by_scores = True
+
     def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         b, n, _ = tokens.shape
         centres = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values

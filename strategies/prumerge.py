@@ -34,6 +34,7 @@ class PruMergeMerge(Selector):
     nothing is pruned and nothing is merged. Provenance weights are the same sums over non-negative
     scores, normalised."""
 
+    weights_by_scores = True
     layer: int = -1
     neighbours: int = Field(32, ge=1)
 

@@ -2,6 +2,7 @@
 
 import torch
 from einops import repeat
+from pydantic import Field
 from torch import Tensor
 
 from tokenprune.registry import register
@@ -16,7 +17,7 @@ class RandomScores(ScoringStrategy):
     `seed`; vary `seed` to average over draws.
     """
 
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # the range torch.Generator.manual_seed accepts
 
     def score(self, ctx: ScoringContext) -> Tensor:
         b, n = ctx.tokens.shape[:2]

@@ -50,6 +50,13 @@ def apply(
     Inside, `model(**inputs)` and `model.generate(**inputs)` run compressed; on exit (also through an
     exception) every hook is removed and the model is exactly as before.
 
+    The hooks act on the module, not on the caller: while the context is open, *every* forward of
+    `model` is compressed, including a plain call from another thread (which also records into
+    this run's trace). A `copy.deepcopy(model)` made inside the context would carry the hooks, so
+    it is refused with an `InputError`; copy the model before entering the context or after it
+    exits. To serve compressed and uncompressed requests at once, use two model instances. Only one
+    `apply` may be active on a model at a time.
+
     Args:
         model: a supported Hugging Face model (see `tokenprune list`).
         pipeline: a `Pipeline`, a spec string (`"vtc-cls@64"`) or a config dict.
@@ -61,6 +68,7 @@ def apply(
 
     Raises:
         UnsupportedModelError: no adapter supports the model.
+        InputError: `apply` is already active on the model; or, inside, a deep copy of it.
         PlaceError, SignalError: the pipeline cannot run on this model.
         ScoreError: on exit, for image features encoded inside the context (e.g. by calling
             `get_image_features` alone) whose scores contained NaN and that no forward consumed.

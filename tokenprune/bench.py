@@ -349,7 +349,7 @@ def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> Any:
     """A saved LLaVA-1.5 checkpoint (path or hub id) instead of random weights."""
     try:
         model: Any = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # missing or corrupt files (SafetensorError), bad configs: one message
         raise InputError(f"cannot load a LLaVA checkpoint from {path!r}: {exc}") from None
     model.bench_image = None
     return model.to(device).eval()

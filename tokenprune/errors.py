@@ -10,7 +10,12 @@ class TokenpruneError(Exception):
     """Base class of every error tokenprune raises on purpose."""
 
 
-class UnknownStrategyError(TokenpruneError, KeyError):
+class SpecError(TokenpruneError):
+    """An invalid pipeline spec string or config: malformed, or naming an unknown strategy, bad
+    parameters, a budget or a place that is not allowed (the subclasses below say which)."""
+
+
+class UnknownStrategyError(SpecError, KeyError):
     """A strategy name that no built-in or plugin registered."""
 
     def __str__(self) -> str:
@@ -21,19 +26,15 @@ class RegistryError(TokenpruneError):
     """A registration conflict, such as one name registered by two sources."""
 
 
-class StrategyConfigError(TokenpruneError):
+class StrategyConfigError(SpecError):
     """Parameters that a strategy's pydantic model rejects."""
 
 
-class SpecError(TokenpruneError):
-    """A malformed pipeline spec string or config."""
-
-
-class BudgetError(TokenpruneError):
+class BudgetError(SpecError):
     """A budget outside what the stage allows."""
 
 
-class PlaceError(TokenpruneError):
+class PlaceError(SpecError):
     """A stage placed where its scorer, or the model's adapter, cannot run it."""
 
 

@@ -7,19 +7,23 @@ the three forms round-trip.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_serializer, model_validator
 
 from .budget import Budget, BudgetRule, budget_config, check_budget, format_budget
-from .errors import PlaceError, SpecError, TokenpruneError
+from .errors import PlaceError, SpecError
 from .places import Place
 from .registry import REGISTRY, create
-from .spec import format_strategy, parse_pipeline
+from .spec import format_strategy, parse_pipeline, shorten
 from .strategy import ScoringStrategy, Selector, Strategy
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Larger config files are refused before parsing (a real pipeline's config is under a kilobyte)."""
 
 
 def _as_strategy(value: Any, role: str) -> Strategy | None:
@@ -28,14 +32,41 @@ def _as_strategy(value: Any, role: str) -> Strategy | None:
         strategy = value
     elif isinstance(value, str):
         strategy = create(value)
-    elif isinstance(value, dict) and "name" in value:
+    elif isinstance(value, Mapping) and isinstance(value.get("name"), str):
         params = {k: v for k, v in value.items() if k != "name"}
+        if not all(isinstance(k, str) for k in params):
+            raise SpecError(f"parameter names of {role} {value['name']!r} must be strings, got {shorten(list(params))}")
         strategy = create(value["name"], **params)
     else:
-        raise SpecError(f"a {role} must be a strategy, its name, or {{'name': ..., ...}}; got {value!r}")
+        raise SpecError(
+            f"a {role} must be a strategy, its name, or {{'name': ..., **parameters}} with a string name; "
+            f"got {shorten(value)}"
+        )
     if strategy is not None and strategy.role != role:
         raise SpecError(f"{strategy.name!r} is a {strategy.role}, not a {role}")
     return strategy
+
+
+def _validation_problem(what: str, exc: ValidationError) -> SpecError:
+    """A pydantic `ValidationError` of a stage or pipeline as one `SpecError` line."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )
+    return SpecError(f"invalid {what}: {problems}")
+
+
+def _known_keys(what: str, data: Mapping[Any, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse keys of `data` outside `allowed`, naming them and the allowed ones."""
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise SpecError(
+            f"unknown {what} key{'s' if len(unknown) > 1 else ''} {', '.join(shorten(k) for k in unknown)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
+STAGE_KEYS = ("at", "scorer", "selector", "budget")
 
 
 class Stage(BaseModel):
@@ -43,12 +74,22 @@ class Stage(BaseModel):
     a budget (int `k` per image, a ratio of the tokens reaching the stage, or a `BudgetRule`
     evaluated per image on the scorer's scores)."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
 
     at: str = "projector"
     scorer: ScoringStrategy | None = None
     selector: Selector | None = None
     budget: Budget
+
+    def __init__(self, **data: Any) -> None:
+        """Raises `SpecError` (or a subclass) for unknown keys, a missing budget or any bad value."""
+        _known_keys("stage", data, STAGE_KEYS)
+        if "budget" not in data:
+            raise SpecError("a stage needs a budget: an int k >= 1 or a float ratio in (0, 1]")
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _validation_problem("stage", exc) from None
 
     @field_validator("scorer", mode="before")
     @classmethod
@@ -135,12 +176,20 @@ class Stage(BaseModel):
 class Pipeline(BaseModel):
     """An ordered list of stages, applied from the vision encoder to the LLM."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     stages: tuple[Stage, ...]
 
     def __init__(self, stages: Any = None, **data: Any) -> None:
-        super().__init__(stages=tuple(stages if stages is not None else data.pop("stages", ())), **data)
+        """`stages`: `Stage`s or stage configs (mappings); raises `SpecError` for anything else."""
+        _known_keys("pipeline", data, ("stages",))
+        stages = stages if stages is not None else data.pop("stages", ())
+        if isinstance(stages, str | bytes | Mapping) or not isinstance(stages, list | tuple):
+            raise SpecError(f"a pipeline's stages must be a list of stages, got {shorten(stages)}")
+        try:
+            super().__init__(stages=tuple(_as_stage(s) for s in stages), **data)
+        except ValidationError as exc:
+            raise _validation_problem("pipeline", exc) from None
 
     @model_validator(mode="after")
     def _ordered(self) -> Pipeline:
@@ -188,10 +237,21 @@ class Pipeline(BaseModel):
         return " > ".join(stage.to_spec() for stage in self.stages)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | list[Any]) -> Pipeline:
-        """Build from `{"stages": [{"at", "scorer", "selector", "budget"}, ...]}`."""
-        stages = config["stages"] if isinstance(config, dict) else config
-        return cls([s if isinstance(s, Stage) else Stage(**s) for s in stages])
+    def from_config(cls, config: Mapping[str, Any] | list[Any]) -> Pipeline:
+        """Build from `{"stages": [{"at", "scorer", "selector", "budget"}, ...]}` (or the list alone).
+
+        Raises:
+            SpecError: any other shape, an unknown key (the message names the allowed ones), or a
+                bad value.
+        """
+        if isinstance(config, Mapping):
+            _known_keys("pipeline config", config, ("stages",))
+            if "stages" not in config:
+                raise SpecError("a pipeline config needs 'stages': a list of stage configs")
+            return cls(config["stages"])
+        if isinstance(config, list | tuple):
+            return cls(config)
+        raise SpecError(f"a pipeline config is {{'stages': [...]}} or a list of stages, got {shorten(config)}")
 
     def to_config(self) -> dict[str, Any]:
         """JSON-compatible config; `Pipeline.from_config(p.to_config()) == p`."""
@@ -199,9 +259,24 @@ class Pipeline(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Pipeline:
-        """Load a `.json`, `.yaml` or `.yml` config file."""
-        text = Path(path).read_text()
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        """Load a `.json`, `.yaml` or `.yml` config file (at most `MAX_CONFIG_BYTES`; YAML without
+        aliases).
+
+        Raises:
+            FileNotFoundError: no such file.
+            SpecError: too large, not UTF-8, not parseable, or not a valid pipeline config.
+        """
+        path = Path(path)
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise SpecError(f"pipeline config {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+            data = json.loads(text) if path.suffix == ".json" else _safe_yaml(text)
+        except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpecError(f"cannot parse pipeline config {str(path)!r}: {shorten(first, 200)}") from None
         return cls.from_config(data)
 
     def save(self, path: str | Path) -> None:
@@ -211,15 +286,38 @@ class Pipeline(BaseModel):
         Path(path).write_text(text)
 
     @classmethod
-    def coerce(cls, value: Pipeline | str | dict[str, Any] | list[Any]) -> Pipeline:
+    def coerce(cls, value: Pipeline | str | Mapping[str, Any] | list[Any]) -> Pipeline:
         """A pipeline from a `Pipeline`, a spec string, or a config."""
         if isinstance(value, Pipeline):
             return value
         if isinstance(value, str):
             return cls.from_spec(value)
-        if isinstance(value, dict | list):
+        if isinstance(value, Mapping | list):
             return cls.from_config(value)
-        raise TokenpruneError(f"expected a Pipeline, a spec string or a config, got {type(value).__name__}")
+        raise SpecError(f"expected a Pipeline, a spec string or a config, got {type(value).__name__}")
 
     def __str__(self) -> str:
         return self.to_spec()
+
+
+def _as_stage(value: Any) -> Stage:
+    """A `Stage` from itself or a stage config mapping."""
+    if isinstance(value, Stage):
+        return value
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise SpecError(f"stage keys must be strings, got {shorten(list(value))}; allowed: {', '.join(STAGE_KEYS)}")
+        return Stage(**value)
+    raise SpecError(f"a stage must be a Stage or a mapping with keys {', '.join(STAGE_KEYS)}; got {shorten(value)}")
+
+
+def _safe_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing aliases (`*name`): they let a few bytes expand without bound.
+
+    Raises:
+        SpecError: the text uses an alias.
+    """
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise SpecError("YAML aliases (*name) are not allowed in a pipeline config; write the values out")
+    return yaml.safe_load(text)

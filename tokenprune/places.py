@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 
 from .errors import PlaceError
+from .spec import shorten
 
-_PLACE = re.compile(r"^(?:(projector)|(vision|llm):(\d+))$")
+_PLACE = re.compile(r"^(?:(projector)|(vision|llm):(\d{1,9}))$")
 _ORDER = {"vision": 0, "projector": 1, "llm": 2}
 
 
@@ -30,7 +31,7 @@ class Place:
         m = _PLACE.match(text.strip()) if isinstance(text, str) else None
         if m is None:
             raise PlaceError(
-                f"unknown place {text!r}; allowed: 'projector' (before the LLM), "
+                f"unknown place {shorten(text)}; allowed: 'projector' (before the LLM), "
                 "'llm:K' (inside the LLM after decoder layer K), 'vision:L' (inside the vision "
                 "encoder after block L)"
             )

@@ -22,6 +22,9 @@ from typing import Any
 from .budget import Budget, parse_rule
 from .errors import SpecError
 
+MAX_SPEC_CHARS = 10_000
+"""Longer spec strings are refused before parsing (a real pipeline's spec is a few hundred)."""
+_QUOTE_CHARS = 60
 _NAME = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(?:\((.*)\))?$", re.DOTALL)
 _OPEN, _CLOSE = "([{", ")]}"
 
@@ -43,6 +46,15 @@ class StageSpec:
     at: str | None = None
 
 
+def shorten(text: object, limit: int = _QUOTE_CHARS) -> str:
+    """`repr(text)`, cut to about `limit` characters with the full length said, for messages."""
+    shown = repr(text)
+    if len(shown) <= limit:
+        return shown
+    size = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+    return f"{shown[: limit - 4]}...{shown[-3:]} ({size})"
+
+
 def split_top_level(text: str, sep: str) -> list[str]:
     """Split `text` on `sep` outside brackets and quotes."""
     parts, depth, quote, start = [], 0, "", 0
@@ -56,12 +68,12 @@ def split_top_level(text: str, sep: str) -> list[str]:
         elif ch in _CLOSE:
             depth -= 1
             if depth < 0:
-                raise SpecError(f"unbalanced {ch!r} at position {i} in spec {text!r}")
+                raise SpecError(f"unbalanced {ch!r} at position {i} in spec {shorten(text)}")
         elif ch == sep and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     if depth or quote:
-        raise SpecError(f"unclosed bracket or quote in spec {text!r}")
+        raise SpecError(f"unclosed bracket or quote in spec {shorten(text)}")
     parts.append(text[start:])
     return parts
 
@@ -71,7 +83,7 @@ def parse_strategy(text: str) -> StrategySpec:
     m = _NAME.match(text.strip())
     if m is None:
         raise SpecError(
-            f"malformed strategy {text.strip()!r}; expected NAME or NAME(key=value, ...), "
+            f"malformed strategy {shorten(text.strip())}; expected NAME or NAME(key=value, ...), "
             "e.g. vtc-cls or vtc-cls-ensemble(start_layer=12)"
         )
     name, body = m.group(1), m.group(2)
@@ -79,19 +91,21 @@ def parse_strategy(text: str) -> StrategySpec:
         return StrategySpec(name=name)
     try:
         call = ast.parse(f"_({body})", mode="eval").body
-    except SyntaxError:
-        raise SpecError(f"malformed parameters {body!r} of strategy {name!r}") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise SpecError(f"malformed parameters {shorten(body)} of strategy {shorten(name)}") from None
     if not isinstance(call, ast.Call) or call.args:
-        raise SpecError(f"parameters of {name!r} must be key=value pairs, got {body!r}")
+        raise SpecError(f"parameters of {shorten(name)} must be key=value pairs, got {shorten(body)}")
     params = {}
     for kw in call.keywords:
         if kw.arg is None:
-            raise SpecError(f"'**' is not allowed in the parameters of {name!r}")
+            raise SpecError(f"'**' is not allowed in the parameters of {shorten(name)}")
+        if kw.arg == "name":
+            raise SpecError(f"'name' is not a parameter of {shorten(name)}; the strategy's name comes before '('")
         try:
             params[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise SpecError(
-                f"parameter {kw.arg!r} of {name!r} must be a literal (number, string, list, bool)"
+                f"parameter {kw.arg!r} of {shorten(name)} must be a literal (number, string, list, bool)"
             ) from None
     return StrategySpec(name=name, params=params)
 
@@ -105,7 +119,7 @@ def parse_budget(text: str) -> Budget:
         return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
     except ValueError:
         raise SpecError(
-            f"malformed budget {text!r}; use an int count (64), a ratio in (0, 1] (0.25) or a rule (mass(0.9))"
+            f"malformed budget {shorten(text)}; use an int count (64), a ratio in (0, 1] (0.25) or a rule (mass(0.9))"
         ) from None
 
 
@@ -114,12 +128,12 @@ def parse_stage(text: str) -> StageSpec:
     parts = split_top_level(text.strip(), "@")
     if len(parts) not in (2, 3) or not parts[0].strip():
         raise SpecError(
-            f"malformed stage {text.strip()!r}; expected STRATEGY[+SELECTOR]@BUDGET[@PLACE], "
+            f"malformed stage {shorten(text.strip())}; expected STRATEGY[+SELECTOR]@BUDGET[@PLACE], "
             "e.g. vtc-cls@64 or fastv@0.5@llm:2"
         )
     terms = split_top_level(parts[0], "+")
     if len(terms) > 2 or any(not t.strip() for t in terms):
-        raise SpecError(f"malformed stage {text.strip()!r}: at most one scorer and one selector, joined by '+'")
+        raise SpecError(f"malformed stage {shorten(text.strip())}: at most one scorer and one selector, joined by '+'")
     at = parts[2].strip() if len(parts) == 3 else None
     return StageSpec(strategies=tuple(parse_strategy(t) for t in terms), budget=parse_budget(parts[1]), at=at)
 
@@ -127,7 +141,9 @@ def parse_stage(text: str) -> StageSpec:
 def parse_pipeline(text: str) -> list[StageSpec]:
     """Parse a whole spec string into its stages."""
     if not isinstance(text, str) or not text.strip():
-        raise SpecError("empty pipeline spec; expected e.g. 'vtc-cls@64'")
+        raise SpecError(f"empty pipeline spec {shorten(text)}; expected e.g. 'vtc-cls@64'")
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"pipeline spec {shorten(text)} is longer than {MAX_SPEC_CHARS} characters")
     return [parse_stage(part) for part in split_top_level(text, ">")]
 
 

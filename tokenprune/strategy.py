@@ -9,10 +9,10 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor
 
 from .errors import BudgetError, ScoreError, SignalError
@@ -88,6 +88,20 @@ class ScoringContext:
             raise SignalError(f"signal {signal!r} was not computed; a scorer must list it in signals()") from None
 
 
+def _named_types(annotation: Any) -> set[type]:
+    """Every type an annotation names, through unions, containers and `Literal` values."""
+    if get_origin(annotation) is Literal:
+        return {type(v) for v in get_args(annotation)}
+    found = {annotation} if isinstance(annotation, type) else set()
+    for arg in get_args(annotation):
+        found |= _named_types(arg)
+    return found
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 class Strategy(BaseModel):
     """Common base: a frozen pydantic model with a registered `name` and a `role`."""
 
@@ -95,6 +109,19 @@ class Strategy(BaseModel):
 
     name: ClassVar[str] = ""
     role: ClassVar[str] = ""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lax_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a bool, bytes or str (also inside a list) for a parameter whose type does not name
+        that type: pydantic's lax mode would silently read `True` as 1 and `b"3"` or `"3"` as 3."""
+        annotation = cls.model_fields[str(info.field_name)].annotation
+        allowed = _named_types(annotation)
+        for item in value if isinstance(value, list | tuple) else (value,):
+            kind = next((t for t in (bool, bytes, str) if isinstance(item, t)), None)
+            if kind is not None and kind not in allowed:
+                raise ValueError(f"{kind.__name__} {item!r} is not accepted here (expected {_type_name(annotation)})")
+        return value
 
     def params(self) -> dict[str, Any]:
         """Parameters that differ from the defaults, JSON-compatible."""
@@ -162,6 +189,29 @@ def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float |
     return out
 
 
+def score_check(selector: Selector, scores: Tensor) -> tuple[Tensor, str]:
+    """`[B]` True for each image whose `scores` `[B, N]` `selector` cannot use, and the message."""
+    if selector.weights_by_scores:  # computed now: scores may live in a CUDA graph's reused output buffers
+        return (~torch.isfinite(scores)).any(dim=1), (
+            f"scores given to selector {selector.name!r} contain NaN or ±inf (images {{items}}); it weights "
+            "tokens by their scores, so they must be finite (use a selector that only ranks them, e.g. topk)"
+        )
+    return torch.isnan(scores).any(dim=1), (
+        f"scores given to selector {selector.name!r} contain NaN (images {{items}}); a scorer must return "
+        "finite values or ±inf"
+    )
+
+
+def output_check(selector: Selector, tokens: Tensor, out: Tensor) -> tuple[Tensor, str]:
+    """`[B]` True for each image whose `tokens` `[B, N, D]` were finite but whose selected `out`
+    `[B, k, D]` are not (an overflow inside the selector), and the message."""
+    finite_in = torch.isfinite(tokens).flatten(1).all(dim=1)
+    return finite_in & ~torch.isfinite(out).flatten(1).all(dim=1), (
+        f"selector {selector.name!r} turned finite tokens into NaN or ±inf (images {{items}}); scores of "
+        "huge magnitude overflow a selector that weights tokens by them: rescale the scores"
+    )
+
+
 class Selector(Strategy):
     """Turns tokens `[B, N, D]` (and scores `[B, N]`) into `k` tokens with provenance.
 
@@ -171,6 +221,9 @@ class Selector(Strategy):
 
     role: ClassVar[str] = "selector"
     needs_scores: ClassVar[bool] = True
+    weights_by_scores: ClassVar[bool] = False
+    """True when `select` uses score values as merge weights, not only their order: ±inf is then
+    refused (it has no meaning as a weight)."""
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         """Model signals `select` reads (e.g. key projections to merge by); none by default. A
@@ -188,12 +241,19 @@ class Selector(Strategy):
     ) -> Reduction:
         """Validate the inputs, select, and check that exactly `k` tokens come out per image.
 
-        `deferred`: when given, the NaN check is appended to it (a device-side flag, no host sync)
-        instead of run now; the caller must pass the list to `raise_deferred` before using the output.
+        `deferred`: when given, the score and output checks are appended to it (device-side flags, no
+        host sync) instead of run now; the caller must pass the list to `raise_deferred` before using the output.
+
+        Scores may hold ±inf, meaning "keep first" (+inf) and "keep last" (-inf) to selectors that
+        use only their order (ties still break by lower index); a selector that weights tokens by
+        their scores (`weights_by_scores`) refuses ±inf. NaN is always refused. Whatever the
+        scores, finite tokens never come out non-finite: a selector whose output overflows (e.g.
+        weights from scores of huge magnitude) raises instead of passing NaN to the LLM.
 
         Raises:
             BudgetError: `k` outside `[0, N]` (`0`: every token withdrawn, an empty reduction).
-            ScoreError: scores missing when needed, of the wrong shape, or containing NaN.
+            ScoreError: scores missing when needed, of the wrong shape, containing NaN (or ±inf
+                for a selector that weights by them), or an output that overflowed.
         """
         b, n = tokens.shape[:2]
         if not 0 <= k <= n:
@@ -205,23 +265,24 @@ class Selector(Strategy):
         if scores is not None:
             if scores.shape != (b, n):
                 raise ScoreError(f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]")
-            nan = torch.isnan(scores).any(dim=1)  # now: scores may live in a CUDA graph's reused output buffers
-            check = DeferredCheck(
-                lambda: nan,
-                f"scores given to selector {self.name!r} contain "
-                "NaN (images {items}); a scorer must return finite values or ±inf",
-            )
-            if deferred is None:
-                raise_deferred([check])
-            else:
-                deferred.append(check)
+            self._check(deferred, *score_check(self, scores))
         extra = {"signals": signals or {}} if type(self).signals is not Selector.signals else {}
         reduction = self.select(tokens, scores, k, grid, **extra)
         if reduction.index.shape != (b, k) or reduction.tokens.shape[:2] != (b, k):
             raise ScoreError(
                 f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {k})"
             )
+        self._check(deferred, *output_check(self, tokens, reduction.tokens))
         return reduction
+
+    @staticmethod
+    def _check(deferred: list[DeferredCheck] | None, failing: Tensor, message: str) -> None:
+        """Raise now, or append to `deferred`, the check that `failing` (`[B]` bool) is all False."""
+        check = DeferredCheck(lambda: failing, message)
+        if deferred is None:
+            raise_deferred([check])
+        else:
+            deferred.append(check)
 
     @abstractmethod
     def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:

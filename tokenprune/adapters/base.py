@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
@@ -12,7 +13,7 @@ from ..budget import BudgetRule
 from ..errors import InputError, PlaceError, RegistryError, UnsupportedModelError
 from ..execute import required_signals
 from ..pipeline import Pipeline
-from ..registry import Entry, list_adapters
+from ..registry import BUILTIN, Entry, PluginWarning, list_adapters
 from ..strategy import ModelInfo
 from .sequence import POSITION_MODES
 
@@ -68,6 +69,14 @@ class ModelAdapter(ABC):
         self.model = model
         self.positions = positions
 
+    def __deepcopy__(self, memo: dict[int, object]) -> ModelAdapter:
+        """Refuse: `copy.deepcopy(model)` inside `tp.apply` reaches the adapter through the hooks, and
+        a copy carrying them would be neither compressed correctly nor plain."""
+        raise InputError(
+            f"cannot deep-copy a {type(self.model).__name__} while tokenprune.apply is active on it (the copy "
+            "would carry its hooks); copy the model before entering the context or after it exits"
+        )
+
     @classmethod
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -122,16 +131,51 @@ class ModelAdapter(ABC):
 def find_adapter(model: nn.Module, positions: str = "contiguous") -> ModelAdapter:
     """The registered adapter for `model`, set to `positions` (see `ModelAdapter`).
 
+    Built-in adapters are asked first and win for the classes they support (a plugin that also
+    claims such a model is ignored, with a warning); otherwise the plugin (or user) adapters are
+    asked. An adapter whose `supports()` raises is skipped with a `PluginWarning` naming it.
+
     Raises:
         UnsupportedModelError: no adapter supports it (the message lists the supported classes).
+        RegistryError: two adapters of the same rank both claim the model (the message names both).
     """
     adapters = list_adapters()
-    for entry in adapters.values():
-        cls = adapter_class(entry)
-        if cls.supports(model):
-            return cls(model, positions=positions)
-    supported = ", ".join(f"{adapter_class(e).model_class} ({name})" for name, e in adapters.items())
+    claims = {name: entry for name, entry in adapters.items() if _claims(entry, model)}
+    builtin = {name: e for name, e in claims.items() if e.origin == BUILTIN}
+    chosen = builtin or claims
+    if len(chosen) > 1:
+        named = " and ".join(
+            f"{name!r} ({e.origin}, {e.cls.__module__}.{e.cls.__qualname__})" for name, e in chosen.items()
+        )
+        raise RegistryError(f"{type(model).__name__} is claimed by two adapters: {named}; uninstall or fix one of them")
+    if chosen:
+        (entry,) = chosen.values()
+        for name, other in claims.items():
+            if other is not entry:
+                warnings.warn(
+                    f"adapter {name!r} ({other.origin}) also claims {type(model).__name__}; the built-in adapter "
+                    f"{entry.name!r} is used",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+        return adapter_class(entry)(model, positions=positions)
+    supported = ", ".join(f"{getattr(e.cls, 'model_class', '?')} ({name})" for name, e in adapters.items())
     raise UnsupportedModelError(f"no tokenprune adapter supports {type(model).__name__}; supported models: {supported}")
+
+
+def _claims(entry: Entry, model: nn.Module) -> bool:
+    """`entry`'s `supports(model)`; an entry that is no adapter, or whose `supports` raises, is reported
+    and counts as not claiming."""
+    try:
+        return bool(adapter_class(entry).supports(model))
+    except Exception as exc:  # a broken adapter must not hide the others
+        warnings.warn(
+            f"adapter {entry.name!r} ({entry.origin}, {entry.cls.__module__}.{entry.cls.__qualname__}) raised in "
+            f"supports() and was skipped: {type(exc).__name__}: {exc}",
+            PluginWarning,
+            stacklevel=3,
+        )
+        return False
 
 
 def adapter_class(entry: Entry) -> type[ModelAdapter]:

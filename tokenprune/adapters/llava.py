@@ -84,6 +84,12 @@ def _key_mask(mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return key.long(), ((allowed[:, 0] == expected) | ~real).all()
 
 
+_NO_IMAGE_TOKEN = (
+    "a prompt without the image token (e.g. '<image>' for LLaVA) cannot take pixel_values: put the token "
+    "where the image goes (the processor expands it), or drop pixel_values"
+)
+
+
 def _image_rows(per_row: list[int], blocks: list[int]) -> list[int]:
     """The batch row of each image, from the placeholders per row and per image (prompt order).
 
@@ -94,6 +100,7 @@ def _image_rows(per_row: list[int], blocks: list[int]) -> list[int]:
         raise InputError(
             f"the prompt holds {sum(per_row)} image tokens but its {len(blocks)} image(s) need "
             f"{sum(blocks)} ({', '.join(map(str, blocks))}); build inputs with the model's processor"
+            + (f"; {_NO_IMAGE_TOKEN}" if not sum(per_row) else "")
         )
     ends, rows, start = list(accumulate(per_row)), [], 0
     for i, block in enumerate(blocks):
@@ -519,6 +526,11 @@ class LlavaAdapter(ModelAdapter):
             placeholders.per_row,
             placeholders.mask,
         )
+        if per_row is None and input_ids.shape[1] < sum(blocks):  # too short to hold them, known on the host
+            raise InputError(
+                f"the prompt has {input_ids.shape[1]} tokens, too few to hold the {sum(blocks)} image tokens its "
+                f"{len(blocks)} image(s) need; {_NO_IMAGE_TOKEN}"
+            )
         counts = per_row if per_row is not None else [sum(blocks)]  # unread: one row holds every block
         image_sample = _image_rows(counts, blocks)
         lengths = [input_ids.shape[1] - n for n in counts]
@@ -567,7 +579,7 @@ class LlavaAdapter(ModelAdapter):
                 DeferredCheck(
                     lambda: (mask.sum() != need).reshape(1),
                     f"the prompt's image tokens are not the {need} its {len(blocks)} image(s) need "
-                    f"({', '.join(map(str, blocks))}); build inputs with the model's processor",
+                    f"({', '.join(map(str, blocks))}); build inputs with the model's processor ({_NO_IMAGE_TOKEN})",
                     InputError,
                 )
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .bench_cmd import bench_command
+from .common import Settings
 from .compare_cmd import compare_command
 from .list_cmd import list_command
 from .run_cmd import run_command
@@ -16,6 +17,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def global_options(
+    debug: bool = typer.Option(
+        False, "--debug", envvar="TOKENPRUNE_DEBUG", help="Show the full traceback of an error instead of one line."
+    ),
+) -> None:
+    """Training-free visual-token compression for multimodal LLMs."""
+    Settings.debug = debug
+
+
 app.command("list")(list_command)
 app.command("run")(run_command)
 app.command("compare")(compare_command)

@@ -10,11 +10,14 @@ import typer
 
 from ..bench import ARCHS, markdown, plot, run
 from ..compiled import COMPILE_MODES
-from ..errors import SpecError
+from ..errors import InputError, SpecError
+from ..models import resolve
 from ..pipeline import Pipeline
 from ..spec import split_top_level
 from ..versions import environment
-from .common import user_errors
+from .common import SEED_MAX, SEED_MIN, check_device, positive_int, split_values, user_errors
+
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 @user_errors
@@ -28,10 +31,10 @@ def bench_command(
     budgets: str = typer.Option("576,192,128,64", help="Comma-separated token counts per image."),
     batch: str = typer.Option("1,16", help="Comma-separated batch sizes."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Torch device."),
-    dtype: str = typer.Option("bfloat16", help="Weights and activations dtype."),
+    dtype: str = typer.Option("bfloat16", help=f"Weights and activations dtype: {', '.join(DTYPES)}."),
     repeats: int = typer.Option(5, min=1, help="Timed repeats per measurement (median)."),
     new_tokens: int = typer.Option(16, min=2, help="Tokens generated for the decode rate."),
-    seed: int = typer.Option(0, help="Seed for weights and inputs."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for weights and inputs."),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache; tower and LLM compiled (CUDA graphs)."),
     compile_mode: str = typer.Option("cudagraphs", help=f"With --compile: {', '.join(COMPILE_MODES)}."),
     out: Path = typer.Option(Path("tokenprune-bench"), help="Output directory."),
@@ -41,14 +44,24 @@ def bench_command(
     Example: tokenprune bench --arch llava-1.5-7b --strategies vtc-cls,fastv --budgets 576,64 --batch 1,16
     """
     names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()]
-    counts = [int(b) for b in budgets.split(",") if b.strip()]
-    sizes = [int(b) for b in batch.split(",") if b.strip()]
-    if not counts or not sizes:
-        raise SpecError("--budgets and --batch need at least one value each")
+    if not names:
+        raise SpecError(f"--strategies {strategies!r} lists no strategy; give e.g. vtc-cls,fastv")
+    counts = split_values("--budgets", budgets, positive_int, "a token count >= 1")
+    sizes = split_values("--batch", batch, positive_int, "a batch size >= 1")
     for name in names:
+        if "@" in name:
+            raise SpecError(f"--strategies takes specs without a budget (--budgets gives them), got {name!r}")
         Pipeline.from_spec(f"{name}@1")
     if model and random_weights:
         raise SpecError("--random-weights and --model exclude each other: give one")
+    if not model and arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if dtype not in DTYPES:
+        raise InputError(f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if compile and compile_mode not in COMPILE_MODES:
+        raise InputError(f"unknown --compile-mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    device = check_device(device)
+    checkpoint = resolve(model) if model else None
     mode = compile_mode if compile else None
     rows = run(
         arch,
@@ -62,7 +75,7 @@ def bench_command(
         seed,
         mode,
         progress=lambda line: typer.echo(line, err=True),
-        model_path=model,
+        model_path=checkpoint,
     )
     meta = {
         "arch": arch if model is None else None,

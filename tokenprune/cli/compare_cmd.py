@@ -21,7 +21,7 @@ from ..pipeline import Pipeline
 from ..registry import list_strategies
 from ..spec import parse_budget, split_top_level
 from ..versions import environment
-from .common import print_json, user_errors
+from .common import SEED_MAX, SEED_MIN, check_device, print_json, user_errors
 
 ADAPTIVE = ("vtc-cls@mass(0.9)",)
 """Rows with a budget rule that the default comparison adds, where the model's adapter runs them."""
@@ -80,7 +80,7 @@ def compare_command(
     out: Path = typer.Option(Path("tokenprune-results"), help="Output directory."),
     batch_size: int = typer.Option(50, min=1, help="Samples per forward."),
     device: str = typer.Option("cpu", help="Torch device."),
-    seed: int = typer.Option(0, help="Torch seed (recorded in the results)."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Torch seed (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
 ) -> None:
     """Compare strategies x budgets: accuracy, agreement and KL vs unpruned, FLOPs, latency.
@@ -91,6 +91,7 @@ def compare_command(
 
     Example: tokenprune compare --strategies vtc-cls,random,uniform --budgets 0.25,0.125 --limit 200
     """
+    check_device(device)
     with shard_from_env() as shard:
         _compare(shard, model, strategies, budgets, limit, data, out, batch_size, shard.device(device), seed, json_out)
 
@@ -112,9 +113,14 @@ def _compare(
     budget_list = [parse_budget(b) for b in split_top_level(budgets, ",") if b.strip()]
     if not budget_list:
         raise SpecError("--budgets is empty; give e.g. 1.0,0.5,0.25")
+    names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()]
+    if strategies.strip() and not names:
+        raise SpecError(
+            f"--strategies {strategies!r} lists no strategy; leave it out to compare every one that applies"
+        )
+    expand(names, budget_list)  # a bad spec is refused before anything loads
     hf_model, processor = load(model, device=device)
-    names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()] or default_strategies(hf_model)
-    plan = expand(names, budget_list)
+    plan = expand(names or default_strategies(hf_model), budget_list)
     adapter = find_adapter(hf_model)
     for _, _, pipeline in plan:
         adapter.check(pipeline)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 import typer
-from PIL import Image
 
 from ..apply import apply
+from ..images import load_image
 from ..models import build_prompt, load
 from ..pipeline import Pipeline
-from .common import print_json, user_errors
+from .common import check_device, print_json, user_errors
 
 
 @user_errors
@@ -31,11 +31,11 @@ def run_command(
     --strategy vtc-cls@36 --json
     """
     pipeline = Pipeline.from_spec(strategy)
-    if not image.is_file():
-        raise FileNotFoundError(f"image file {str(image)!r} does not exist")
+    device = check_device(device)
+    picture = load_image(image)
     hf_model, processor = load(model, device=device)
     text = build_prompt(processor, prompt)
-    inputs = processor(images=Image.open(image).convert("RGB"), text=text, return_tensors="pt").to(device)
+    inputs = processor(images=picture, text=text, return_tensors="pt").to(device)
     with torch.inference_mode(), apply(hf_model, pipeline, positions=positions) as run:
         output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import torch
 import typer
-from PIL import Image
 
 from ..adapters.base import find_adapter
 from ..apply import apply
-from ..errors import InputError
+from ..errors import InputError, SpecError
+from ..images import load_image
 from ..models import DEMO, build_prompt, load
 from ..pipeline import Pipeline
 from ..spec import split_top_level
 from ..visualize import draw, processed_image, stage_maps
-from .common import user_errors
+from .common import check_device, user_errors
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
 @user_errors
@@ -32,14 +34,17 @@ def visualize_command(
     Example: tokenprune visualize --image scene.png --strategy vtc-cls@36,uniform@36 --out kept.png
     """
     pipelines = [Pipeline.from_spec(s) for s in split_top_level(strategy, ",") if s.strip()]
-    if not image.is_file():
-        raise FileNotFoundError(f"image file {str(image)!r} does not exist")
+    if not pipelines:
+        raise SpecError(f"--strategy {strategy!r} lists no pipeline; give e.g. vtc-cls@36,uniform@36")
+    device = check_device(device)
+    picture = load_image(image)
+    if out.is_dir() or out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"--out {str(out)!r} must be an image file path ending in {', '.join(IMAGE_SUFFIXES)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     hf_model, processor = load(model, device=device)
     adapter = find_adapter(hf_model)
     grid = adapter.info().grid
-    inputs = processor(
-        images=Image.open(image).convert("RGB"), text=build_prompt(processor, prompt), return_tensors="pt"
-    ).to(device)
+    inputs = processor(images=picture, text=build_prompt(processor, prompt), return_tensors="pt").to(device)
     panels = []
     for pipeline in pipelines:
         with torch.inference_mode(), apply(hf_model, pipeline) as run:
