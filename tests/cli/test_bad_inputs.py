@@ -94,7 +94,7 @@ def cases() -> list[tuple[str, list[str], dict[str, str], str]]:
         ("visualize-empty-list", [*vis[:5], "--strategy", ",", *vis[7:]], {}, "lists no pipeline"),
         ("visualize-bad-out", [*vis[:-1], "{out}/kept.txt"], {}, "must be an image file path"),
         ("compare-empty-list", [*cmp[:3], "--strategies", ",", *cmp[5:]], {}, "lists no strategy"),
-        ("compare-bad-budgets", [*cmp[:5], "--budgets", "abc", *cmp[7:]], {}, "malformed budget 'abc'"),
+        ("compare-bad-budgets", [*cmp[:5], "--budgets", "abc", *cmp[7:]], {}, "unknown budget rule 'abc'; known rules"),
         ("compare-no-budgets", [*cmp[:5], "--budgets", ",", *cmp[7:]], {}, "--budgets is empty"),
         ("compare-seed-too-big", [*cmp, "--seed", str(2**64)], {}, "Invalid value for '--seed'"),
         ("compare-seed-too-small", [*cmp, "--seed", str(-(2**63) - 1)], {}, "Invalid value for '--seed'"),
