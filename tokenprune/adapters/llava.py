@@ -18,7 +18,7 @@ from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
-from ..signals import ClsAttention, PatchKeys
+from ..signals import ClsAttention, PatchAttention, PatchKeys
 from ..strategy import DeferredCheck, ModelInfo, raise_deferred
 from ..trace import ForwardRecord, StageRecord
 from .base import ModelAdapter
@@ -159,9 +159,12 @@ class LlavaAdapter(ModelAdapter):
         blocks = self._feature_blocks()
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
         return ModelInfo(
             vision_layers=depth,
             feature_layer=max(blocks) if max(blocks) >= 0 else None,
+            feature_index=layers[blocks.index(max(blocks))],
             has_cls=_has_cls(self.core.vision_tower),
             grid=(side, side),
             llm_layers=self.config.text_config.num_hidden_layers,
@@ -177,7 +180,7 @@ class LlavaAdapter(ModelAdapter):
         llm_stages = [s for s in pipeline.stages if s.place.kind == "llm"]
         check_signal_blocks(vision_stages + self._projector_stages, info, min(self._feature_blocks()))
         signals = required_signals(vision_stages + self._projector_stages, info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
+        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchAttention | PatchKeys)]
         if unknown:
             raise SignalError(
                 f"the llava adapter cannot provide {unknown} in the vision encoder or before the projector"

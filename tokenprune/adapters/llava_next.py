@@ -40,7 +40,7 @@ from ..flops import signal_flops
 from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
-from ..signals import ClsAttention, PatchKeys
+from ..signals import ClsAttention, PatchAttention, PatchKeys
 from ..strategy import DeferredCheck
 from ..trace import ForwardRecord
 from .decoder import DecoderStage
@@ -95,7 +95,7 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
         signals = required_signals(self._projector_stages, self._info)
-        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchKeys)]
+        unknown = [s for s in signals if not isinstance(s, ClsAttention | PatchAttention | PatchKeys)]
         if unknown:
             raise SignalError(f"the llava-next adapter cannot provide {unknown} before the LLM")
         encoder = _encoder_layers(self.core.vision_tower)
