@@ -113,9 +113,12 @@ class ScoringStrategy(Strategy):
         places: place kinds where it can run (`"vision"`, `"projector"`, `"llm"`).
         default_place: where a spec without `@place` puts it, e.g. `"projector"` or `"llm:2"`.
         default_selector: the selector a spec without `+selector` pairs it with.
+        withdraws: the scorer only names the withdrawal of every visual token (VTW); its stages
+            must have budget 0.
     """
 
     role: ClassVar[str] = "scorer"
+    withdraws: ClassVar[bool] = False
     places: ClassVar[tuple[str, ...]] = ("projector",)
     default_place: ClassVar[str] = "projector"
     default_selector: ClassVar[str] = "topk"
