@@ -23,20 +23,32 @@ from ..spec import parse_budget, split_top_level
 from ..versions import environment
 from .common import print_json, user_errors
 
+VARIANTS = ("fopru(variant='row')",)
+"""Named variants compared beside their strategy's defaults (when the strategy runs)."""
+
 
 def default_strategies(model: Any) -> list[str]:
     """Every registered strategy that this model's adapter runs with its defaults (scorers with
-    their default selector and place, and score-free selectors)."""
+    their default selector and place, and score-free selectors), the `VARIANTS`, and VTW at half
+    the LLM's depth. A scorer whose default selector picks its own count per image (PruMerge's
+    IQR rule) is compared in its fixed-budget form, since images of one batch keep one count."""
     adapter = find_adapter(model)
     names = []
     for name, entry in list_strategies().items():
-        if entry.role == "selector" and entry.cls.needs_scores:
+        if entry.role == "selector" and entry.cls.needs_scores or entry.role == "scorer" and entry.cls.withdraws:
             continue
+        pipeline = Pipeline.from_spec(f"{name}@1.0")
         try:
-            adapter.check(Pipeline.from_spec(f"{name}@1.0"))
+            adapter.check(pipeline)
         except TokenpruneError:
             continue
-        names.append(name)
+        stage = pipeline.stages[0]
+        fixed = entry.role == "scorer" and not stage.selector.keeps_exactly_k()
+        names.append(f"{name}+{stage.selector.name}(adaptive=False)" if fixed else name)
+        names += [v for v in VARIANTS if v.split("(")[0] == name]
+    layers = adapter.info().llm_layers
+    if layers and layers > 1 and "vtw" in list_strategies():
+        names.append(f"vtw@0@llm:{layers // 2}")
     return names
 
 
