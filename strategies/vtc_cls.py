@@ -15,7 +15,7 @@ def require_cls(name: str, info: ModelInfo) -> None:
     if not info.has_cls:
         raise SignalError(
             f"{name!r} scores tokens by [CLS] attention, but this model's vision encoder has no "
-            "[CLS] token; use a scorer that needs none (e.g. random) or a score-free selector "
+            "[CLS] token; use a scorer that needs none (e.g. fopru, random) or a score-free selector "
             "(e.g. uniform)"
         )
 
