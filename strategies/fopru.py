@@ -49,7 +49,9 @@ class FoPru(ScoringStrategy):
         return info.feature_layer
 
     def _signals(self, info: ModelInfo) -> dict[str, PatchAttention]:
-        axes = ("col", "row") if self.significance == "variance" else (self.significance,)
+        axes: tuple[Literal["col", "row"], ...] = (
+            ("col", "row") if self.significance == "variance" else (self.significance,)
+        )
         return {a: PatchAttention(layer=self._block(info), axis=a, scores=self.scores) for a in axes}
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
