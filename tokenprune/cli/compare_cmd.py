@@ -23,8 +23,9 @@ from ..spec import parse_budget, split_top_level
 from ..versions import environment
 from .common import print_json, user_errors
 
-VARIANTS = ("fopru(variant='row')",)
-"""Named variants compared beside their strategy's defaults (when the strategy runs)."""
+VARIANTS = {"fopru(variant='row')": ("llava",)}
+"""Named variants compared beside their strategy's defaults, with the adapters they run on (FoPru's
+row variant needs one patch grid per image, which tiled crops do not give)."""
 
 
 def default_strategies(model: Any) -> list[str]:
@@ -45,7 +46,7 @@ def default_strategies(model: Any) -> list[str]:
         stage = pipeline.stages[0]
         fixed = entry.role == "scorer" and not stage.selector.keeps_exactly_k()
         names.append(f"{name}+{stage.selector.name}(adaptive=False)" if fixed else name)
-        names += [v for v in VARIANTS if v.split("(")[0] == name]
+        names += [v for v, on in VARIANTS.items() if v.split("(")[0] == name and adapter.name in on]
     layers = adapter.info().llm_layers
     if layers and layers > 1 and "vtw" in list_strategies():
         names.append(f"vtw@0@llm:{layers // 2}")
