@@ -1,6 +1,7 @@
 """VisionZip (arXiv 2412.04467): dominant tokens by [CLS] attention plus merged contextual tokens."""
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -17,9 +18,11 @@ from tokenprune.strategy import ModelInfo, Selector
 @register("visionzip")
 class VisionZip(VTCCLS):
     """VisionZip's scorer: [CLS] attention of the block the projector reads (the official code:
-    `attentions[select_layer]`, summed over heads, the same ranking as the head mean), paired with
+    `attentions[-2]`, summed over heads, the same ranking as the head mean; default `layer=None`
+    reads the block whose output the projector merges, the same block for LLaVA-1.5), paired with
     `visionzip-merge`."""
 
+    layer: int | None = None
     default_selector = "visionzip-merge"
     places = ("projector",)  # defined on the encoder's output, not inside it
 
@@ -29,13 +32,17 @@ class VisionZipMerge(Selector):
     """VisionZip's selection: `k - c` dominant tokens (best scores), then `c` contextual tokens from
     the rest: every `step`-th remaining token (`step = max(1, R // c)`, in raster order) is a target,
     each other remaining token joins the target whose head-mean key (block `layer`, default the
-    projector's block) is most cosine-similar, and a contextual token is the plain mean of its
-    group. `contextual=None` follows the paper's 54+10 / 108+20 / 162+30 split: `c = round(10k/64)`.
+    projector's block) is most cosine-similar. `merge="target+mean"` (default, as the official
+    code): a contextual token is its target plus the mean of the other members of its group (the
+    target alone if none joined); `merge="mean"`: the plain mean of the group, target included.
+    `contextual=None` follows the paper's 54+10 / 108+20 / 162+30 split: `c = round(10k/64)`.
     The official code also keeps [CLS] among the dominant tokens; here the stage sees patches only.
-    Outputs are in raster order of their representatives (the targets for contextual tokens)."""
+    Outputs are in raster order of their representatives (the targets for contextual tokens);
+    provenance weights are the mixing weights normalised to sum to 1."""
 
     contextual: int | None = Field(None, ge=0)
     layer: int | None = None
+    merge: Literal["target+mean", "mean"] = "target+mean"
 
     def _block(self, info: ModelInfo) -> int:
         if self.layer is not None:
@@ -74,6 +81,13 @@ class VisionZipMerge(Selector):
             member[:, :, targets] = torch.eye(c, device=tokens.device)
             member[:, :, ~is_target] = torch.nn.functional.one_hot(group, c).transpose(1, 2).float()
             contextual = torch.zeros(b, c, n, device=tokens.device).scatter_(2, rest[:, None].expand(-1, c, -1), member)
-            weights[:, k - c :] = contextual / contextual.sum(-1, keepdim=True)
+            if self.merge == "mean":
+                weights[:, k - c :] = contextual / contextual.sum(-1, keepdim=True)
+            else:  # the target (weight 1) plus the mean of the others (1 / their count)
+                others = (contextual.sum(-1, keepdim=True) - 1).clamp_min(1)
+                target = torch.zeros_like(contextual).scatter_(2, rest[:, targets, None], 1.0)
+                weights[:, k - c :] = target + (contextual - target) / others
             index = torch.cat([dominant, rest[:, targets]], dim=1)
-        return Reduction(tokens=weights.to(tokens.dtype) @ tokens, index=index, weights=weights).in_index_order()
+        merged = weights.to(tokens.dtype) @ tokens
+        weights = weights / weights.sum(-1, keepdim=True)
+        return Reduction(tokens=merged, index=index, weights=weights).in_index_order()

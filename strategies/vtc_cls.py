@@ -15,7 +15,7 @@ def require_cls(name: str, info: ModelInfo) -> None:
     if not info.has_cls:
         raise SignalError(
             f"{name!r} scores tokens by [CLS] attention, but this model's vision encoder has no "
-            "[CLS] token; use a scorer that needs none (e.g. random) or a score-free selector "
+            "[CLS] token; use a scorer that needs none (e.g. fopru, random) or a score-free selector "
             "(e.g. uniform)"
         )
 
@@ -25,13 +25,15 @@ class VTCCLS(ScoringStrategy):
     """VTC-CLS (arXiv 2412.05819): keep the tokens the [CLS] query attends to most, one layer.
 
     Score of a patch = post-softmax attention of [CLS] on it, mean over heads, in vision block
-    `layer` (Python index; default `None`: the block whose output the projector uses, the
-    penultimate for LLaVA-1.5). Paired with `topk`; kept tokens return to raster order. Inside the
-    encoder (`vtc-cls(layer=4)@288@vision:8`) it prunes by an earlier block's [CLS] row.
+    `layer` (Python index; default `-2`: the penultimate block, as the official code's
+    `attentions[-2]`, whatever layer the projector reads; `None`: the block whose output the
+    projector uses, the same block for LLaVA-1.5). Paired with `topk`; kept tokens return to raster
+    order. Inside the encoder (`vtc-cls(layer=4)@288@vision:8`) it prunes by an earlier block's
+    [CLS] row.
     """
 
     places: ClassVar[tuple[str, ...]] = ("projector", "vision")
-    layer: int | None = None
+    layer: int | None = -2
 
     def block(self, info: ModelInfo) -> int:
         """The non-negative vision block this scorer reads."""
@@ -41,7 +43,7 @@ class VTCCLS(ScoringStrategy):
         if info.feature_layer is None:
             raise SignalError(
                 "the projector reads the patch embeddings, which no attention block produced; "
-                "give vtc-cls an explicit layer, e.g. vtc-cls(layer=-1)"
+                f"give {self.name} an explicit layer, e.g. {self.name}(layer=-1)"
             )
         return info.feature_layer
 

@@ -170,8 +170,12 @@ def prumerge_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor,
     return [i for i, _ in rows], tokens, share / share.sum(-1, keepdim=True)
 
 
-def visionzip_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor, k: int, c: int):
-    """VisionZip on one image with loops: `(index, tokens)` in ascending index order."""
+def visionzip_reference(
+    x: torch.Tensor, scores: list[float], keys: torch.Tensor, k: int, c: int, merge: str = "target+mean"
+):
+    """VisionZip on one image with loops: `(index, tokens)` in ascending index order. `merge`:
+    `"target+mean"` (the official code: the target plus the mean of the other members, the target
+    alone when none joined) or `"mean"` (the plain mean of the group)."""
     n = x.shape[0]
     c = min(c, k - 1)
     dominant = topk_reference(scores, k - c)
@@ -186,7 +190,12 @@ def visionzip_reference(x: torch.Tensor, scores: list[float], keys: torch.Tensor
             if j not in groups:
                 sims = [float(unit[j] @ unit[t]) for t in targets]
                 groups[targets[sims.index(max(sims))]].append(j)
-        outputs += [(t, torch.stack([x[m].double() for m in members]).mean(0)) for t, members in groups.items()]
+        for t, members in groups.items():
+            if merge == "mean":
+                outputs.append((t, torch.stack([x[m].double() for m in members]).mean(0)))
+            else:
+                others = [x[m].double() for m in members if m != t]
+                outputs.append((t, x[t].double() + (torch.stack(others).mean(0) if others else 0.0)))
     outputs.sort(key=lambda o: o[0])
     return [i for i, _ in outputs], torch.stack([t for _, t in outputs])
 
@@ -238,3 +247,69 @@ def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
         rest = [i for i in range(n) if i not in chosen]
         chosen.append(max(rest, key=lambda i: (min(d[i][c] for c in chosen), -i)))
     return sorted(chosen)
+
+
+def block_qk_eager(path: str, pixel_values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([I, T, D], [I, T, D])` query and key projections of all tokens ([CLS] first) in vision block
+    `block`, recomputed from the block's input hidden state (pre-attention LayerNorm, projections)."""
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    block %= len(layers)
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states[block]
+        layer = layers[block]
+        normed = layer.layer_norm1(hidden)
+        return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
+
+
+def prumerge_official_reference(
+    x: torch.Tensor, scores: list[float], keys: torch.Tensor, neighbours: int, plus: bool = False
+) -> tuple[list[int], torch.Tensor]:
+    """The official PruMerge (or PruMerge+) on one image, transcribed with numpy and loops:
+    `(index, tokens)` in the official output order (kept tokens best first, then PruMerge+'s
+    uniform samples, then the extra token at the best pruned position; none when nothing is pruned)."""
+    import numpy as np
+
+    n = len(scores)
+    values = np.asarray(scores, dtype=np.float32)
+    q1, q3 = np.percentile(values, 25), np.percentile(values, 75)
+    ratio = int((values > q3 + 1.5 * (q3 - q1)).sum()) / n
+    kept = sorted(range(n), key=lambda j: (-scores[j], j))[: int(n * ratio)]
+    if plus and kept:
+        stride = max(1, int(int(1 / ratio) / 3))
+        kept += [j for j in range(0, n - 1, stride) if j not in kept]
+    unit = torch.nn.functional.normalize(keys.double(), dim=-1)
+    rows = []
+    for i in kept:
+        others = sorted((j for j in range(n) if j != i), key=lambda j: (-float(unit[i] @ unit[j]), j))
+        rows.append(x[i].double() + sum(scores[j] * x[j].double() for j in others[:neighbours]))
+    pruned = [j for j in range(n) if j not in kept]
+    if not pruned:  # every token kept: the official code appends an all-zero token (N + 1 outputs)
+        return kept, torch.stack(rows)
+    rows.append(sum(scores[j] * x[j].double() for j in pruned))
+    best = max(pruned, key=lambda j: (scores[j], -j))
+    return kept + [best], torch.stack(rows)
+
+
+def fopru_reference(
+    query: torch.Tensor, keys: torch.Tensor, heads: int, first: int, k: int, variant: str, grid: tuple[int, int]
+) -> list[int]:
+    """FoPru on one image (`query`, `keys` `[T, D]`), as the authors' group's code: head-mean
+    logits `QK^T / sqrt(d)`, [CLS] row and column dropped, column or row mean by larger variance
+    (row on a tie), then the k best (`rank`) or the best whole rows (`row`, k a multiple of cols)."""
+    d = query.shape[-1] // heads
+    logits = torch.stack(
+        [
+            query[:, h * d : (h + 1) * d].double() @ keys[:, h * d : (h + 1) * d].double().T / d**0.5
+            for h in range(heads)
+        ]
+    ).mean(0)[first:, first:]
+    col, row = logits.mean(0), logits.mean(1)
+    sig = (col if col.var() > row.var() else row).tolist()
+    if variant == "rank":
+        return topk_reference(sig, k)
+    rows, cols = grid
+    sums = [sum(sig[r * cols : (r + 1) * cols]) for r in range(rows)]
+    best = sorted(range(rows), key=lambda r: (-sums[r], r))[: k // cols]
+    return sorted(r * cols + c for r in best for c in range(cols))

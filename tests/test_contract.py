@@ -10,19 +10,26 @@ import tokenprune as tp
 
 def spec_for(name: str, budget, at: str | None = None) -> str:
     """A runnable spec: a selector that needs scores goes with the scorer that defaults to it, else
-    with vtc-cls; `at` overrides the default place."""
+    with vtc-cls; `at` overrides the default place. An adaptive selector (PruMerge's, whose count
+    is its own per image, in score order) runs in its fixed-budget raster form, `adaptive=False,
+    order='raster'`, which this contract pins; its defaults are tested against the official rule
+    in its own tests."""
     entries = tp.list_strategies()
     entry = entries[name]
     place = f"@{at}" if at else ""
-    if entry.role == "selector" and entry.cls.needs_scores:
-        partner = next(
+    scorer, selector = (None, name) if entry.role == "selector" else (name, entry.cls.default_selector)
+    if scorer is None and entry.cls.needs_scores:
+        scorer = next(
             (n for n, e in entries.items() if e.role == "scorer" and e.cls.default_selector == name), "vtc-cls"
         )
-        return f"{partner}+{name}@{budget}{place}"
-    return f"{name}@{budget}{place}"
+    if "adaptive" in entries[selector].cls.model_fields:
+        selector = f"{selector}(adaptive=False,order='raster')"
+    elif scorer is not None and entry.role == "scorer":
+        return f"{name}@{budget}{place}"
+    return "+".join(t for t in (scorer, selector) if t) + f"@{budget}{place}"
 
 
-STRATEGIES = sorted(tp.list_strategies())
+STRATEGIES = sorted(n for n, e in tp.list_strategies().items() if not (e.role == "scorer" and e.cls.withdraws))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .signals import ClsAttention, KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
+from .signals import ClsAttention, KeyNorm, NormedTokens, PatchAttention, Signal, TextAttention, TextPivots
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -40,6 +40,8 @@ def signal_flops(signal: Signal, tokens: int, width: int) -> int:
     tokens of width `width` (LLM signals). Projections the model computes anyway are not counted.
 
     * `ClsAttention`: the [CLS] query against every key, `2 * tokens * width`;
+    * `PatchAttention`: logits, a mean query (or key) against every key (or query), `2 * tokens *
+      width`; softmax, every query against every key, `2 * tokens ** 2 * width`;
     * `TextAttention`: one query row (`last`) or every row (`mean`) against every key,
       `2 * tokens * width` times 1 or `tokens`;
     * `KeyNorm`, `TextPivots`: the rotary embedding and norm of every key, `4 * tokens * width`;
@@ -48,6 +50,8 @@ def signal_flops(signal: Signal, tokens: int, width: int) -> int:
     """
     if isinstance(signal, ClsAttention):
         return 2 * tokens * width
+    if isinstance(signal, PatchAttention):
+        return 2 * tokens * width * (tokens if signal.scores == "softmax" else 1)
     if isinstance(signal, TextAttention):
         return 2 * tokens * width * (tokens if signal.query == "mean" else 1)
     if isinstance(signal, KeyNorm | TextPivots):

@@ -129,6 +129,11 @@ class Stage(BaseModel):
                 f"selector {self.selector.name!r} needs scores; pair it with a scorer, "
                 f"e.g. vtc-cls+{self.selector.name}@64"
             )
+        if self.scorer is not None and self.scorer.withdraws and self.budget != 0:
+            raise SpecError(
+                f"{self.scorer.name!r} withdraws every visual token, so its budget is 0 "
+                f"(e.g. {self.scorer.name}@0@{self.scorer.default_place}), not {self.budget!r}"
+            )
         place = self.place
         if self.scorer is not None and place.kind not in self.scorer.places:
             raise PlaceError(

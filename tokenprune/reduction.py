@@ -14,8 +14,10 @@ class Reduction:
 
     Attributes:
         tokens: `[B, k, D]` the output tokens.
-        index: `[B, k]` long, ascending per row: each output's representative input token (the kept
-            token itself for a drop; for a merge, the input token whose position the output takes).
+        index: `[B, k]` long, distinct per row and ascending unless the selector's docstring says
+            otherwise (`prumerge-merge`'s score order): each output's representative input token (the
+            kept token itself for a drop; for a merge, the input token whose position the output
+            takes). The outputs reach the LLM in this order.
         weights: `[B, k, N]` provenance weights, each row summing to 1, or `None` for a pure drop
             (one-hot at `index`).
         counts: per image, its number of outputs when images keep different counts (a budget

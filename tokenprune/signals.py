@@ -19,12 +19,30 @@ class Signal(BaseModel):
 class ClsAttention(Signal):
     """Post-softmax attention of the [CLS] query on each patch key in one vision-encoder block.
 
-    Averaged over heads (unweighted); the [CLS]->[CLS] entry is excluded, so the value is `[B, N]`
-    over the `N` patch tokens (softmax taken over all `N + 1` keys). `layer` is a non-negative block
-    index into the encoder's layers.
+    `heads="mean"`: per-head attention, averaged over heads (unweighted); `heads="concat"`: one
+    attention over the full projection width `D`, scaled by `D ** -0.5` (PruMerge's official
+    score). The [CLS]->[CLS] entry is excluded, so the value is `[B, N]` over the `N` patch tokens
+    (softmax taken over all `N + 1` keys). `layer` is a non-negative block index.
     """
 
     layer: int = Field(ge=0)
+    heads: Literal["mean", "concat"] = "mean"
+
+
+class PatchAttention(Signal):
+    """Mean over one axis of the patch-to-patch attention map of one vision-encoder block,
+    averaged over heads, `[B, N]` (the [CLS] row and column, if any, dropped): FoPru's significance.
+
+    `axis="col"`: entry `j` is the mean over queries `i` of `A[i, j]` (attention patch `j`
+    receives); `axis="row"`: entry `i` is the mean over keys `j` of `A[i, j]` (attention patch `i`
+    gives). `scores="logits"`: `A = QK^T / sqrt(d)` before the softmax (linear, so no `N x N` map is
+    built); `scores="softmax"`: post-softmax probabilities over all keys of the block ([CLS]
+    included), computed in query chunks. `layer` is a non-negative block index.
+    """
+
+    layer: int = Field(ge=0)
+    axis: Literal["col", "row"] = "col"
+    scores: Literal["logits", "softmax"] = "logits"
 
 
 class PatchKeys(Signal):

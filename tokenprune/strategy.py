@@ -28,6 +28,10 @@ class ModelInfo:
         vision_layers: number of blocks in the vision encoder.
         feature_layer: the block whose output the projector uses (non-negative index), or `None`
             when the features are the embeddings.
+        feature_index: the projector's feature layer as configured: an index into the encoder's
+            `hidden_states` (`0`: the embeddings, `-2`: the penultimate block's output), or `None`
+            when unknown. Official code that indexes `attentions` with it reads block
+            `feature_index` (Python-style), which is `feature_layer + 1` for a non-negative index.
         has_cls: whether the vision encoder has a [CLS] token.
         grid: `(rows, cols)` of the patch grid of the tokens reaching a stage, or `None`.
         llm_layers: number of decoder layers in the LLM.
@@ -37,6 +41,7 @@ class ModelInfo:
 
     vision_layers: int | None = None
     feature_layer: int | None = None
+    feature_index: int | None = None
     has_cls: bool = False
     grid: tuple[int, int] | None = None
     llm_layers: int | None = None
@@ -135,9 +140,12 @@ class ScoringStrategy(Strategy):
         places: place kinds where it can run (`"vision"`, `"projector"`, `"llm"`).
         default_place: where a spec without `@place` puts it, e.g. `"projector"` or `"llm:2"`.
         default_selector: the selector a spec without `+selector` pairs it with.
+        withdraws: the scorer only names the withdrawal of every visual token (VTW); its stages
+            must have budget 0.
     """
 
     role: ClassVar[str] = "scorer"
+    withdraws: ClassVar[bool] = False
     places: ClassVar[tuple[str, ...]] = ("projector",)
     default_place: ClassVar[str] = "projector"
     default_selector: ClassVar[str] = "topk"
@@ -230,6 +238,12 @@ class Selector(Strategy):
         selector that lists any receives exactly those as `select(..., signals={signal: value})`."""
         return ()
 
+    def keeps_exactly_k(self) -> bool:
+        """Whether `select` returns exactly `k` tokens per image (True by default); an adaptive
+        selector returns a count of its own choosing, the same for every image of a batch, and
+        treats `k` as a cap."""
+        return True
+
     def reduce(
         self,
         tokens: Tensor,
@@ -239,7 +253,8 @@ class Selector(Strategy):
         signals: Mapping[Signal, Tensor] | None = None,
         deferred: list[DeferredCheck] | None = None,
     ) -> Reduction:
-        """Validate the inputs, select, and check that exactly `k` tokens come out per image.
+        """Validate the inputs, select, and check that exactly `k` tokens come out per image (at
+        most `k`, the same count for every image, for a selector that does not `keeps_exactly_k`).
 
         `deferred`: when given, the score and output checks are appended to it (device-side flags, no
         host sync) instead of run now; the caller must pass the list to `raise_deferred` before using the output.
@@ -268,9 +283,10 @@ class Selector(Strategy):
             self._check(deferred, *score_check(self, scores))
         extra = {"signals": signals or {}} if type(self).signals is not Selector.signals else {}
         reduction = self.select(tokens, scores, k, grid, **extra)
-        if reduction.index.shape != (b, k) or reduction.tokens.shape[:2] != (b, k):
+        out = k if self.keeps_exactly_k() else min(reduction.index.shape[1], k)
+        if reduction.index.shape != (b, out) or reduction.tokens.shape[:2] != (b, out):
             raise ScoreError(
-                f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {k})"
+                f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {out})"
             )
         self._check(deferred, *output_check(self, tokens, reduction.tokens))
         return reduction

@@ -19,7 +19,9 @@ class StageRecord:
         at: its place.
         tokens_in: visual tokens per image reaching the stage (`N`).
         tokens_out: tokens per image leaving it (`k`).
-        kept: per image, `[k]` long: the encoder patch index each output stands for, ascending.
+        kept: per image, `[k]` long: the encoder patch index each output stands for, in output
+            order: ascending, unless the selector keeps another order (`prumerge-merge`'s
+            `order="score"`).
         weights: per image, `[k, N]` provenance weights for merges; `None` for pure drops.
         scores: per image, the scorer's `[N]` scores over the tokens reaching the stage; `None`
             for a score-free selector.

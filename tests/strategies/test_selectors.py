@@ -44,10 +44,21 @@ def signals_for(selector, tokens: torch.Tensor) -> dict:
 @settings(max_examples=60, deadline=None)
 @given(scored_tokens())
 def test_every_selector_k_distinct_sorted_in_range_deterministic(case):
-    """Exactly k outputs, distinct ascending representatives, provenance rows summing to 1."""
+    """Exactly k outputs, distinct ascending representatives, provenance rows summing to 1 (an
+    adaptive selector in its fixed raster form; adaptively, per image: at most k outputs, distinct
+    representatives)."""
     tokens, scores, k = case
     for name in SELECTORS:
-        selector = tp.create(name)
+        adaptive = "adaptive" in tp.list_strategies()[name].cls.model_fields
+        if adaptive:
+            for b in range(tokens.shape[0]):
+                one, one_scores = tokens[b : b + 1], scores[b : b + 1]
+                selector = tp.create(name)
+                red = selector.reduce(one, one_scores, k, None, signals_for(selector, one))
+                idx = red.index[0].tolist()
+                assert len(idx) <= k and len(set(idx)) == len(idx) and all(0 <= i < one.shape[1] for i in idx)
+                assert torch.allclose(red.dense_weights(one.shape[1]).sum(-1), torch.ones(1, len(idx)))
+        selector = tp.create(name, **({"adaptive": False, "order": "raster"} if adaptive else {}))
         signals = signals_for(selector, tokens)
         red = selector.reduce(tokens, scores, k, None, signals)
         again = selector.reduce(tokens, scores, k, None, signals)

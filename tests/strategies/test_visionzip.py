@@ -12,14 +12,15 @@ from tokenprune.signals import PatchKeys
 
 
 @settings(max_examples=40, deadline=None)
-@given(keyed_token_cases(max_n=16, key_width=4, salt=13), st.integers(0, 5))
-def test_merge_matches_loop_reference(case, contextual):
+@given(keyed_token_cases(max_n=16, key_width=4, salt=13), st.integers(0, 5), st.sampled_from(["target+mean", "mean"]))
+def test_merge_matches_loop_reference(case, contextual, merge):
     x, scores, keys, k = case
-    red = tp.create("visionzip-merge", contextual=contextual).reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
+    selector = tp.create("visionzip-merge", contextual=contextual, merge=merge)
+    red = selector.reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
     assert red.index.shape == (2, k)
     torch.testing.assert_close(red.weights.sum(-1), torch.ones(2, k))
     for b in range(2):
-        index, tokens = visionzip_reference(x[b], scores[b].tolist(), keys[b], k, contextual)
+        index, tokens = visionzip_reference(x[b], scores[b].tolist(), keys[b], k, contextual, merge)
         assert red.index[b].tolist() == index
         torch.testing.assert_close(red.tokens[b].double(), tokens, atol=1e-5, rtol=1e-5)
 

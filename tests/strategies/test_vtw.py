@@ -68,3 +68,22 @@ def test_budget_zero_only_inside_the_llm_and_last():
         tp.Pipeline.from_spec("uniform@0")
     with pytest.raises(SpecError, match="must be the last stage"):
         tp.Pipeline.from_spec("uniform@0@llm:1 > fastv@2@llm:2")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@torch.no_grad()
+def test_vtw_by_name_is_budget_zero(tiny, k):
+    inputs = tiny.inputs(QUESTIONS, images(2, seed=8))
+    with tp.apply(tiny.model, f"uniform@0@llm:{k}"):
+        expected = tiny.model(**inputs).logits
+    with tp.apply(tiny.model, f"vtw@0@llm:{k}") as run:
+        got = tiny.model(**inputs).logits
+    assert torch.equal(got, expected)
+    assert run.trace[0].stages[0].tokens_out == 0
+
+
+def test_vtw_names_the_paper_setting():
+    assert "vtw" in tp.list_strategies()
+    assert tp.Pipeline.from_spec("vtw@0").stages[0].at == "llm:16"  # the paper's LLaVA-1.5 layer
+    with pytest.raises(SpecError, match=r"budget is 0 \(e\.g\. vtw@0@llm:16\), not 0\.5"):
+        tp.Pipeline.from_spec("vtw@0.5@llm:2")

@@ -168,9 +168,12 @@ class LlavaAdapter(ModelAdapter):
         blocks = self._feature_blocks()
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
         return ModelInfo(
             vision_layers=depth,
             feature_layer=max(blocks) if max(blocks) >= 0 else None,
+            feature_index=layers[blocks.index(max(blocks))],
             has_cls=_has_cls(self.core.vision_tower),
             grid=(side, side),
             llm_layers=self.config.text_config.num_hidden_layers,

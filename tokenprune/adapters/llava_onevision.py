@@ -2,8 +2,8 @@
 (`tokenprune.adapters.llava_next`) on a SigLIP tower, which has no [CLS] token.
 
 * [CLS]-based scorers (`vtc-cls`, `vtc-cls-ensemble`, `fastervlm`, `prumerge`, `visionzip`) are
-  refused, naming what runs instead: score-free selectors (`divprune`, `tome`, `pool`, `uniform`) and
-  `random`. No substitute score is made up.
+  refused, naming what runs instead: score-free selectors (`divprune`, `tome`, `pool`, `uniform`),
+  `random`, and `fopru` (patch-to-patch attention, no [CLS] needed). No substitute score is made up.
 * `anyres_max_9`: HF downsamples (bilinear) the grid of an image larger than the allowance; those
   tokens' provenance is the nearest patch.
 * Multi-image prompts (`batch_num_images` > 1) encode each image as one crop, as HF does.

@@ -1,4 +1,5 @@
-"""Cheap vision-encoder signals from a block's own q/k projections: [CLS] attention rows, patch keys."""
+"""Cheap vision-encoder signals from a block's own q/k projections: [CLS] attention rows, patch
+keys, and the column or row means of the patch-to-patch attention map."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..signals import ClsAttention, PatchKeys, Signal
+from ..signals import ClsAttention, PatchAttention, PatchKeys, Signal
+
+VisionSignal = ClsAttention | PatchKeys | PatchAttention
+
+QUERY_CHUNK = 256
+"""Queries per step of a softmax `PatchAttention`: the map is built `[B, H, 256, T]` at a time."""
 
 
 def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> Tensor:
@@ -19,6 +25,8 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
     Args:
         query: `[B, 1, D]` the [CLS] query projection.
         keys: `[B, 1 + N, D]` the key projections, [CLS] first.
+        heads: the number of heads `H` the width `D` splits into (1: one attention over all of `D`).
+        scale: the factor applied to each query-key product.
     Returns:
         `[B, N]` float32: softmax over all `1 + N` keys, mean over heads, the [CLS] key dropped.
     """
@@ -28,45 +36,87 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
     return probs.mean(dim=1)[:, 0, 1:]
 
 
-def split_vision_signals(signals: set[Signal]) -> tuple[set[ClsAttention | PatchKeys], list[Signal]]:
+def split_vision_signals(signals: set[Signal]) -> tuple[set[VisionSignal], list[Signal]]:
     """`signals` split into those a `VisionProbe` computes and the rest (which it cannot provide)."""
-    vision = {s for s in signals if isinstance(s, ClsAttention | PatchKeys)}
+    vision: set[VisionSignal] = {s for s in signals if isinstance(s, ClsAttention | PatchKeys | PatchAttention)}
     return vision, [s for s in signals if s not in vision]
+
+
+def patch_attention(
+    query: Tensor, keys: Tensor, heads: int, scale: float, first: int, signal: PatchAttention
+) -> Tensor:
+    """Head-mean column or row mean of the patch-to-patch attention map (`signal.axis`).
+
+    Args:
+        query: `[B, T, D]` the query projections of all `T` tokens (`first` leading non-patch ones).
+        keys: `[B, T, D]` the key projections.
+        first: index of the first patch token (1 with a [CLS] token, else 0).
+    Returns:
+        `[B, N]` float32 over the `N = T - first` patches. Logits are linear in the queries and keys,
+        so their means need only the mean query or key; softmax probabilities are built in chunks
+        of `QUERY_CHUNK` queries, never the whole `[B, H, N, T]` map.
+    """
+    q = rearrange(query.float(), "b t (h d) -> b h t d", h=heads)[:, :, first:]
+    k = rearrange(keys.float(), "b t (h d) -> b h t d", h=heads)
+    if signal.scores == "logits":
+        patches = k[:, :, first:]
+        if signal.axis == "col":  # mean_i q_i . k_j = (mean_i q_i) . k_j
+            return torch.einsum("bhd,bhnd->bhn", q.mean(dim=2), patches).mul(scale).mean(dim=1)
+        return torch.einsum("bhnd,bhd->bhn", q, patches.mean(dim=2)).mul(scale).mean(dim=1)
+    parts = []
+    for chunk in q.split(QUERY_CHUNK, dim=2):
+        probs = torch.softmax((chunk @ k.transpose(-1, -2)) * scale, dim=-1)[..., first:]  # [B, H, c, N]
+        parts.append(probs.sum(dim=2) if signal.axis == "col" else probs.mean(dim=-1))
+    out = torch.stack(parts).sum(0) / q.shape[2] if signal.axis == "col" else torch.cat(parts, dim=-1)
+    return out.mean(dim=1)
 
 
 class VisionProbe:
     """Records vision-encoder signals of chosen blocks while the encoder runs, at no extra projection.
 
-    Forward hooks on each chosen block's `k_proj` (and `q_proj` for [CLS] rows) keep their outputs:
-    `rows[layer]` is the `[B, N]` [CLS] attention row (one `[B, H, 1, 1 + N]` product, once both
-    fired), `keys[layer]` the `[B, N, D]` patch keys (the [CLS] key dropped when `has_cls`).
-    `attach` installs the hooks and returns them.
+    Forward hooks on each chosen block's `k_proj` (and `q_proj` for attention signals) keep their
+    outputs; once both fired, each attention signal of that block is computed from them:
+    `ClsAttention` `[B, N]` rows, `PatchAttention` `[B, N]` column or row means. `keys[layer]` holds
+    the `[B, N, D]` patch keys (the [CLS] key dropped when `has_cls`). `attach` installs the hooks
+    and returns them.
     """
 
-    def __init__(
-        self, attention: Mapping[int, Any], signals: set[ClsAttention | PatchKeys], has_cls: bool = True
-    ) -> None:
+    def __init__(self, attention: Mapping[int, Any], signals: set[VisionSignal], has_cls: bool = True) -> None:
         # HF attention modules, per block: `num_heads`, `scale`, `q_proj`, `k_proj` are read by name (untyped)
         self.attention = dict(attention)
         self.first_patch = 1 if has_cls else 0
         self.signals = signals
-        self.cls_layers = {s.layer for s in signals if isinstance(s, ClsAttention)}
+        self.attention_signals = [s for s in signals if isinstance(s, ClsAttention | PatchAttention)]
+        self.query_layers = {s.layer for s in self.attention_signals}
+        self.full_query = {s.layer for s in signals if isinstance(s, PatchAttention)}
         self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys)}
-        self.rows: dict[int, Tensor] = {}
+        self.computed: dict[ClsAttention | PatchAttention, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
+
+    def _compute(self, layer: int, query: Tensor, keys: Tensor) -> None:
+        attn = self.attention[layer]
+        for signal in self.attention_signals:
+            if signal.layer != layer:
+                continue
+            if isinstance(signal, PatchAttention):
+                value = patch_attention(query, keys, attn.num_heads, attn.scale, self.first_patch, signal)
+            elif signal.heads == "concat":
+                value = cls_attention_row(query[:, :1], keys, 1, keys.shape[-1] ** -0.5)
+            else:
+                value = cls_attention_row(query[:, :1], keys, attn.num_heads, attn.scale)
+            self.computed[signal] = value
 
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             if part == "k" and layer in self.key_layers:
                 self.keys[layer] = output[:, self.first_patch :]
-            if layer not in self.cls_layers:
+            if layer not in self.query_layers:
                 return
             pending = self._pending.setdefault(layer, {})
-            pending[part] = output[:, :1] if part == "q" else output
+            pending[part] = output[:, :1] if part == "q" and layer not in self.full_query else output
             if len(pending) == 2:
-                attn = self.attention[layer]
-                self.rows[layer] = cls_attention_row(pending["q"], pending["k"], attn.num_heads, attn.scale)
+                self._compute(layer, pending["q"], pending["k"])
                 del self._pending[layer]
 
         return hook
@@ -75,18 +125,18 @@ class VisionProbe:
         """Install the hooks; the caller removes the returned handles."""
         handles = []
         for layer, attn in self.attention.items():
-            if layer in self.cls_layers:
+            if layer in self.query_layers:
                 handles.append(attn.q_proj.register_forward_hook(self._hook(layer, "q")))
             handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
         return handles
 
-    def values(self) -> dict[Signal, Tensor]:
-        """Each signal the last encoder run computed: `ClsAttention` `[B, N]`; `PatchKeys` `[B, N, D]`,
-        or `[B, N, d_head]` averaged over heads."""
-        out: dict[Signal, Tensor] = {}
+    def values(self) -> dict[VisionSignal, Tensor]:
+        """Each signal the last encoder run computed: attention signals `[B, N]`; `PatchKeys`
+        `[B, N, D]`, or `[B, N, d_head]` averaged over heads."""
+        out: dict[VisionSignal, Tensor] = {}
         for signal in self.signals:
-            if isinstance(signal, ClsAttention) and signal.layer in self.rows:
-                out[signal] = self.rows[signal.layer]
+            if isinstance(signal, ClsAttention | PatchAttention) and signal in self.computed:
+                out[signal] = self.computed[signal]
             elif isinstance(signal, PatchKeys) and signal.layer in self.keys:
                 keys = self.keys[signal.layer]
                 heads = self.attention[signal.layer].num_heads

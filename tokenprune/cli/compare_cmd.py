@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from .. import report
 from ..adapters.base import find_adapter
+from ..apply import check
 from ..budget import Budget, BudgetRule, format_budget
 from ..distributed import Shard, shard_from_env
 from ..errors import SpecError, TokenpruneError
@@ -26,23 +27,36 @@ from .common import SEED_MAX, SEED_MIN, check_device, print_json, user_errors
 ADAPTIVE = ("vtc-cls@mass(0.9)",)
 """Rows with a budget rule that the default comparison adds, where the model's adapter runs them."""
 
+VARIANTS = {"fopru(variant='row')": ("llava",)}
+"""Named variants compared beside their strategy's defaults, with the adapters they run on (FoPru's
+row variant needs one patch grid per image, which tiled crops do not give)."""
+
 
 def default_strategies(model: Any) -> list[str]:
     """Every registered strategy that this model's adapter runs with its defaults (scorers with
-    their default selector and place, and score-free selectors), then the `ADAPTIVE` rows."""
+    their default selector and place, and score-free selectors), the `VARIANTS`, VTW at half the
+    LLM's depth, then the `ADAPTIVE` rows. A scorer whose default selector picks its own count per
+    image (PruMerge's IQR rule) is compared in its fixed-budget form, since images of one batch keep
+    one count. Each row is validated by `tp.check`, exactly as `tp.apply` would."""
     adapter = find_adapter(model)
     names = []
     for name, entry in list_strategies().items():
-        if entry.role == "selector" and entry.cls.needs_scores:
+        if entry.role == "selector" and entry.cls.needs_scores or entry.role == "scorer" and entry.cls.withdraws:
             continue
         try:
-            adapter.check(Pipeline.from_spec(f"{name}@1.0"))
+            pipeline = check(model, f"{name}@1.0")
         except TokenpruneError:
             continue
-        names.append(name)
+        selector = pipeline.stages[0].selector
+        adaptive = entry.role == "scorer" and selector is not None and not selector.keeps_exactly_k()
+        names.append(f"{name}+{selector.name}(adaptive=False)" if adaptive and selector is not None else name)
+        names += [v for v, on in VARIANTS.items() if v.split("(")[0] == name and adapter.name in on]
+    layers = adapter.info().llm_layers
+    if layers and layers > 1 and "vtw" in list_strategies():
+        names.append(f"vtw@0@llm:{layers // 2}")
     for spec in ADAPTIVE:
         try:
-            adapter.check(Pipeline.from_spec(spec))
+            check(model, spec)
         except TokenpruneError:
             continue
         names.append(spec)
