@@ -325,8 +325,14 @@ class HostReads(torch.overrides.TorchFunctionMode):
         self.window, self.seen = "before", []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS and any(f"{os.sep}tokenprune{os.sep}" in f.filename for f in traceback.extract_stack()):
-            self.seen.append((self.window, func.__name__))
+        if func in self.READS:
+            # the code that made the read: the innermost frame outside torch (and this method);
+            # HF's own reads inside `generate` (wrapped by tokenprune's guard) are not tokenprune's
+            caller = next(
+                f for f in reversed(traceback.extract_stack()[:-1]) if f"{os.sep}torch{os.sep}" not in f.filename
+            )
+            if f"{os.sep}tokenprune{os.sep}" in caller.filename:
+                self.seen.append((self.window, func.__name__))
         return func(*args, **(kwargs or {}))
 
     def reads(self, model, spec, call=None):
