@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--strategies")
     args = parser.parse_args()
     out = ROOT / "docs" / "results" / args.name
-    command = [sys.executable, "-m", "tokenprune.cli.app", "compare", "--out", str(out)]
+    command = [sys.executable, "-m", "tokenprune.cli.app", "compare", "--out", str(out), "--overwrite"]
     for flag in ("limit", "budgets", "strategies"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
