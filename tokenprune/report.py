@@ -75,16 +75,23 @@ def family(strategy: str) -> str:
 
 def styles(strategies: list[str]) -> dict[str, dict[str, Any]]:
     """A distinct colour and marker per strategy (in order of appearance), and a line style per
-    variant within a family (the first variant solid, the next dashed, dotted, ...)."""
+    variant within a family (the first variant solid, the next dashed, dotted, ...). Markers shrink
+    along the order and every other one is hollow, so strategies that land on the same points
+    still show, one inside the other."""
     out: dict[str, dict[str, Any]] = {}
     seen: dict[str, int] = {}
-    for i, name in enumerate(dict.fromkeys(strategies)):
+    named = [name for name in dict.fromkeys(strategies) if name != "unpruned"]
+    if len(named) < len(dict.fromkeys(strategies)):
+        out["unpruned"] = {"color": "#555555", "marker": "*", "linestyle": "-", "markersize": 11.0, "fillstyle": "full"}
+    for i, name in enumerate(named):
         nth = seen.get(family(name), 0)
         seen[family(name)] = nth + 1
         out[name] = {
             "color": COLOURS[i % len(COLOURS)],
             "marker": MARKERS[i % len(MARKERS)],
             "linestyle": LINESTYLES[nth % len(LINESTYLES)],
+            "markersize": max(3.5, 9.0 - 0.4 * i),
+            "fillstyle": "full" if i % 2 == 0 else "none",
         }
     return out
 
@@ -112,7 +119,7 @@ def plot(path: Path, rows: list[dict[str, Any]], metric: str, reference: float |
             (r["kept"], r[metric]) for r in rows if r["strategy"] == name and r[metric] is not None and r["kept"]
         )
         if points:
-            ax.plot(*zip(*points, strict=True), label=name, markersize=5, linewidth=1.4, **style)
+            ax.plot(*zip(*points, strict=True), label=name, linewidth=1.4, markeredgewidth=1.3, **style)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="unpruned")
     ax.set_xscale("log", base=2)
@@ -146,7 +153,17 @@ def plot_pareto(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
         usable = [r for r in rows if r.get(key) is not None and r.get(metric) is not None]
         for r in usable:
             style = look[r["strategy"]]
-            ax.scatter(r[key], r[metric], color=style["color"], marker=style["marker"], s=28, zorder=3)
+            hollow = style["fillstyle"] == "none"
+            ax.scatter(
+                r[key],
+                r[metric],
+                marker=style["marker"],
+                s=style["markersize"] ** 2,
+                facecolors="none" if hollow else style["color"],
+                edgecolors=style["color"],
+                linewidths=1.3,
+                zorder=3,
+            )
         front = pareto_front([(r[key], r[metric]) for r in usable])
         if front:
             xs, ys = zip(*front, strict=True)
@@ -156,7 +173,8 @@ def plot_pareto(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     handles = [
-        plt.Line2D([], [], color=s["color"], marker=s["marker"], linestyle="", label=name) for name, s in look.items()
+        plt.Line2D([], [], color=s["color"], marker=s["marker"], fillstyle=s["fillstyle"], linestyle="", label=name)
+        for name, s in look.items()
     ]
     handles.append(plt.Line2D([], [], color="black", marker="o", markerfacecolor="none", label="Pareto front"))
     fig.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
