@@ -120,7 +120,8 @@ class Evaluation:
         cache_bytes: int = CACHE_BYTES,
         share: bool = True,
     ) -> None:
-        self.model, self.processor, self.device, self.metric, self.share = model, processor, device, metric, share
+        self.model: Any = model
+        self.processor, self.device, self.metric, self.share = processor, device, metric, share
         self.batches = list(batches(samples, batch_size))
         self.indices = shard.batch_indices(len(self.batches))
         self.pipelines = list(pipelines)

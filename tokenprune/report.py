@@ -55,7 +55,10 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2)))
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+    atomic_write(path, write)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

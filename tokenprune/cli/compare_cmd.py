@@ -41,7 +41,7 @@ def default_strategies(model: Any) -> list[str]:
     adapter = find_adapter(model)
     names = []
     for name, entry in list_strategies().items():
-        if entry.role == "selector" and entry.cls.needs_scores:
+        if entry.role == "selector" and getattr(entry.cls, "needs_scores", False):
             continue
         try:
             adapter.check(Pipeline.from_spec(f"{name}@1.0"))
@@ -104,8 +104,21 @@ def compare_command(
     Example: tokenprune compare --strategies vtc-cls,random,uniform --budgets 0.25,0.125 --limit 200
     """
     with shard_from_env() as shard:
-        settings = dict(model=model, data=data, limit=limit, batch_size=batch_size, seed=seed)
-        _compare(shard, strategies, budgets, out, resume, overwrite, shard.device(device), json_out, **settings)
+        _compare(
+            shard,
+            strategies,
+            budgets,
+            out,
+            resume,
+            overwrite,
+            shard.device(device),
+            json_out,
+            model=model,
+            data=data,
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+        )
 
 
 def _compare(
@@ -136,8 +149,8 @@ def _compare(
     names = [s.strip() for s in split_top_level(strategies, ",") if s.strip()] or default_strategies(hf_model)
     plan = expand(names, budget_list)
     adapter = find_adapter(hf_model)
-    for _, _, pipeline in plan:
-        adapter.check(pipeline)
+    for _, _, planned in plan:
+        adapter.check(planned)
     metric = answer_metric(processor.tokenizer, samples, str(data) if data is not None else "demo:eval")
     meta = {
         "model": model,
@@ -156,7 +169,7 @@ def _compare(
     evaluation = Evaluation(
         hf_model, processor, samples, [None] + [p for _, _, p in plan], batch_size, device, shard, metric
     )
-    todo = [("unpruned", None, None)] + plan
+    todo: list[tuple[str, int | float | None, Pipeline | None]] = [("unpruned", None, None), *plan]
     rows: list[dict[str, Any]] = []
     with stop_on_signals() as stop, row_log(out, meta) if shard.is_main else _nothing() as log:
         with _progress(console, shard, len(todo), evaluation.samples_in_shard()) as (progress, task):
@@ -164,8 +177,10 @@ def _compare(
             for number, (name, budget, pipeline) in enumerate(todo):
                 spec = "" if pipeline is None else pipeline.to_spec()
                 key = row_key({"strategy": name, "spec": spec})
-                needed = pipeline is None or key not in done
-                if needed:
+                if pipeline is not None and key in done:
+                    rows.append(done[key]["row"])
+                    progress.advance(task, evaluation.samples_in_shard())
+                else:
                     results, error = _run_row(evaluation, pipeline, shard, stop, progress, task)
                     if results is None:  # interrupted in flight: dropped
                         break
@@ -173,18 +188,25 @@ def _compare(
                         if error:
                             raise TokenpruneError(f"the unpruned model failed: {error}")
                         reference = results
-                if key in done:
-                    rows.append(done[key]["row"])
-                    if pipeline is not None:
-                        progress.advance(task, evaluation.samples_in_shard())
-                elif shard.is_main:
-                    row = _row(
-                        name, budget, spec, results, reference, error, samples, processor, metric, hf_model, batch_size
-                    )
-                    log.append(
-                        row, [] if error else sample_records(results, samples, batch_size), batch_records(results)
-                    )
-                    rows.append(row)
+                    if key in done:
+                        rows.append(done[key]["row"])
+                    elif shard.is_main:
+                        row = _row(
+                            name,
+                            budget,
+                            spec,
+                            results,
+                            reference,
+                            error,
+                            samples,
+                            processor,
+                            metric,
+                            hf_model,
+                            batch_size,
+                        )
+                        records = [] if error else sample_records(results, samples, batch_size)
+                        log.append(row, records, batch_records(results))
+                        rows.append(row)
                 progress.update(task, rows=f"{number + 1}/{len(todo)} rows")
                 if shard.world_size > 1 and shard.any(stop()):
                     stop.signal = stop.signal or 15
