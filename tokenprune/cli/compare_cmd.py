@@ -103,9 +103,10 @@ def compare_command(
 
     Example: tokenprune compare --strategies vtc-cls,random,uniform --budgets 0.25,0.125 --limit 200
     """
-    with shard_from_env() as shard:
+    with shard_from_env() as shard, stop_on_signals() as stop:
         _compare(
             shard,
+            stop,
             strategies,
             budgets,
             out,
@@ -123,6 +124,7 @@ def compare_command(
 
 def _compare(
     shard: Shard,
+    stop: StopRequest,
     strategies: str,
     budgets: str,
     out: Path,
@@ -171,7 +173,7 @@ def _compare(
     )
     todo: list[tuple[str, int | float | None, Pipeline | None]] = [("unpruned", None, None), *plan]
     rows: list[dict[str, Any]] = []
-    with stop_on_signals() as stop, row_log(out, meta) if shard.is_main else _nothing() as log:
+    with row_log(out, meta) if shard.is_main else _nothing() as log:
         with _progress(console, shard, len(todo), evaluation.samples_in_shard()) as (progress, task):
             reference: list[BatchResult] = []
             for number, (name, budget, pipeline) in enumerate(todo):
