@@ -78,8 +78,8 @@ def test_resume_refuses_another_run(tmp_path):
 
 def test_out_is_checked_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
-    result = compare(tmp_path / "file")
-    assert result.exit_code == 2 and "is a file" in result.stderr
+    result = compare(tmp_path / "file", "--model", "/no/such/model")  # refused before the model is loaded
+    assert result.exit_code == 2 and "is a file" in result.stderr and "cannot load model" not in result.stderr
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
