@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--model", help="demo (the default), demo-qwen, or a checkpoint path")
     args = parser.parse_args()
     out = ROOT / "docs" / "results" / args.name
-    command = [sys.executable, "-m", "tokenprune.cli.app", "compare", "--out", str(out)]
+    command = [sys.executable, "-m", "tokenprune.cli.app", "compare", "--out", str(out), "--overwrite"]
     for flag in ("limit", "budgets", "strategies", "model"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .errors import InputError
@@ -51,6 +52,22 @@ class Shard:
         if world < 1 or not 0 <= rank < world:
             raise InputError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; need 0 <= RANK < WORLD_SIZE")
         return cls(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (every process must call this together)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def broadcast(self, item: Any) -> Any:
+        """Rank 0's `item` (picklable), on every process."""
+        if self.world_size == 1:
+            return item
+        box = [item]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, items: list[Any]) -> list[Any]:
         """Every process's `items` (picklable), concatenated in rank order, on every process."""

@@ -1,39 +1,56 @@
 """Comparing pipelines on a set of (image, question[, answer]) samples.
 
-Each pipeline's first-answer-token distribution is compared with the unpruned model's on the same
-batches: accuracy (first token against the answer's first token), agreement (same greedy token)
-and KL(unpruned || pruned). Single-word answers, as in the demo task, make the first token the
-whole answer.
+Each pipeline is compared with the unpruned model on the same batches: accuracy, agreement with
+the unpruned model and KL(unpruned || pruned) of the first answer token. Accuracy is the first
+greedy token against the answer's token when every answer is one token (`first-token`), else the
+greedy generation against the answer after `samples.normalise` (`exact-match`), and agreement
+then compares the generated texts.
+
+An `Evaluation` encodes each batch's images once and shares the tower's output and signals with
+every pipeline whose stages run at the projector or later (`ModelAdapter.encode`/`reuse`), within a
+memory budget; pipelines with stages inside the vision tower encode their own.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
+from .adapters.base import Encoding, find_adapter
 from .apply import apply
 from .distributed import Shard
-from .errors import InputError
 from .flops import llm_flops
 from .models import build_prompt
 from .pipeline import Pipeline
+from .samples import (
+    EXACT_MATCH,
+    FIRST_TOKEN,
+    Sample,
+    answer_metric,
+    answer_tokens,
+    demo_samples,
+    jsonl_samples,
+    normalise,
+)
 
+__all__ = [
+    "BatchResult",
+    "Evaluation",
+    "Sample",
+    "demo_samples",
+    "evaluate",
+    "jsonl_samples",
+    "row_metrics",
+    "sample_records",
+]
 
-@dataclass(frozen=True)
-class Sample:
-    """One evaluation item."""
-
-    image: Image.Image
-    question: str
-    answer: str | None = None
+CACHE_BYTES = 2 << 30
+"""Default budget for the batches' processed inputs and shared encodings kept between rows."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +63,10 @@ class BatchResult:
         pred: `[m]` greedy first token under the pipeline.
         reference: `[m]` the unpruned model's greedy first token.
         kl: `[m]` float32 KL(unpruned || pruned) of the first-token distributions.
-        seconds: wall time of the forward.
+        seconds: wall time of the forward (with the shared encoding's time, when one was reused).
         lengths: tokens each decoder layer saw in the prefill.
         kept: per image, the visual tokens it keeps after the last stage (`None` unpruned).
+        texts: the greedy generations (`exact-match` only), and `reference_texts` the unpruned ones.
     """
 
     batch: int
@@ -58,38 +76,17 @@ class BatchResult:
     seconds: float
     lengths: list[int]
     kept: list[int] | None
+    texts: list[str] | None = None
+    reference_texts: list[str] | None = None
 
 
-def demo_samples(limit: int) -> list[Sample]:
-    """The first `limit` samples of the demo evaluation split."""
-    from .demo.scenes import sample
-
-    out = []
-    for i in range(limit):
-        scene, q = sample("eval", i)
-        out.append(Sample(Image.fromarray(scene.render()), q.text, q.answer))
-    return out
-
-
-def jsonl_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
-    """Samples from a JSONL file of `{"image": path, "question": str, "answer"?: str}` lines;
-    image paths are relative to the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    samples = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image = Image.open(path.parent / row["image"]).convert("RGB")
-            samples.append(Sample(image, row["question"], row.get("answer")))
-        except (KeyError, json.JSONDecodeError, OSError) as exc:
-            raise InputError(f"{path}:{number}: each line needs 'image' and 'question' ({exc})") from None
-        if limit is not None and len(samples) >= limit:
-            break
-    return samples
+@dataclass(frozen=True)
+class _Output:
+    logprobs: torch.Tensor  # [m, V] float32, CPU: the first answer token's distribution
+    seconds: float
+    lengths: list[int]
+    kept: list[int] | None  # per image
+    texts: list[str] | None
 
 
 def batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
@@ -97,30 +94,151 @@ def batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
         yield samples[start : start + size]
 
 
-def prefill(
-    model: nn.Module, processor: Any, batch: Sequence[Sample], pipeline: Pipeline | None, device: str
-) -> tuple[torch.Tensor, float, list[int], list[int] | None]:
-    """One prefill of `batch` with `pipeline` applied (or none).
+class Evaluation:
+    """Runs pipelines batch by batch against the unpruned model on this shard's batches of `samples`.
 
-    Returns:
-        first-token log-probabilities `[m, V]` (float32, CPU), seconds, tokens per decoder layer,
-        and per image the visual tokens it keeps after the last stage (`None` unpruned).
+    The unpruned reference of each batch is computed once (`reference`), each pipeline's batches by
+    `run`. Processed inputs and shared encodings of a batch are kept for the next pipeline while
+    they fit in `cache_bytes`; beyond that they are recomputed.
+
+    Args:
+        pipelines: every pipeline that will run (their signals are captured by shared encodings).
+        metric: `"first-token"`, `"exact-match"` or `None` (no answers: first token, no accuracy).
+        share: reuse one encoding per batch where the adapter can (False: every pipeline encodes).
     """
-    prompts = [build_prompt(processor, s.question) for s in batch]
-    inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True).to(device)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        if pipeline is None:
-            logits = model(**inputs).logits[:, -1]
-            lengths, kept = [inputs["input_ids"].shape[1]] * model.config.get_text_config().num_hidden_layers, None
-        else:
-            with apply(model, pipeline) as run:
-                logits = model(**inputs).logits[:, -1]
-            lengths, kept = run.trace[-1].tokens_per_layer(), run.trace[-1].stages[-1].kept_per_image()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return torch.log_softmax(logits.float(), dim=-1).cpu(), seconds, lengths, kept
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        samples: Sequence[Sample],
+        pipelines: Sequence[Pipeline | None],
+        batch_size: int,
+        device: str,
+        shard: Shard = Shard(),
+        metric: str | None = FIRST_TOKEN,
+        cache_bytes: int = CACHE_BYTES,
+        share: bool = True,
+    ) -> None:
+        self.model: Any = model
+        self.processor, self.device, self.metric, self.share = processor, device, metric, share
+        self.batches = list(batches(samples, batch_size))
+        self.indices = shard.batch_indices(len(self.batches))
+        self.pipelines = list(pipelines)
+        self.adapter = find_adapter(model)
+        self.cache_bytes = cache_bytes
+        self._inputs: dict[int, dict[str, Any]] = {}
+        self._encodings: dict[int, Encoding | None] = {}
+        self._reference: dict[int, _Output] = {}
+        self._cached = 0
+        if metric == EXACT_MATCH:
+            self.new_tokens = max(len(ids) for ids in answer_tokens(processor.tokenizer, samples)) + 4
+
+    def samples_in_shard(self) -> int:
+        return sum(len(self.batches[i]) for i in self.indices)
+
+    def run(
+        self,
+        pipeline: Pipeline | None,
+        progress: Callable[[int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[BatchResult]:
+        """`pipeline` (`None`: unpruned) on this shard's batches, in batch order; `stop` is asked
+        before each batch and ends the run early (its results so far are returned)."""
+        out = []
+        for index in self.indices:
+            if stop is not None and stop():
+                break
+            ref = self.reference(index)
+            got = ref if pipeline is None else self._forward(index, pipeline)
+            kl = (ref.logprobs.exp() * (ref.logprobs - got.logprobs)).sum(-1).clamp_min(0)
+            out.append(
+                BatchResult(
+                    index,
+                    got.logprobs.argmax(-1),
+                    ref.logprobs.argmax(-1),
+                    kl,
+                    got.seconds,
+                    got.lengths,
+                    got.kept,
+                    got.texts,
+                    ref.texts,
+                )
+            )
+            if progress is not None:
+                progress(len(self.batches[index]))
+        return out
+
+    def reference(self, index: int) -> _Output:
+        """The unpruned model on batch `index` (computed once)."""
+        if index not in self._reference:
+            self._reference[index] = self._forward(index, None)
+        return self._reference[index]
+
+    def _keep(self, nbytes: int) -> bool:
+        if self._cached + nbytes > self.cache_bytes:
+            return False
+        self._cached += nbytes
+        return True
+
+    def inputs(self, index: int) -> dict[str, Any]:
+        """The processor's output for batch `index`, on the device."""
+        if index in self._inputs:
+            return self._inputs[index]
+        batch = self.batches[index]
+        prompts = [build_prompt(self.processor, s.question) for s in batch]
+        images = [s.image for s in batch]
+        inputs = dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device))
+        if self._keep(sum(v.nbytes for v in inputs.values() if isinstance(v, torch.Tensor))):
+            self._inputs[index] = inputs
+        return inputs
+
+    def encoding(self, index: int) -> Encoding | None:
+        """Batch `index` through the vision tower once, for every pipeline that can share it."""
+        if self.metric == EXACT_MATCH or not self.share:
+            return None
+        if index in self._encodings:
+            return self._encodings[index]
+        encoding = self.adapter.encode(self.inputs(index), self.pipelines)
+        if encoding is None or self._keep(encoding.nbytes):
+            self._encodings[index] = encoding
+        return encoding
+
+    def _forward(self, index: int, pipeline: Pipeline | None) -> _Output:
+        inputs = self.inputs(index)
+        shared = self.encoding(index) if self.adapter.shares_encoding(pipeline) else None
+        with torch.inference_mode():
+            start = time.perf_counter()
+            if pipeline is None:
+                kwargs = self.adapter.reuse(shared, inputs, compress=False) if shared is not None else inputs
+                logprobs, texts = self._call(kwargs)
+                lengths = [inputs["input_ids"].shape[1]] * self.model.config.get_text_config().num_hidden_layers
+                kept = None
+            else:
+                with apply(self.model, pipeline) as run:
+                    kwargs = run.adapter.reuse(shared, inputs) if shared is not None else inputs
+                    logprobs, texts = self._call(kwargs)
+                lengths, kept = run.trace[0].tokens_per_layer(), run.trace[0].stages[-1].kept_per_image()
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start + (shared.seconds if shared is not None else 0.0)
+        return _Output(logprobs, seconds, lengths, kept, texts)
+
+    def _call(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[str] | None]:
+        """First-token log-probabilities `[m, V]` (and, for exact-match, the greedy generations)."""
+        if self.metric != EXACT_MATCH:
+            logits = self.model(**kwargs, use_cache=False).logits[:, -1]
+            return torch.log_softmax(logits.float(), dim=-1).cpu(), None
+        out = self.model.generate(
+            **kwargs,
+            max_new_tokens=self.new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        start = kwargs["input_ids"].shape[1]
+        texts = self.processor.tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)
+        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu(), [t.strip() for t in texts]
 
 
 def evaluate(
@@ -139,47 +257,73 @@ def evaluate(
     Returns:
         per pipeline, this shard's `BatchResult`s in batch order.
     """
-    all_batches = list(batches(samples, batch_size))
-    results: list[list[BatchResult]] = [[] for _ in pipelines]
-    for index in shard.batch_indices(len(all_batches)):
-        batch = all_batches[index]
-        reference = prefill(model, processor, batch, None, device)
-        for slot, pipeline in enumerate(pipelines):
-            logprobs, seconds, lengths, kept = (
-                reference if pipeline is None else prefill(model, processor, batch, pipeline, device)
-            )
-            ref = reference[0]
-            kl = (ref.exp() * (ref - logprobs)).sum(-1).clamp_min(0)
-            results[slot].append(BatchResult(index, logprobs.argmax(-1), ref.argmax(-1), kl, seconds, lengths, kept))
-            if progress is not None:
-                progress(len(batch))
-    return results
+    metric = answer_metric(processor.tokenizer, samples) or FIRST_TOKEN
+    evaluation = Evaluation(model, processor, samples, pipelines, batch_size, device, shard, metric)
+    return [evaluation.run(pipeline, progress) for pipeline in pipelines]
 
 
-def answer_ids(processor: Any, samples: Sequence[Sample]) -> torch.Tensor | None:
-    """`[M]` first token id of each answer, or `None` when any sample has no answer."""
-    if any(s.answer is None for s in samples):
-        return None
-    tok = processor.tokenizer
-    return torch.tensor([tok(s.answer, add_special_tokens=False).input_ids[0] for s in samples])
+def sample_records(results: Sequence[BatchResult], samples: Sequence[Sample], batch_size: int) -> list[dict[str, Any]]:
+    """One JSON-able record per sample of `results` (every batch, in batch order): its index and id,
+    the greedy first token (and generation), the unpruned model's, and the KL."""
+    records = []
+    for result in results:
+        chunk = samples[result.batch * batch_size : (result.batch + 1) * batch_size]
+        for i, sample in enumerate(chunk):
+            record: dict[str, Any] = {
+                "index": sample.index,
+                "id": sample.id,
+                "pred": int(result.pred[i]),
+                "reference": int(result.reference[i]),
+                "kl": float(result.kl[i]),
+            }
+            if result.texts is not None and result.reference_texts is not None:
+                record["text"], record["reference_text"] = result.texts[i], result.reference_texts[i]
+            records.append(record)
+    return records
 
 
-def metrics(
-    results: Sequence[BatchResult], reference: Sequence[BatchResult], answers: torch.Tensor | None, text_config: Any
+def batch_records(results: Sequence[BatchResult]) -> list[dict[str, Any]]:
+    """One JSON-able record per batch: its number, time, tokens per decoder layer and kept tokens."""
+    return [{"batch": r.batch, "seconds": r.seconds, "lengths": r.lengths, "kept": r.kept} for r in results]
+
+
+def row_metrics(
+    records: Sequence[dict[str, Any]],
+    batch_info: Sequence[dict[str, Any]],
+    reference_batches: Sequence[dict[str, Any]],
+    samples: Sequence[Sample],
+    tokenizer: Any,
+    metric: str | None,
+    text_config: Any,
 ) -> dict[str, Any]:
-    """Accuracy, agreement, KL and cost of one pipeline's `results` (every batch, in batch order)
-    against the unpruned model's `reference` results."""
-    pred = torch.cat([r.pred for r in results])
-    layer_tokens = _mean_lengths(results)
-    cost = llm_flops(text_config, 0, [round(n) for n in layer_tokens])
+    """Accuracy, agreement, KL and cost of one row from its `sample_records` and `batch_records`
+    (and the unpruned row's batch records): the same numbers whether the row was just computed or
+    read back from disk."""
+    n = len(records)
+    if metric == EXACT_MATCH:
+        answers = {s.index: normalise(s.answer or "") for s in samples}
+        correct = sum(normalise(r["text"]) == answers[r["index"]] for r in records)
+        agree = sum(r["text"] == r["reference_text"] for r in records)
+    else:
+        firsts = (
+            {s.index: ids[0] for s, ids in zip(samples, answer_tokens(tokenizer, samples), strict=True)}
+            if metric
+            else {}
+        )
+        correct = sum(r["pred"] == firsts[r["index"]] for r in records) if metric else 0
+        agree = sum(r["pred"] == r["reference"] for r in records)
+    layer_tokens = _mean_lengths(batch_info)
+    cost = llm_flops(text_config, 0, [round(t) for t in layer_tokens])
+    kept = [b["kept"] for b in batch_info]
     return {
-        "accuracy": None if answers is None else (pred == answers).float().mean().item(),
-        "agreement": (pred == torch.cat([r.reference for r in results])).float().mean().item(),
-        "kl": torch.cat([r.kl for r in results]).mean().item(),
-        "flops_ratio": cost / llm_flops(text_config, 0, [round(n) for n in _mean_lengths(reference)]),
+        "metric": metric,
+        "accuracy": correct / n if metric else None,
+        "agreement": agree / n,
+        "kl": sum(r["kl"] for r in records) / n,
+        "flops_ratio": cost / llm_flops(text_config, 0, [round(t) for t in _mean_lengths(reference_batches)]),
         "seq_len": layer_tokens[0],
-        "latency_ms": 1000 * sum(r.seconds for r in results) / len(pred),
-        "kept": None if results[0].kept is None else _mean([n for r in results for n in r.kept or []]),
+        "latency_ms": 1000 * sum(b["seconds"] for b in batch_info) / n,
+        "kept": None if kept[0] is None else _mean([c for counts in kept for c in counts]),
     }
 
 
@@ -191,6 +335,6 @@ def _mean(values: list[int]) -> float | int:
     return total // len(values) if total % len(values) == 0 else total / len(values)
 
 
-def _mean_lengths(results: Sequence[BatchResult]) -> list[float]:
+def _mean_lengths(batch_info: Sequence[dict[str, Any]]) -> list[float]:
     """Mean over batches of the tokens each decoder layer saw."""
-    return [sum(column) / len(column) for column in zip(*(r.lengths for r in results), strict=False)]
+    return [sum(column) / len(column) for column in zip(*(b["lengths"] for b in batch_info), strict=False)]

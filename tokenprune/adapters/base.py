@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..budget import BudgetRule
 from ..errors import InputError, PlaceError, RegistryError, UnsupportedModelError
 from ..execute import required_signals
 from ..pipeline import Pipeline
 from ..registry import BUILTIN, Entry, PluginWarning, list_adapters
+from ..signals import Signal
 from ..strategy import ModelInfo
 from .sequence import POSITION_MODES
 
@@ -39,6 +41,25 @@ def require_state(value: T | None, what: str) -> T:
     if value is None:
         raise RuntimeError(f"tokenprune internal error: {what} is not set")
     return value
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A batch's images through the vision tower once, for every pipeline that can share it.
+
+    Attributes:
+        features: `[I, N(+1), D]` the projector's input (the tower's selected hidden states).
+        signals: every vision signal the sharing pipelines' stages ask for, e.g. `ClsAttention` `[I, N]`.
+        seconds: wall time of the encoding.
+    """
+
+    features: Tensor
+    signals: Mapping[Signal, Tensor]
+    seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes + sum(t.nbytes for t in self.signals.values())
 
 
 class ModelAdapter(ABC):
@@ -94,6 +115,27 @@ class ModelAdapter(ABC):
         """The context exits without an exception, its hooks removed: raise for anything computed
         inside it and not validated yet (nothing by default)."""
         return None
+
+    def shares_encoding(self, pipeline: Pipeline | None) -> bool:
+        """Whether `pipeline` (`None`: unpruned) can run on an `Encoding` made by `encode`: none by
+        default; an adapter that can says so for pipelines without stages inside the vision tower."""
+        return False
+
+    def encode(self, inputs: Mapping[str, Any], pipelines: Sequence[Pipeline | None]) -> Encoding | None:
+        """Run the vision tower once on `inputs`' images, with every signal the sharing `pipelines`
+        need; `None` where this adapter cannot share encodings (each pipeline then encodes its own).
+        Called outside `apply`."""
+        return None
+
+    def reuse(self, encoding: Encoding, inputs: Mapping[str, Any], compress: bool = True) -> dict[str, Any]:
+        """The model inputs that feed `encoding` (made by `encode` for `inputs`) to the next forward
+        in place of `pixel_values`: inside `apply` (`compress`), the stages run on its features and
+        signals; outside, the unpruned features go in as they are.
+
+        Raises:
+            InputError: this adapter does not share encodings.
+        """
+        raise InputError(f"the {self.name!r} adapter does not share vision encodings between pipelines")
 
     def check(self, pipeline: Pipeline) -> None:
         """Refuse, before any forward, a pipeline this adapter cannot run.

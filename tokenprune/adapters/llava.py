@@ -4,7 +4,9 @@ decoder-only LLM; each image is a block of placeholder tokens in `input_ids`."""
 from __future__ import annotations
 
 import inspect
+import time
 from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,9 +20,10 @@ from ..execute import required_signals, run_stage
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
+from ..signals import Signal
 from ..strategy import DeferredCheck, ModelInfo, raise_deferred
 from ..trace import ForwardRecord, StageRecord
-from .base import Handle, ModelAdapter, require_state
+from .base import Encoding, Handle, ModelAdapter, require_state
 from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages, check_signal_blocks, current_grid
 from .sequence import Compaction, compact
@@ -125,6 +128,9 @@ class LlavaAdapter(ModelAdapter):
     ragged_places: ClassVar[tuple[str, ...]] = ("projector",)
     feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy")
     """Config fields that shape the image features; per-call overrides of them are refused."""
+    shares_encodings: ClassVar[bool] = True
+    """Whether the projector's input alone, fed back through `mm_encoder_outputs`, reproduces a forward
+    (no packing after the projector); families that pack crops set it False."""
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -150,6 +156,7 @@ class LlavaAdapter(ModelAdapter):
         self._record: ForwardRecord | None = None
         self._unread: list[DeferredCheck] = []
         self._in_model = False  # the core runs inside the whole model's forward
+        self._shared: Mapping[Signal, Tensor] | None = None  # signals of a reused `Encoding`
 
     def features_keep_cls(self) -> bool:
         """Whether the projector's input starts with the [CLS] feature (`vision_feature_select_strategy="full"`);
@@ -252,7 +259,7 @@ class LlavaAdapter(ModelAdapter):
         full = self.features_keep_cls()
         tokens = features[:, 1:] if full else features
         probe, model_info = require_state(self._probe, "the vision probe"), require_state(self._info, "the model info")
-        signals = probe.values()
+        signals = dict(self._shared) if self._shared is not None else probe.values()
         encoded = self._encoder.state if self._encoder is not None else None
         origin = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         # NaN checks read after the LM head has been launched, not here; those of an encoding no
@@ -296,6 +303,54 @@ class LlavaAdapter(ModelAdapter):
             "deferred": deferred,
         }
         return (tokens,) + tuple(args[1:])
+
+    def shares_encoding(self, pipeline: Pipeline | None) -> bool:
+        return (
+            self.shares_encodings
+            and "mm_encoder_outputs" in self._forward_params
+            and (pipeline is None or all(s.place.kind != "vision" for s in pipeline.stages))
+        )
+
+    def encode(self, inputs: Mapping[str, Any], pipelines: Sequence[Pipeline | None]) -> Encoding | None:
+        """The tower once on `inputs["pixel_values"]`: the projector's input, captured by a
+        pre-hook, and every vision signal the sharing pipelines' projector stages read, from one
+        `VisionProbe`."""
+        sharing = [p for p in pipelines if self.shares_encoding(p)]
+        if not sharing or inputs.get("pixel_values") is None:
+            return None
+        stages = [s for p in sharing if p is not None for s in p.stages if s.place.kind == "projector"]
+        signals, unknown = split_vision_signals(required_signals(stages, self.info()))
+        if unknown:
+            return None
+        encoder = _encoder_layers(self.core.vision_tower)
+        probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals)
+        captured: list[Tensor] = []
+        handles = probe.attach() + [
+            self.core.multi_modal_projector.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        ]
+        extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                self.core.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **extra)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return Encoding(captured[0], probe.values(), time.perf_counter() - start)
+
+    def reuse(self, encoding: Encoding, inputs: Mapping[str, Any], compress: bool = True) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if compress:
+            if self._encoder is not None:
+                raise InputError("a pipeline with stages inside the vision tower needs its own encoding")
+            self._shared = encoding.signals
+        try:
+            features = self.core.multi_modal_projector(encoding.features)
+        finally:
+            self._shared = None
+        image = BaseModelOutputWithPooling(pooler_output=list(features))
+        return {k: v for k, v in inputs.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": image}}
 
     def _before_core(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]

@@ -77,6 +77,8 @@ class CallCapture:
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): prunes each image's packed crops before the LLM."""
 
+    shares_encodings: ClassVar[bool] = False
+
     model_class: ClassVar[str] = "LlavaNextForConditionalGeneration"
     places: ClassVar[tuple[str, ...]] = ("projector", "llm")
 

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 class Qwen2VLAdapter(LlavaAdapter):
     """Qwen2-VL and Qwen2.5-VL: prunes each image's merged tokens before the LLM, M-RoPE positions kept."""
 
+    shares_encodings: ClassVar[bool] = False
+
     model_class: ClassVar[str] = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
     places: ClassVar[tuple[str, ...]] = ("projector", "llm")
     feature_keys: ClassVar[tuple[str, ...]] = ()
