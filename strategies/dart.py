@@ -60,7 +60,9 @@ class DARTDedup(Selector):
         b, n, _ = tokens.shape
         normed = signals[NormedTokens()].float()
         p = min(self.pivots, k)
-        image_pivots = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :p].sort(dim=1).values
+        image_pivots = (
+            torch.sort(self.scored(scores), dim=1, descending=True, stable=True).indices[:, :p].sort(dim=1).values
+        )
         pivot_states = normed.gather(1, image_pivots[..., None].expand(-1, -1, normed.shape[-1]))
         text = [v for s, v in signals.items() if isinstance(s, TextPivots)]
         if text:

@@ -24,6 +24,7 @@ class GroupMerge(Selector):
 
     def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         b, n, _ = tokens.shape
+        scores = self.scored(scores)
         centres = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
         unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
         sims = unit @ unit.gather(1, centres[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)  # [B, N, k]

@@ -104,7 +104,7 @@ class PruMergeMerge(Selector):
         if k == n and not self.adaptive:
             return Reduction.drop(tokens, torch.arange(n, device=tokens.device).expand(b, n))
         keys = next(iter(signals.values()))
-        top = self.kept(scores, k)  # [B, kept]
+        top = self.kept(self.scored(scores), k)  # [B, kept]
         kept = top.shape[1]
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
         sims = unit.gather(1, top[..., None].expand(-1, -1, unit.shape[-1])) @ unit.transpose(1, 2)

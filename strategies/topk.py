@@ -13,5 +13,5 @@ class TopK(Selector):
     """Keep the k highest-scoring tokens (ties: lower index first), back in their original order."""
 
     def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # [B, k]
+        order = torch.sort(self.scored(scores), dim=1, descending=True, stable=True).indices[:, :k]  # [B, k]
         return Reduction.drop(tokens, order.sort(dim=1).values)

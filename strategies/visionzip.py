@@ -64,7 +64,7 @@ class VisionZipMerge(Selector):
     ) -> Reduction:
         b, n, _ = tokens.shape
         c = min(round(10 * k / 64) if self.contextual is None else self.contextual, k - 1)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        order = torch.sort(self.scored(scores), dim=1, descending=True, stable=True).indices
         dominant = order[:, : k - c].sort(dim=1).values  # [B, k - c]
         rest = order[:, k - c :].sort(dim=1).values  # [B, R] raster order
         r = rest.shape[1]

@@ -224,6 +224,8 @@ class Pipeline(BaseModel):
         for stage in parse_pipeline(spec):
             first = stage.strategies[0]
             role = REGISTRY.strategy(first.name).role
+            scorer: dict[str, Any] | None
+            selector: dict[str, Any] | None
             if role == "selector":
                 if len(stage.strategies) > 1:
                     raise SpecError(f"{first.name!r} is a selector; write SCORER+SELECTOR@BUDGET")
@@ -233,7 +235,7 @@ class Pipeline(BaseModel):
                 second = stage.strategies[1] if len(stage.strategies) > 1 else None
                 selector = None if second is None else {"name": second.name, **second.params}
             scorer_obj = _as_strategy(scorer, "scorer")
-            at = stage.at or (scorer_obj.default_place if scorer_obj is not None else "projector")
+            at = stage.at or (scorer_obj.default_place if isinstance(scorer_obj, ScoringStrategy) else "projector")
             stages.append(Stage(at=at, scorer=scorer_obj, selector=selector, budget=stage.budget))
         return cls(stages)
 

@@ -164,11 +164,12 @@ class Registry:
                 with self._loading_from(origin):
                     loaded = ep.load()
                     if isinstance(loaded, type):
-                        loaded.name = getattr(loaded, "name", "") or ep.name
+                        named: Any = loaded  # strategies and adapters carry their registered `name`
+                        named.name = getattr(loaded, "name", "") or ep.name
                         if issubclass(loaded, Strategy):
-                            self.add_strategy(loaded.name, loaded)
+                            self.add_strategy(named.name, loaded)
                         elif group == ADAPTER_GROUP:
-                            self.add_adapter(loaded.name, loaded)
+                            self.add_adapter(named.name, loaded)
             except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) never breaks the rest
                 self._strategies, self._adapters = snapshot
                 what = f"SystemExit({exc.code!r}) (it called sys.exit)" if isinstance(exc, SystemExit) else None
@@ -220,7 +221,8 @@ def register(name: str) -> Callable[[T], T]:
 
     def decorate(cls: T) -> T:
         REGISTRY.add_strategy(name, cls)
-        cls.name = name
+        named: Any = cls  # a strategy class carries its registered `name`
+        named.name = name
         return cls
 
     return decorate
@@ -231,7 +233,8 @@ def register_adapter(name: str) -> Callable[[T], T]:
 
     def decorate(cls: T) -> T:
         REGISTRY.add_adapter(name, cls)
-        cls.name = name
+        named: Any = cls  # an adapter class carries its registered `name`
+        named.name = name
         return cls
 
     return decorate
@@ -252,7 +255,7 @@ def create(name: str, **params: Any) -> Strategy:
             f"{'.'.join(str(p) for p in err['loc']) or name}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
-        allowed = ", ".join(entry.cls.model_fields) or "none"
+        allowed = ", ".join(getattr(entry.cls, "model_fields", ())) or "none"
         raise StrategyConfigError(
             f"bad parameters for strategy {name!r}: {problems} (its parameters: {allowed})"
         ) from None

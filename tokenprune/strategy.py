@@ -300,6 +300,13 @@ class Selector(Strategy):
         else:
             deferred.append(check)
 
+    def scored(self, scores: Tensor | None) -> Tensor:
+        """`scores` `[B, N]`, which a selector with `needs_scores` always receives (`reduce`
+        refuses to call it without)."""
+        if scores is None:
+            raise ScoreError(f"selector {self.name!r} needs scores; pair it with a scorer, e.g. vtc-cls+{self.name}@64")
+        return scores
+
     @abstractmethod
     def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
         """Reduce `tokens` `[B, N, D]` to `k` per image; `grid` is the patch grid, if known."""

@@ -349,7 +349,8 @@ class LlavaAdapter(ModelAdapter):
             features = self.core.multi_modal_projector(encoding.features)
         finally:
             self._shared = None
-        image = BaseModelOutputWithPooling(pooler_output=list(features))
+        # one tensor per image, as HF's own multi-image outputs hold them (typed there as one tensor)
+        image = BaseModelOutputWithPooling(pooler_output=list(features))  # type: ignore[arg-type]
         return {k: v for k, v in inputs.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": image}}
 
     def _before_core(

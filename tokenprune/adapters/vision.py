@@ -130,10 +130,10 @@ class VisionProbe:
             handles.append(attn.k_proj.register_forward_hook(self._hook(layer, "k")))
         return handles
 
-    def values(self) -> dict[VisionSignal, Tensor]:
+    def values(self) -> dict[Signal, Tensor]:
         """Each signal the last encoder run computed: attention signals `[B, N]`; `PatchKeys`
         `[B, N, D]`, or `[B, N, d_head]` averaged over heads."""
-        out: dict[VisionSignal, Tensor] = {}
+        out: dict[Signal, Tensor] = {}
         for signal in self.signals:
             if isinstance(signal, ClsAttention | PatchAttention) and signal in self.computed:
                 out[signal] = self.computed[signal]

@@ -208,7 +208,7 @@ def _compare(
     evaluation = Evaluation(
         hf_model, processor, samples, [None] + [p for _, _, p in plan], batch_size, device, shard, metric
     )
-    todo: list[tuple[str, int | float | None, Pipeline | None]] = [("unpruned", None, None), *plan]
+    todo: list[tuple[str, int | float | str | None, Pipeline | None]] = [("unpruned", None, None), *plan]
     rows: list[dict[str, Any]] = []
     with row_log(out, meta) if shard.is_main else _nothing() as log:
         with _progress(console, shard, len(todo), evaluation.samples_in_shard()) as (progress, task):
