@@ -266,15 +266,20 @@ def test_llava_next_ragged_batch_equals_each_image_alone(tiny_next):
 
 
 def test_compare_metrics_average_kept_over_images(tiny):
-    from tokenprune.evaluation import BatchResult, metrics
+    from tokenprune.evaluation import BatchResult, batch_records, row_metrics
 
     def result(batch, kept, m=2):
         return BatchResult(batch, torch.zeros(m), torch.zeros(m), torch.zeros(m), 0.1, [20, 20, 20], kept)
 
     text = tiny.model.config.text_config
-    reference = [result(0, None), result(1, None)]
-    assert metrics([result(0, [10, 20, 6]), result(1, [4])], reference, None, text)["kept"] == 10
-    assert metrics([result(0, [3, 4]), result(1, [4])], reference, None, text)["kept"] == pytest.approx(11 / 3)
+    reference = batch_records([result(0, None), result(1, None)])
+    records = [{"index": i, "pred": 0, "reference": 0, "kl": 0.0} for i in range(4)]
+
+    def kept(results):
+        return row_metrics(records, batch_records(results), reference, [], tiny.processor.tokenizer, None, text)["kept"]
+
+    assert kept([result(0, [10, 20, 6]), result(1, [4])]) == 10
+    assert kept([result(0, [3, 4]), result(1, [4])]) == pytest.approx(11 / 3)
 
 
 class FeatureNorm(tp.ScoringStrategy):

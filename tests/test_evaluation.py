@@ -12,7 +12,7 @@ from tokenprune.report import pareto_front, styles
 
 SPECS = [
     "vtc-cls-ensemble@0.25",
-    "prumerge@0.25",
+    "prumerge+prumerge-merge(adaptive=False)@0.25",  # its official adaptive count differs per image
     "visionzip@0.25",
     "divprune@0.25",
     "tome@0.25",
