@@ -7,7 +7,6 @@ from reference import block_qk_eager, fopru_reference
 
 import tokenprune as tp
 from tokenprune.adapters.vision import patch_attention
-from tokenprune.signals import PatchAttention
 
 
 @pytest.mark.parametrize(("spec", "k", "variant"), [("fopru", 5, "rank"), ("fopru(variant='row')", 8, "row")])
@@ -43,7 +42,7 @@ def test_softmax_means_match_the_full_map(axis):
         :, :, 1:, 1:
     ]
     expected = (probs.mean(2) if axis == "col" else probs.mean(3)).mean(1)
-    got = patch_attention(q, k, 2, 0.5, 1, PatchAttention(layer=0, axis=axis, scores="softmax"))
+    got = patch_attention(q, k, 2, 0.5, 1, axis=axis, scores="softmax")
     torch.testing.assert_close(got, expected)
 
 

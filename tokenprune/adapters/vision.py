@@ -3,8 +3,9 @@ keys, and the column or row means of the patch-to-patch attention map."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -43,9 +44,16 @@ def split_vision_signals(signals: set[Signal]) -> tuple[set[VisionSignal], list[
 
 
 def patch_attention(
-    query: Tensor, keys: Tensor, heads: int, scale: float, first: int, signal: PatchAttention
+    query: Tensor,
+    keys: Tensor,
+    heads: int,
+    scale: float,
+    first: int,
+    axis: Literal["col", "row"] = "col",
+    scores: Literal["logits", "softmax"] = "logits",
 ) -> Tensor:
-    """Head-mean column or row mean of the patch-to-patch attention map (`signal.axis`).
+    """Head-mean column or row mean (`axis`) of the patch-to-patch attention map, of its `scores`
+    (pre-softmax logits or softmax probabilities), as `PatchAttention` defines them.
 
     Args:
         query: `[B, T, D]` the query projections of all `T` tokens (`first` leading non-patch ones).
@@ -58,17 +66,23 @@ def patch_attention(
     """
     q = rearrange(query.float(), "b t (h d) -> b h t d", h=heads)[:, :, first:]
     k = rearrange(keys.float(), "b t (h d) -> b h t d", h=heads)
-    if signal.scores == "logits":
+    if scores == "logits":
         patches = k[:, :, first:]
-        if signal.axis == "col":  # mean_i q_i . k_j = (mean_i q_i) . k_j
+        if axis == "col":  # mean_i q_i . k_j = (mean_i q_i) . k_j
             return torch.einsum("bhd,bhnd->bhn", q.mean(dim=2), patches).mul(scale).mean(dim=1)
         return torch.einsum("bhnd,bhd->bhn", q, patches.mean(dim=2)).mul(scale).mean(dim=1)
     parts = []
     for chunk in q.split(QUERY_CHUNK, dim=2):
         probs = torch.softmax((chunk @ k.transpose(-1, -2)) * scale, dim=-1)[..., first:]  # [B, H, c, N]
-        parts.append(probs.sum(dim=2) if signal.axis == "col" else probs.mean(dim=-1))
-    out = torch.stack(parts).sum(0) / q.shape[2] if signal.axis == "col" else torch.cat(parts, dim=-1)
+        parts.append(probs.sum(dim=2) if axis == "col" else probs.mean(dim=-1))
+    out = torch.stack(parts).sum(0) / q.shape[2] if axis == "col" else torch.cat(parts, dim=-1)
     return out.mean(dim=1)
+
+
+def _cls_row_of(query: Tensor, keys: Tensor, heads: int, scale: float | None) -> Tensor:
+    """`cls_attention_row` from a block's full query projections; `scale` `None`: `D^-0.5` over the
+    whole width (one attention over all heads' width, as PruMerge's official score)."""
+    return cls_attention_row(query[:, :1], keys, heads, keys.shape[-1] ** -0.5 if scale is None else scale)
 
 
 class VisionProbe:
@@ -90,22 +104,34 @@ class VisionProbe:
         self.query_layers = {s.layer for s in self.attention_signals}
         self.full_query = {s.layer for s in signals if isinstance(s, PatchAttention)}
         self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys)}
-        self.computed: dict[ClsAttention | PatchAttention, Tensor] = {}
+        # per block, each attention signal's index and computation, fixed here so that the hooks
+        # (traced by dynamo under `bench --compile`) see plain functions and ints, not signal objects
+        self._plans: dict[int, list[tuple[int, Callable[[Tensor, Tensor], Tensor]]]] = {}
+        for index, signal in enumerate(self.attention_signals):
+            self._plans.setdefault(signal.layer, []).append((index, self._computation(signal)))
+        self._computed: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
 
+    def _computation(self, signal: ClsAttention | PatchAttention) -> Callable[[Tensor, Tensor], Tensor]:
+        """`(query, keys) -> [B, N]` for one attention signal of its block."""
+        attn = self.attention[signal.layer]
+        if isinstance(signal, PatchAttention):
+            return partial(
+                patch_attention,
+                heads=attn.num_heads,
+                scale=attn.scale,
+                first=self.first_patch,
+                axis=signal.axis,
+                scores=signal.scores,
+            )
+        if signal.heads == "concat":
+            return partial(_cls_row_of, heads=1, scale=None)
+        return partial(_cls_row_of, heads=attn.num_heads, scale=attn.scale)
+
     def _compute(self, layer: int, query: Tensor, keys: Tensor) -> None:
-        attn = self.attention[layer]
-        for signal in self.attention_signals:
-            if signal.layer != layer:
-                continue
-            if isinstance(signal, PatchAttention):
-                value = patch_attention(query, keys, attn.num_heads, attn.scale, self.first_patch, signal)
-            elif signal.heads == "concat":
-                value = cls_attention_row(query[:, :1], keys, 1, keys.shape[-1] ** -0.5)
-            else:
-                value = cls_attention_row(query[:, :1], keys, attn.num_heads, attn.scale)
-            self.computed[signal] = value
+        for index, computation in self._plans[layer]:
+            self._computed[index] = computation(query, keys)
 
     def _hook(self, layer: int, part: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
@@ -135,8 +161,10 @@ class VisionProbe:
         `[B, N, D]`, or `[B, N, d_head]` averaged over heads."""
         out: dict[Signal, Tensor] = {}
         for signal in self.signals:
-            if isinstance(signal, ClsAttention | PatchAttention) and signal in self.computed:
-                out[signal] = self.computed[signal]
+            if isinstance(signal, ClsAttention | PatchAttention):
+                index = self.attention_signals.index(signal)
+                if index in self._computed:
+                    out[signal] = self._computed[index]
             elif isinstance(signal, PatchKeys) and signal.layer in self.keys:
                 keys = self.keys[signal.layer]
                 heads = self.attention[signal.layer].num_heads
