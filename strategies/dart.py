@@ -1,7 +1,7 @@
 """DART (arXiv 2502.11494): inside the LLM, drop the visual tokens that duplicate a few pivots."""
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -34,7 +34,8 @@ class DART(ScoringStrategy):
 class DARTDedup(Selector):
     """DART's duplication-aware selection. Pivots: the `pivots` best-scored visual tokens (default 4)
     and the `text_pivots` prompt tokens after the image with the largest key L1 norm (default 4).
-    Each pivot in turn (visual pivots by position, then text pivots) claims its share of the
+    Each pivot in turn (visual pivots by position, then text pivots; `pivot_order="text-first"`
+    the other way round) claims its share of the
     remaining budget: the not-yet-kept visual tokens *least* cosine-similar to it (hidden states
     through the LLM's final norm, as the official code). Kept: the visual pivots and every claimed
     token. The official code gives each pivot `int(kept / pivots)` tokens; here the shares are equal
@@ -42,6 +43,9 @@ class DARTDedup(Selector):
 
     pivots: int = Field(4, ge=1)
     text_pivots: int = Field(4, ge=0)
+    pivot_order: Literal["image-first", "text-first"] = "image-first"
+    """The order pivots claim in (earlier pivots claim first, and one more token when the shares
+    do not divide evenly); the official code's order is Python's `set` order of their positions."""
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         text = (
@@ -72,8 +76,9 @@ class DARTDedup(Selector):
         ).transpose(1, 2)
         chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, image_pivots, True)
         count = sims.shape[1]
-        for i in range(count):
-            share = (k - p) // count + (i < (k - p) % count)
+        order = list(range(count)) if self.pivot_order == "image-first" else [*range(p, count), *range(p)]
+        for rank, i in enumerate(order):
+            share = (k - p) // count + (rank < (k - p) % count)
             if share:
                 claim = torch.sort(sims[:, i].masked_fill(chosen, float("inf")), dim=1, stable=True).indices[:, :share]
                 chosen.scatter_(1, claim, True)

@@ -11,7 +11,9 @@ from tokenprune.errors import SignalError
 
 
 @torch.no_grad()
-def dart_reference(model, inputs: dict, k: int, layer: int, pivots: int, text_pivots: int) -> list[int]:
+def dart_reference(
+    model, inputs: dict, k: int, layer: int, pivots: int, text_pivots: int, text_first: bool = False
+) -> list[int]:
     """Kept image-token indices for one unpadded prompt, with explicit loops."""
     lm = model.model.language_model
     hidden = model(**inputs, output_hidden_states=True).hidden_states  # [i]: the input of layer i
@@ -28,6 +30,8 @@ def dart_reference(model, inputs: dict, k: int, layer: int, pivots: int, text_pi
     after = [c for c in range(image[-1] + 1, len(l1))]
     text = sorted(sorted(after, key=lambda c: (-l1[c], c))[:text_pivots])
     states = [normed[image[i]] for i in image_pivots] + [normed[c] for c in text]
+    if text_first:
+        states = states[len(image_pivots) :] + states[: len(image_pivots)]
     chosen = set(image_pivots)
     for i, pivot in enumerate(states):
         share = (k - p) // len(states) + (i < (k - p) % len(states))
@@ -40,15 +44,17 @@ def dart_reference(model, inputs: dict, k: int, layer: int, pivots: int, text_pi
     return sorted(chosen)
 
 
+@pytest.mark.parametrize("order", ["image-first", "text-first"])
 @pytest.mark.parametrize(("k", "pivots", "text_pivots"), [(6, 2, 2), (9, 4, 3), (3, 4, 1), (12, 1, 0)])
 @torch.no_grad()
-def test_kept_tokens_match_reference(tiny, k, pivots, text_pivots):
+def test_kept_tokens_match_reference(tiny, k, pivots, text_pivots, order):
     for i, q in enumerate(["what colour is the square", "how many"]):
         inputs = tiny.inputs([q], images(2, seed=31)[i : i + 1])
-        spec = f"dart+dart-dedup(pivots={pivots},text_pivots={text_pivots})@{k}@llm:2"
+        spec = f"dart+dart-dedup(pivots={pivots},text_pivots={text_pivots},pivot_order='{order}')@{k}@llm:2"
         with tp.apply(tiny.model, spec) as run:
             tiny.model(**inputs)
-        assert run.trace[0].stages[0].kept[0].tolist() == dart_reference(tiny.model, inputs, k, 2, pivots, text_pivots)
+        expected = dart_reference(tiny.model, inputs, k, 2, pivots, text_pivots, text_first=order == "text-first")
+        assert run.trace[0].stages[0].kept[0].tolist() == expected
 
 
 def test_too_few_prompt_tokens_for_text_pivots(tiny):
