@@ -627,6 +627,25 @@ class LlavaAdapter(ModelAdapter):
             kw["cache_position"] = torch.arange(comp.length_out, device=embeds.device)
         return comp, new_ids, new_image_mask, mask, image_sample
 
+    def _rewrite_per_image(
+        self,
+        kw: dict[str, Any],
+        placeholders: Placeholders,
+        results: list[dict[str, Any]],
+        deferred: list[DeferredCheck],
+    ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
+        """`_rewrite_prompt` from images pruned one by one (`results`, in prompt order: each image's
+        kept placeholder `slots` and `features`)."""
+        return self._rewrite_prompt(
+            kw,
+            placeholders,
+            torch.cat([r["slots"] for r in results]),
+            torch.cat([r["features"] for r in results]),
+            [len(r["slots"]) for r in results],
+            [len(r["features"]) for r in results],
+            deferred,
+        )
+
     @staticmethod
     def _unread_prompt_checks(placeholders: Placeholders, blocks: list[int]) -> list[DeferredCheck]:
         """The prompt checks a single prompt defers until after the LM head: its placeholder count,

@@ -199,14 +199,8 @@ class LlavaNextAdapter(LlavaAdapter):
             for i, result in zip(members, outputs, strict=False):
                 results[i] = result
         self._refuse_unequal_images([len(r["kept"]) for r in results], "patch tokens")
-        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw,
-            placeholders,
-            torch.cat([r["slots"] for r in results]),
-            torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results],
-            [len(r["features"]) for r in results],
-            deferred,
+        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_per_image(
+            kw, placeholders, results, deferred
         )
         rows, cols = self._patch_grid()
         tokens_per_crop = rows * cols + int(model_info.has_cls)

@@ -155,14 +155,8 @@ class Qwen2VLAdapter(LlavaAdapter):
                 }
         results = [found[i] for i in range(len(packed))]
         self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
-        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_prompt(
-            kw,
-            placeholders,
-            torch.cat([r["slots"] for r in results]),
-            torch.cat([r["features"] for r in results]),
-            [len(r["slots"]) for r in results],
-            [len(r["features"]) for r in results],
-            deferred,
+        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_per_image(
+            kw, placeholders, results, deferred
         )
         if kw.get("mm_token_type_ids") is not None:
             kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
