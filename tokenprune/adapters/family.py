@@ -153,7 +153,7 @@ class MRope:
         ids, mask = kw["input_ids"], kw.get("attention_mask")
         types = kw.get("mm_token_type_ids")
         types = types if types is not None else (ids == getattr(engine.config, engine.family.layout.image_token)).int()
-        grid = engine.image_argument(kw, "image_grid_thw")
+        grid = engine.image_argument(kw, "image_grid_thw", per_copy=True)
         positions, deltas = engine.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
         if kw.get("position_ids") is not None:
             positions = kw["position_ids"]
@@ -195,7 +195,7 @@ class Family:
     layout: Layout = field(default_factory=Layout)
     positions: PositionRule = field(default_factory=Sequential)
     places: tuple[str, ...] = ("projector", "llm")
-    ragged_places: tuple[str, ...] = ()
+    ragged_places: tuple[str, ...] = ("projector",)
     feature_keys: tuple[str, ...] = ()
     vision_signals: bool = True
     keeps_cls: Callable[[Any], bool] = lambda config: False
