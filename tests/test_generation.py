@@ -208,6 +208,17 @@ def test_an_adapter_without_shared_copies_refuses_them_before_any_forward(tiny, 
     assert unsupported_settings({"num_beams": 2}, None, expands=True) == []
 
 
+def test_the_transformers_expansion_the_guard_stands_in_for_is_there():
+    """The one transformers internal the guard touches: `generate` expands encoded images through
+    `_expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size=, inputs_embeds=)`."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    names = list(inspect.signature(GenerationMixin._expand_multimodal_outputs).parameters)
+    assert names[1:] == ["input_ids", "mm_encoder_output", "expand_size", "inputs_embeds"]
+
+
 @torch.no_grad()
 def test_supported_settings_pass_through_the_guard(tiny):
     inputs = tiny.inputs(["what colour is the square"], images(1, seed=6))

@@ -49,8 +49,9 @@ def unsupported_settings(kwargs: dict[str, Any], config: Any, expands: bool = Tr
         ]
     )
     cache = cache_of(kwargs)
-    if cache is not None and int(cache.get_seq_length()) > 0:
-        found.append(f"a pre-filled prompt cache ({int(cache.get_seq_length())} tokens cached)")
+    cached = cache.get_seq_length() if cache is not None else 0
+    if isinstance(cached, int) and cached > 0:  # a static cache counts on the device: the prefill checks it
+        found.append(f"a pre-filled prompt cache ({cached} tokens cached)")
     return found
 
 

@@ -546,6 +546,8 @@ class Engine(ModelAdapter):
             InputError: the rows are not whole groups of copies, or the placeholders do not match the images.
         """
         per_row, n = placeholders.per_row, self.copies
+        if per_row is not None and sum(per_row) == sum(images.blocks):
+            return images  # the images came expanded with the prompts (a model `generate` does not pre-encode for)
         if per_row is None or len(per_row) % n:
             raise InputError(f"generate made {n} copies of each prompt, but the batch has {len(per_row or [1])} rows")
         prompts = _image_rows(per_row[::n], images.blocks)
