@@ -431,7 +431,8 @@ class TinyInternVL:
             row = [2]
             for n in tiles[p * per_prompt : (p + 1) * per_prompt]:
                 row += [start] + [context] * (n * self.units) + [end]
-            rows.append(row + self.tokenizer(question, add_special_tokens=False).input_ids)
+            turn = [3, 2]  # the user turn's end and the answer's start, as InternVL's chat template closes a turn
+            rows.append(row + self.tokenizer(question, add_special_tokens=False).input_ids + turn)
         ids, mask = left_padded(rows)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels["pixel_values"]}
 
