@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..compat import cache_of
+from ..compat import cache_of, full_attention_mask
 from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals, run_stage
 from ..flops import signal_flops
@@ -409,7 +409,7 @@ class LlavaAdapter(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == self.config.image_token_id
-        key_mask, causal = kw.get("attention_mask"), None
+        key_mask, causal = full_attention_mask(kw.get("attention_mask")), None
         if key_mask is not None and key_mask.dim() == 4:
             key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
         if input_ids.shape[0] == 1:
@@ -692,7 +692,7 @@ class LlavaAdapter(ModelAdapter):
         step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         batch = comp.source.shape[0]
         generated = past - comp.length_out
-        mask = kw.get("attention_mask")
+        mask = full_attention_mask(kw.get("attention_mask"))
         expected = comp.length_in + generated + step
         if mask is not None and mask.dim() == 4:
             # generate builds a static cache's 4D decode mask for a query at the cache's length,

@@ -118,7 +118,7 @@ class Qwen2VLAdapter(LlavaAdapter):
                 pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
             )
         packed = list(getattr(encoded, "pooler_output", encoded))
-        ids, mask = kw["input_ids"], kw.get("attention_mask")
+        ids, mask = kw["input_ids"], placeholders.key_mask  # 2D, also behind a static cache's 4D masks
         types = kw.get("mm_token_type_ids")
         types = types if types is not None else (ids == self.config.image_token_id).int()
         positions, self._deltas = self.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
