@@ -28,183 +28,134 @@ Units are never split: a stage keeps or drops (or merges) whole units.
   `llm:K` (the LLM is a Qwen2 / Llama-style decoder). Not `vision:L`: pixel shuffle needs every
   tile's full patch grid.
 * Positions: 1D, as for LLaVA (`positions` option of `tp.apply`).
+
+The family is data for the engine (`tokenprune.adapters.engine`): the `INTERNVL` record (InternViT's
+layout: blocks at `encoder.layer`, attention at `attention`, [CLS] at `embeddings.cls_token`, q/k read
+after `q_norm`/`k_norm`) and the `PixelShuffle` packing below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
 
-from ..errors import InputError, SignalError
-from ..execute import required_signals, run_stage
+from ..errors import InputError
 from ..flops import signal_flops
-from ..pipeline import Pipeline
-from ..reduction import Reduction
+from ..pipeline import Stage
 from ..registry import register_adapter
 from ..signals import Signal
 from ..strategy import DeferredCheck, ModelInfo
-from ..trace import ForwardRecord
-from .base import Handle, require_state
-from .decoder import DecoderStage
+from .engine import Engine, ImageTokens
+from .family import Family, Layout
 from .internvl_layout import placeholder_runs, shuffle_factor, tiles_per_image, unit_signal
-from .llava import LlavaAdapter, Placeholders
-from .vision import VisionProbe, split_vision_signals
+from .packing import ImagePass, _encode, _reduce, per_image
 
 if TYPE_CHECKING:
-    from ..apply import Run
+    from torch import Tensor
+
+
+def _tile_side(engine: Engine) -> int:
+    """Patches per side of one tile."""
+    vision = engine.config.vision_config
+    return vision.image_size[0] // vision.patch_size[0]
 
 
 @dataclass(frozen=True)
-class NormedQK:
-    """An InternViT attention module as `VisionProbe` reads it: its queries and keys after the
-    optional qk-norm (`nn.Identity` when the tower has none), its heads and scale."""
+class PixelShuffle:
+    """InternVL packing: each tile's `S x S` patches ([CLS] dropped) pixel-shuffled into `(S/f)^2`
+    units, one LLM token each; an image is the units of its tiles, in tile order. Stages run per image
+    over all its tiles (images of one tile count as one batch), with per-unit signals."""
 
-    q_proj: nn.Module
-    k_proj: nn.Module
-    num_heads: int
-    scale: float
+    shares_encodings: bool = False
+    unequal: str = "tokens"
 
-    @classmethod
-    def of(cls, attention: Any) -> NormedQK:
-        return cls(attention.q_norm, attention.k_norm, attention.num_heads, attention.scale)
+    def grid(self, engine: Engine) -> tuple[int, int] | None:
+        side = _tile_side(engine)
+        units = side // shuffle_factor(engine.config.downsample_ratio, side)
+        return units, units
 
-
-@register_adapter("internvl")
-class InternVLAdapter(LlavaAdapter):
-    """InternVL 2.5 / 3 (`InternVLForConditionalGeneration`): prunes each image's pixel-shuffled
-    tokens across its tiles before the LLM; [CLS] scorers run on InternViT."""
-
-    shares_encodings: ClassVar[bool] = False
-    model_class: ClassVar[str] = "InternVLForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from transformers import InternVLForConditionalGeneration
-
-        return isinstance(model, InternVLForConditionalGeneration)
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.core.vision_tower.encoder.layer
-
-    def _side(self) -> int:
-        """Patches per side of one tile."""
-        vision = self.config.vision_config
-        return vision.image_size[0] // vision.patch_size[0]
-
-    def info(self) -> ModelInfo:
-        depth, layer = len(self._blocks()), self.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise InputError(f"InternVL reads one vision_feature_layer, not {layer!r}")
-        side = self._side() // shuffle_factor(self.config.downsample_ratio, self._side())
-        return ModelInfo(
-            vision_layers=depth,
-            feature_layer=layer % (depth + 1) - 1 if layer % (depth + 1) else None,
-            feature_index=layer,
-            has_cls=True,
-            grid=(side, side),
-            llm_layers=self.config.text_config.num_hidden_layers,
-        )
-
-    def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
-        """Hooks: the probe on the InternViT blocks scorers read (every tile), and the sequence
-        rewrite before the LLM, which prunes the projected units."""
-        self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
-        self._info = self.info()
-        if self.config.vision_feature_select_strategy != "default":
+    def check(self, engine: Engine, stages: list[Stage], info: ModelInfo) -> None:
+        if engine.config.vision_feature_select_strategy != "default":
             raise InputError(
-                f"the {self.name} adapter needs vision_feature_select_strategy='default' (the [CLS] feature dropped "
-                "before the pixel shuffle, as InternVL does)"
+                f"the {engine.name} adapter needs vision_feature_select_strategy='default' (the [CLS] feature "
+                "dropped before the pixel shuffle, as InternVL does)"
             )
-        self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
-        signals, unknown = split_vision_signals(required_signals(self._projector_stages, self._info))
-        if unknown:
-            raise SignalError(f"the {self.name} adapter cannot provide {unknown} before the LLM")
-        blocks = self._blocks()
-        self._probe = VisionProbe({s.layer: NormedQK.of(blocks[s.layer].attention) for s in signals}, signals)
-        language_model = self.core.language_model
-        self._encoder = None
-        self._decoders = [
-            DecoderStage(language_model.layers, language_model.norm, s, self._info)
-            for s in pipeline.stages
-            if s.place.kind == "llm"
-        ]
-        for before, after in zip(self._decoders, self._decoders[1:], strict=False):
-            before.next = after
-        handles: list[Handle] = list(self._probe.attach())
-        for decoder in self._decoders:
-            handles += decoder.attach()
-        return handles + self._core_hooks()
 
-    def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
-        """Encode the tiles unless `generate` already did, prune each image's units over its tiles
-        (images of one tile count together), then shorten the prompt to what is kept."""
-        self._refuse_feature_overrides(kw)
-        if encoded is None:
-            encoded = self.core.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)
-        units = getattr(encoded, "pooler_output", encoded)  # [T, U, D] projected units of every tile
+    def attach(self, engine: Engine) -> list[Any]:
+        return []
+
+    def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
+        """Encode the tiles unless `generate` already did, read each image's tile count from its
+        placeholder run, and prune each image's units over its tiles."""
+        features = _encode(engine, kw, encoded)
+        units = getattr(features, "pooler_output", features)  # [T, U, D] every tile's units
         per_tile = units.shape[1]
-        runs = placeholder_runs(placeholders.mask)
-        tiles = tiles_per_image([n for _, n in runs], per_tile, units.shape[0])
-        side = self._side()
-        factor = shuffle_factor(self.config.downsample_ratio, side)
-        probe = require_state(self._probe, "the vision probe")
-        signals: dict[Signal, Tensor] = {s: unit_signal(v, side, factor) for s, v in probe.values().items()}
-        stage = self._projector_stages[0] if self._projector_stages else None
-        model_info = require_state(self._info, "the model info")
+        image_mask = kw["input_ids"] == getattr(engine.config, engine.family.layout.image_token)
+        tiles = tiles_per_image([n for _, n in placeholder_runs(image_mask)], per_tile, units.shape[0])
+        side = _tile_side(engine)
+        factor = shuffle_factor(engine.config.downsample_ratio, side)
+        state = engine.state
+        signals: dict[Signal, Tensor] = {s: unit_signal(v, side, factor) for s, v in state.probe.values().items()}
+        stage = state.projector_stages[0] if state.projector_stages else None
         deferred: list[DeferredCheck] = []
         firsts = [sum(tiles[:i]) for i in range(len(tiles))]
         groups: dict[int, list[int]] = {}  # images of one tile count run as one batch
         for i, n in enumerate(tiles):
             groups.setdefault(n, []).append(i)
-        found: dict[int, dict[str, Any]] = {}
+        by_image: dict[int, ImagePass] = {}
         for n, members in groups.items():
             rows = torch.tensor([firsts[i] + t for i in members for t in range(n)], device=units.device)
-            tokens = units[rows].flatten(0, 1).view(len(members), n * per_tile, -1)  # [G, n * U, D]
-            local = {
-                s: v[rows].flatten(0, 1).view(len(members), n * per_tile, *v.shape[2:]) for s, v in signals.items()
-            }
-            info = replace(model_info, grid=model_info.grid if n == 1 else None)
-            if stage is None:  # only llm:K stages: every unit reaches the LLM
-                index = torch.arange(tokens.shape[1], device=tokens.device).expand(len(members), -1)
-                reduction, scores = Reduction.drop(tokens, index), None
-            else:
-                reduction, scores = run_stage(stage, tokens, info, local, deferred)
+            tokens = units[rows].reshape(len(members), n * per_tile, -1)  # [G, n * U, D]
+            local = {s: v[rows].reshape(len(members), n * per_tile, *v.shape[2:]) for s, v in signals.items()}
+            info = replace(state.info, grid=state.info.grid if n == 1 else None)
+            reduction, scores = _reduce(stage, tokens, info, local, deferred)
             slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             slots.scatter_(1, reduction.index, True)
             counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
             for g, i in enumerate(members):
-                found[i] = {
-                    "slots": slots[g],
-                    "features": reduction.tokens[g, : counts[g]],
-                    "kept": reduction.index[g, : counts[g]],
-                    "weights": None if reduction.weights is None else reduction.weights[g, : counts[g]],
-                    "scores": None if scores is None else scores[g],
-                    "tokens_in": tokens.shape[1],
-                }
-        results = [found[i] for i in range(len(tiles))]
-        self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
-        comp, new_ids, new_image_mask, new_mask, image_sample = self._rewrite_per_image(
-            kw, placeholders, results, deferred
+                by_image[i] = ImagePass(
+                    slots=slots[g],
+                    features=reduction.tokens[g, : counts[g]],
+                    llm_tokens=slots.new_ones(counts[g]),
+                    tokens_in=tokens.shape[1],
+                    kept=reduction.index[g, : counts[g]],
+                    weights=None if reduction.weights is None else reduction.weights[g, : counts[g]],
+                    scores=None if scores is None else scores[g],
+                )
+        vision = engine.config.vision_config
+        per_tile_tokens = side * side + 1  # [CLS] included
+        return per_image(
+            stage,
+            [by_image[i] for i in range(len(tiles))],
+            deferred,
+            scoring_flops=sum(signal_flops(s, per_tile_tokens, vision.hidden_size) for s in state.probe.signals)
+            * sum(tiles),
+            vision_tokens=[per_tile_tokens] * (state.info.vision_layers or 0),
+            vision_shape=(vision.hidden_size, vision.intermediate_size, per_tile_tokens),
         )
-        text, vision = self.config.text_config, self.config.vision_config
-        tokens_per_tile = side * side + 1  # [CLS] included
-        self._record = ForwardRecord(
-            stages=self._per_image_record(stage, results, image_sample),
-            seq_len_in=comp.length_in,
-            seq_len_out=comp.length_out,
-            llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
-            scoring_flops=sum(signal_flops(s, tokens_per_tile, vision.hidden_size) for s in probe.signals)
-            * sum(tiles)
-            / kw["inputs_embeds"].shape[0],
-            vision_tokens=[tokens_per_tile] * model_info.vision_layers,
-            vision_shape=(vision.hidden_size, vision.intermediate_size, tokens_per_tile),
-        )
-        require_state(self._run, "the run").record(self._record)
-        if self._decoders:
-            columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
-            self._begin_decoders(columns, image_sample, torch.stack([r["kept"] for r in results]), new_ids, new_mask)
-        return kw
+
+
+INTERNVL = Family(
+    model_classes=("InternVLForConditionalGeneration",),
+    packing=PixelShuffle(),
+    layout=Layout(
+        blocks=("encoder.layer",),
+        attention="attention",
+        embeddings=("embeddings",),
+        cls_token="cls_token",
+        query="q_norm",  # InternViT's attention uses q/k after its optional qk-norm (nn.Identity without)
+        key="k_norm",
+    ),
+    ragged_places=("projector",),
+    feature_keys=("vision_feature_layer", "vision_feature_select_strategy"),
+)
+
+
+@register_adapter("internvl")
+class InternVLAdapter(Engine):
+    """InternVL 2.5 / 3 (`InternVLForConditionalGeneration`): prunes each image's pixel-shuffled
+    tokens across its tiles before the LLM; [CLS] scorers run on InternViT."""
+
+    family = INTERNVL
