@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..compat import cache_of
+from ..compat import cache_of, full_attention_mask
 from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals
 from ..pipeline import Pipeline, Stage
@@ -44,7 +44,7 @@ from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages
 from .family import Family, resolve
 from .sequence import Compaction, compact
-from .vision import VisionProbe, split_vision_signals
+from .vision import QKView, VisionProbe, split_vision_signals
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -209,7 +209,7 @@ class DecodeStep:
         comp = prefill.compaction
         step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         expected = comp.length_in + past - comp.length_out + step
-        mask = kw.get("attention_mask")
+        mask = full_attention_mask(kw.get("attention_mask"))
         if mask is not None and mask.dim() == 4:  # generated tokens are never padding
             batch = comp.source.shape[0]
             prompt = (
@@ -363,7 +363,7 @@ class Engine(ModelAdapter):
             vision_layers=depth,
             feature_layer=max(blocks) if max(blocks) >= 0 else None,
             feature_index=None if layers is None else layers[blocks.index(max(blocks))],
-            has_cls=getattr(embeddings, "class_embedding", None) is not None,
+            has_cls=getattr(embeddings, self.family.layout.cls_token, None) is not None,
             grid=self.family.packing.grid(self),
             llm_layers=self.config.text_config.num_hidden_layers,
         )
@@ -419,7 +419,11 @@ class Engine(ModelAdapter):
                 f"the {self.name} adapter provides no vision signals yet (asked for {sorted(map(repr, vision))}); "
                 + self.family.no_signals
             )
-        return VisionProbe({s.layer: self.attention(s.layer) for s in vision}, vision, info.has_cls)
+        layout = self.family.layout
+        attention = {s.layer: self.attention(s.layer) for s in vision}
+        if (layout.query, layout.key) != ("q_proj", "k_proj"):  # q/k read elsewhere, e.g. after a qk-norm
+            attention = {block: QKView.of(a, layout.query, layout.key) for block, a in attention.items()}
+        return VisionProbe(attention, vision, info.has_cls)
 
     @property
     def state(self) -> Attached:
@@ -520,7 +524,7 @@ class Engine(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == getattr(self.config, self.family.layout.image_token)
-        key_mask, causal = kw.get("attention_mask"), None
+        key_mask, causal = full_attention_mask(kw.get("attention_mask")), None
         if key_mask is not None and key_mask.dim() == 4:
             key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
         if input_ids.shape[0] == 1:
@@ -640,7 +644,8 @@ class Engine(ModelAdapter):
         new_image_mask = comp.gather(image_mask, False)
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
         mask = comp.attention_mask(placeholders.key_mask)
-        positions, deltas = self.family.positions.prefill(self, kw, comp)
+        # the position rule sees the prompt's 2D key mask (also behind a static cache's 4D masks)
+        positions, deltas = self.family.positions.prefill(self, {**kw, "attention_mask": placeholders.key_mask}, comp)
         self.prefill = Prefill(comp, mask, placeholders.key_mask, deltas)
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         kw.pop("mm_encoder_outputs", None)
