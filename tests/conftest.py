@@ -321,6 +321,73 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path
     return path
 
 
+class TinyGemma3(TinyHandBuilt):
+    """Gemma 3: each image as the processor lays it out, `<boi>`, `mm_tokens_per_image` placeholders,
+    `<eoi>`, and the `token_type_ids` (1 at the placeholders) its processor returns."""
+
+    def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
+        return [self.model.config.mm_tokens_per_image] * len(pixels["pixel_values"])
+
+    def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        pixels = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        config = self.model.config
+        image = [config.boi_token_id] + [config.image_token_id] * config.mm_tokens_per_image + [config.eoi_token_id]
+        rows = [[2, *image, *self.tokenizer(q, add_special_tokens=False).input_ids] for q in questions]
+        ids, mask = left_padded(rows)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": (ids == config.image_token_id).long(),
+        } | pixels
+
+
+GEMMA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<start_of_image>", "<end_of_image>"]
+
+
+def build_tiny_gemma3(root: Path, seed: int = 11) -> Path:
+    """A tiny random Gemma 3: SigLIP tower (8x8 patches of 4 px), a projector pooling them 2x2 into
+    4x4 = 16 soft tokens, and a 4-layer Gemma 3 LLM whose local layers slide a window of 8 tokens
+    (shorter than a prompt) between its global ones."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
+
+    tok = word_tokenizer(WORDS, specials=GEMMA_SPECIALS)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=4
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    ids = tok.convert_tokens_to_ids(GEMMA_SPECIALS[4:])
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,
+        image_token_index=ids[0],
+        boi_token_index=ids[1],
+        eoi_token_index=ids[2],
+    )
+    torch.manual_seed(seed)
+    path = root / "gemma3"
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    Gemma3ImageProcessorPil(
+        size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     """Random RGB images of the given `(height, width)`."""
     rng = np.random.default_rng(seed)
@@ -404,4 +471,15 @@ def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return TinyQwen(
         path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> TinyGemma3:
+    from transformers import AutoModelForImageTextToText, Gemma3ImageProcessorPil, PreTrainedTokenizerFast
+
+    path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyGemma3(
+        path, model, Gemma3ImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
     )

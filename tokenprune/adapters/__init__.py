@@ -1,12 +1,14 @@
 """Model adapters; importing this package registers the built-in ones."""
 
 from .base import ModelAdapter, find_adapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
+    "Gemma3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
