@@ -110,8 +110,9 @@ def image_blocks(token_type_ids: Tensor) -> Tensor:
 def bidirectional_image_mask(token_type_ids: Tensor, key_mask: Tensor, sliding_window: int | None = None) -> Tensor:
     """The `[B, P, P]` bool attention (query, key) of a causal LLM in which an image's tokens also see
     each other in both directions: key `j` is visible from query `i` when `j` is not padding and
-    (`j <= i`, or `i` and `j` are tokens of one image); with `sliding_window` `w`, also `|i - j| < w`
-    (the window is applied after the image rule, as Gemma 3's local layers do).
+    (`j <= i`, or `i` and `j` are tokens of one image); with `sliding_window` `w`, also `i - j < w`
+    (a window on earlier keys only, applied after the image rule, as Gemma 3's local layers do: an
+    image token sees its image's later tokens however far).
 
     Args:
         token_type_ids: `[B, P]`, 1 at image tokens.
@@ -124,5 +125,5 @@ def bidirectional_image_mask(token_type_ids: Tensor, key_mask: Tensor, sliding_w
     same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
     allowed = (causal[None] | same_image) & key_mask.bool()[:, None, :]
     if sliding_window is not None:
-        allowed &= (at[None, :] - at[:, None]).abs()[None] < sliding_window
+        allowed &= (at[:, None] - at[None, :])[None] < sliding_window
     return allowed
