@@ -17,9 +17,10 @@
   layers (whose caches keep a window, not the prompt) with global ones, and the `llm:K` machinery
   assumes neither.
 
-`generate` encodes the images before its first forward (`mm_encoder_outputs`) with the probe's
-hooks in place; a prefill given features encoded outside the context cannot get the signals its
-scorer reads and is refused.
+`generate` with a static cache (`cache_implementation="static"`) hands the core a per-layer-type
+mask mapping, which cannot be remapped: refused. `generate` encodes the images before its first
+forward (`mm_encoder_outputs`) with the probe's hooks in place; a prefill given features encoded
+outside the context cannot get the signals its scorer reads and is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ _NO_LLM = (
     "llm:K stages are not supported on Gemma 3: its decoder normalises queries and keys (q_norm, k_norm) "
     "and its sliding-window layers cache a window, not the prompt, which tokenprune's llm:K stages do not "
     "model; prune at the projector (e.g. fopru@64, divprune@64, pool@64)"
+)
+
+_MASK_MAPPING = (
+    "Gemma 3 received a per-layer-type attention mask mapping (generate builds one for static caches, "
+    "cache_implementation='static'), which tokenprune cannot remap onto the compressed prompt; inside "
+    "tokenprune.apply use the default dynamic cache and a 2D attention mask"
 )
 
 
@@ -101,6 +108,16 @@ class Gemma3Adapter(LlavaAdapter):
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals, has_cls=False)
         self._encoder, self._decoders = None, []
         return [*self._probe.attach(), *self._core_hooks()]
+
+    def _read_placeholders(self, kw: dict[str, Any]) -> Placeholders:
+        """As for LLaVA, refusing the mask mapping Gemma's `generate` builds for static caches.
+
+        Raises:
+            InputError: the attention mask is a mapping of per-layer-type masks.
+        """
+        if isinstance(kw.get("attention_mask"), dict):
+            raise InputError(_MASK_MAPPING)
+        return super()._read_placeholders(kw)
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's soft tokens, then
