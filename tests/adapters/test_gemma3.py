@@ -230,3 +230,40 @@ def test_a_static_cache_is_refused_and_the_model_left_as_it_was(tiny_gemma3):
         with tp.apply(model, "divprune@4"):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
     assert torch.equal(model.generate(**inputs, max_new_tokens=2, do_sample=False), reference)
+
+
+@torch.no_grad()
+def test_two_images_in_one_prompt_keep_their_own_bidirectional_blocks(tiny_gemma3):
+    """One prompt holding two images (two placeholder runs between `<eoi>` and `<boi>`): each keeps
+    k soft tokens, and the logits equal the plain model fed the kept tokens and token types by hand
+    (two image blocks, each bidirectional on its own)."""
+    model, config = tiny_gemma3.model, tiny_gemma3.model.config
+    pixels = tiny_gemma3.image_processor(images=images(2, seed=10), return_tensors="pt")["pixel_values"]
+    block = [config.boi_token_id] + [config.image_token_id] * T + [config.eoi_token_id]
+    ids = torch.tensor([[2, *block, *block, *tiny_gemma3.tokenizer("how many", add_special_tokens=False).input_ids]])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": (ids == config.image_token_id).long(),
+        "pixel_values": pixels,
+    }
+    with tp.apply(model, "divprune@3") as run:
+        got = model(**inputs).logits[0, -1]
+    stage = run.trace[0].stages[0]
+    assert stage.image_sample == [0, 0] and [len(k) for k in stage.kept] == [3, 3]
+    slots = (ids[0] == config.image_token_id).nonzero()[:, 0].view(2, T)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[slots.flatten()] = False
+    for i in range(2):
+        keep[slots[i][stage.kept[i]]] = True
+    columns = keep.nonzero()[:, 0]
+    features = model.model.get_image_features(pixels).pooler_output
+    embeds = model.model.get_input_embeddings()(ids[0, columns])
+    embeds[ids[0, columns] == config.image_token_id] = torch.cat([features[i][stage.kept[i]] for i in range(2)])
+    out = model(
+        inputs_embeds=embeds[None],
+        attention_mask=inputs["attention_mask"][:, columns],
+        token_type_ids=inputs["token_type_ids"][:, columns],
+    ).logits[0, -1]
+    torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
+    assert run.trace[0].seq_len_out == ids.shape[1] - 2 * (T - 3)
