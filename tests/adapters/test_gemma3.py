@@ -219,6 +219,33 @@ def test_features_encoded_outside_the_context(tiny_gemma3):
     with pytest.raises(tp.errors.InputError, match="not encoded inside tokenprune.apply"):
         with tp.apply(model, "fopru@5"):
             model(**text, mm_encoder_outputs=dict(encoded))
+    with pytest.raises(tp.errors.InputError, match="not encoded inside tokenprune.apply"):
+        with tp.apply(model, "fopru@5"):
+            model(**inputs)  # the probe now holds these images' signals: stale for the next prefill
+            model(**text, mm_encoder_outputs=dict(encoded))
+
+
+@torch.no_grad()
+def test_a_budget_rule_lets_images_keep_different_counts(tiny_gemma3):
+    """`fopru(scores='softmax')@mass(0.5)`: each image keeps the fewest soft tokens whose (positive)
+    scores hold half its total, counted by a loop here (8 and 7 for these images); the rows shorten
+    by their own counts (the shorter left-padded) and the batch's logits equal each prompt's alone."""
+    model = tiny_gemma3.model
+    imgs = images(2, seed=11)
+    inputs = tiny_gemma3.inputs(EQUAL, imgs)
+    with tp.apply(model, "fopru(scores='softmax')@mass(0.5)") as run:
+        batch = model(**inputs).logits[:, -1]
+        singles = [model(**tiny_gemma3.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(EQUAL)]
+    stage = run.trace[0].stages[0]
+    kept = [len(k) for k in stage.kept]
+    for count, scores in zip(kept, stage.scores, strict=True):
+        ranked = sorted((max(float(x), 0.0) for x in scores.double()), reverse=True)
+        held = [sum(ranked[: c + 1]) for c in range(T)]
+        assert count == next(c + 1 for c in range(T) if held[c] >= 0.5 * held[-1])
+    assert kept[0] != kept[1] and stage.counts == [(T, kept[0]), (T, kept[1])]
+    assert run.trace[0].seq_len_out == inputs["input_ids"].shape[1] - T + max(kept)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -78,6 +78,7 @@ class Gemma3Adapter(LlavaAdapter):
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
         self.grid = PooledGrid.from_config(self.config)
+        self._fresh = False  # whether the tower ran since the last prefill (the probe holds this one's signals)
 
     def info(self) -> ModelInfo:
         depth = len(_encoder_layers(self.core.vision_tower))
@@ -106,8 +107,9 @@ class Gemma3Adapter(LlavaAdapter):
             raise SignalError(f"the gemma3 adapter cannot provide {unknown} before the LLM")
         encoder = _encoder_layers(self.core.vision_tower)
         self._probe = VisionProbe({s.layer: encoder[s.layer].self_attn for s in signals}, signals, has_cls=False)
-        self._encoder, self._decoders = None, []
-        return [*self._probe.attach(), *self._core_hooks()]
+        self._encoder, self._decoders, self._fresh = None, [], False
+        tower = self.core.vision_tower.register_forward_hook(lambda *_: setattr(self, "_fresh", True))
+        return [*self._probe.attach(), tower, *self._core_hooks()]
 
     def _read_placeholders(self, kw: dict[str, Any]) -> Placeholders:
         """As for LLaVA, refusing the mask mapping Gemma's `generate` builds for static caches.
@@ -127,10 +129,8 @@ class Gemma3Adapter(LlavaAdapter):
         tokens = getattr(encoded, "pooler_output", encoded)  # [I, T, D]
         tokens = torch.stack(list(tokens)) if isinstance(tokens, list | tuple) else tokens
         probe = require_state(self._probe, "the vision probe")
-        patch_signals = probe.values()
-        if len(patch_signals) < len(probe.signals) or any(
-            v.shape[0] != tokens.shape[0] for v in patch_signals.values()
-        ):
+        patch_signals, fresh, self._fresh = probe.values(), self._fresh, False
+        if probe.signals and not fresh:  # the probe holds an earlier encoding's signals, or none
             raise InputError(
                 "the scorer reads vision signals, but these image features were not encoded inside "
                 "tokenprune.apply; pass pixel_values (or let generate encode them) inside the context"
