@@ -321,36 +321,55 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path
     return path
 
 
-class TinyGemma3(TinyHandBuilt):
-    """Gemma 3: each image as the processor lays it out, `<boi>`, `mm_tokens_per_image` placeholders,
-    `<eoi>`, and the `token_type_ids` (1 at the placeholders) its processor returns."""
+@dataclass
+class TinyGemma3:
+    """Gemma 3 with its own processor (`Gemma3Processor`): each image becomes `<start_of_image>`,
+    `mm_tokens_per_image` placeholders and `<end_of_image>`, with `token_type_ids` 1 at the placeholders."""
 
-    def placeholders(self, pixels: dict[str, torch.Tensor]) -> list[int]:
-        return [self.model.config.mm_tokens_per_image] * len(pixels["pixel_values"])
+    path: Path
+    model: Any
+    processor: Any
+
+    @property
+    def image_processor(self) -> Any:
+        return self.processor.image_processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        pixels = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
-        config = self.model.config
-        image = [config.boi_token_id] + [config.image_token_id] * config.mm_tokens_per_image + [config.eoi_token_id]
-        rows = [[2, *image, *self.tokenizer(q, add_special_tokens=False).input_ids] for q in questions]
-        ids, mask = left_padded(rows)
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "token_type_ids": (ids == config.image_token_id).long(),
-        } | pixels
+        prompts = [build_prompt(self.processor, q) for q in questions]
+        out = self.processor(images=[[image] for image in images], text=prompts, return_tensors="pt", padding=True)
+        return dict(out)
 
 
 GEMMA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<start_of_image>", "<end_of_image>"]
+GEMMA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
 
 
 def build_tiny_gemma3(root: Path, seed: int = 11) -> Path:
     """A tiny random Gemma 3: SigLIP tower (8x8 patches of 4 px), a projector pooling them 2x2 into
     4x4 = 16 soft tokens, and a 4-layer Gemma 3 LLM whose local layers slide a window of 8 tokens
-    (shorter than a prompt) between its global ones."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
+    (shorter than a prompt) between its global ones; saved with its `Gemma3Processor` (word tokenizer)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
 
-    tok = word_tokenizer(WORDS, specials=GEMMA_SPECIALS)
+    words = word_tokenizer(WORDS, specials=GEMMA_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    )
     vision = SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=4
     )
@@ -381,10 +400,12 @@ def build_tiny_gemma3(root: Path, seed: int = 11) -> Path:
     torch.manual_seed(seed)
     path = root / "gemma3"
     Gemma3ForConditionalGeneration(config).save_pretrained(path)
-    Gemma3ImageProcessorPil(
+    image_processor = Gemma3ImageProcessorPil(
         size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=16, chat_template=GEMMA_CHAT_TEMPLATE
     ).save_pretrained(path)
-    tok.save_pretrained(path)
     return path
 
 
@@ -476,10 +497,6 @@ def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> TinyGemma3:
-    from transformers import AutoModelForImageTextToText, Gemma3ImageProcessorPil, PreTrainedTokenizerFast
-
     path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return TinyGemma3(
-        path, model, Gemma3ImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
-    )
+    model, processor = load(str(path))
+    return TinyGemma3(path, model, processor)
