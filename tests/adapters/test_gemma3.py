@@ -253,7 +253,9 @@ def test_a_static_cache_is_refused_and_the_model_left_as_it_was(tiny_gemma3):
     model = tiny_gemma3.model
     inputs = tiny_gemma3.inputs(PADDED, images(2, seed=9))
     reference = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    with pytest.raises(tp.errors.InputError, match="per-layer-type attention mask mapping .* use the default dynamic"):
+    with pytest.raises(
+        tp.errors.InputError, match="mapping of per-layer-type attention masks .* use the default dynamic cache"
+    ):
         with tp.apply(model, "divprune@4"):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
     assert torch.equal(model.generate(**inputs, max_new_tokens=2, do_sample=False), reference)

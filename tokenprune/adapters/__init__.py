@@ -1,6 +1,8 @@
 """Model adapters; importing this package registers the built-in ones."""
 
 from .base import ModelAdapter, find_adapter
+from .engine import Engine
+from .family import Family, Layout
 from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -8,7 +10,10 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
+    "Engine",
+    "Family",
     "Gemma3Adapter",
+    "Layout",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
