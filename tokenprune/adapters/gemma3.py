@@ -75,9 +75,8 @@ class Pooled:
         tokens = getattr(features, "pooler_output", features)  # [I, T, D]
         tokens = torch.stack(list(tokens)) if isinstance(tokens, list | tuple) else tokens
         state, pooled = engine.state, PooledGrid.from_config(engine.config)
-        if state.probe.signals and not engine.memo.pop("encoded", False):
+        if not engine.memo.pop("encoded", False) and state.probe.signals:  # the probe holds no signals of these
             raise InputError(_STALE)
-        engine.memo.pop("encoded", None)
         stage = state.projector_stages[0] if state.projector_stages else None
         deferred: list[DeferredCheck] = []
         signals = pooled.pool_signals(state.probe.values())
@@ -126,6 +125,7 @@ class Gemma3Adapter(Engine):
     family = GEMMA3
 
     def check(self, pipeline: Pipeline) -> None:
+        """As every adapter checks, with `llm:K` stages refused first, saying why."""
         if any(s.place.kind == "llm" for s in pipeline.stages):
             raise PlaceError(_NO_LLM)
         super().check(pipeline)
