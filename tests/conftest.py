@@ -321,6 +321,94 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path
     return path
 
 
+@dataclass
+class TinyGemma3:
+    """Gemma 3 with its own processor (`Gemma3Processor`): each image becomes `<start_of_image>`,
+    `mm_tokens_per_image` placeholders and `<end_of_image>`, with `token_type_ids` 1 at the placeholders."""
+
+    path: Path
+    model: Any
+    processor: Any
+
+    @property
+    def image_processor(self) -> Any:
+        return self.processor.image_processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def inputs(self, questions: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        prompts = [build_prompt(self.processor, q) for q in questions]
+        out = self.processor(images=[[image] for image in images], text=prompts, return_tensors="pt", padding=True)
+        return dict(out)
+
+
+GEMMA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<start_of_image>", "<end_of_image>"]
+GEMMA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
+
+
+def build_tiny_gemma3(root: Path, seed: int = 11) -> Path:
+    """A tiny random Gemma 3: SigLIP tower (8x8 patches of 4 px), a projector pooling them 2x2 into
+    4x4 = 16 soft tokens, and a 4-layer Gemma 3 LLM whose local layers slide a window of 8 tokens
+    (shorter than a prompt) between its global ones; saved with its `Gemma3Processor` (word tokenizer)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    words = word_tokenizer(WORDS, specials=GEMMA_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=4
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    ids = tok.convert_tokens_to_ids(GEMMA_SPECIALS[4:])
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,
+        image_token_index=ids[0],
+        boi_token_index=ids[1],
+        eoi_token_index=ids[2],
+    )
+    torch.manual_seed(seed)
+    path = root / "gemma3"
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=16, chat_template=GEMMA_CHAT_TEMPLATE
+    ).save_pretrained(path)
+    return path
+
+
 def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     """Random RGB images of the given `(height, width)`."""
     rng = np.random.default_rng(seed)
@@ -498,3 +586,10 @@ def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> TinyInternVL:
     return TinyInternVL(
         path, model, GotOcr2ImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> TinyGemma3:
+    path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
+    model, processor = load(str(path))
+    return TinyGemma3(path, model, processor)

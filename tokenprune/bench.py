@@ -13,7 +13,9 @@ prompt, encoded with anyres; their oracle cuts each image's packed tokens to the
 (`llava-onevision-qwen2-7b`) takes the same path with its own packing (anyres_max_9). Qwen2-VL
 architectures (`qwen2-vl-7b`) encode one image of that size into merged tokens; their oracle cuts
 them to k and gives the prompt k placeholders with text-style positions (positions do not change the
-cost; the tower still encodes the whole image).
+cost; the tower still encodes the whole image). Gemma 3 architectures (`gemma-3-4b-it`,
+`gemma-3-12b-it`) encode one square image into `mm_tokens_per_image` pooled soft tokens; their oracle
+cuts the projector's output to the first k.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ from .flops import llm_flops
 from .pipeline import Pipeline
 
 TEXT_TOKENS = 32  # prompt words around the image
+
+GEMMA3_SIGLIP = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    vision_use_head=False,
+)
 
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "llava-1.5-7b": {
@@ -293,11 +305,74 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
             ),
         ),
     },
+    # Gemma 3 (`Gemma3ForConditionalGeneration`): the shapes of google/gemma-3-4b-it and -12b-it's
+    # config.json (the fields they set; the rest are transformers' Gemma3TextConfig defaults, e.g.
+    # vocab_size 262208, a sliding window every 5 of 6 layers). Their SigLIP tower is shared: 896 px,
+    # 14 px patches (64x64), pooled 4x4 into mm_tokens_per_image=256 soft tokens.
+    "gemma-3-4b-it": {
+        "gemma3": dict(
+            vision=GEMMA3_SIGLIP,
+            text=dict(
+                hidden_size=2560,
+                intermediate_size=10240,
+                num_hidden_layers=34,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=256,
+                query_pre_attn_scalar=256,
+                sliding_window=1024,
+                rope_scaling={"rope_type": "linear", "factor": 8.0},
+            ),
+            tokens=256,
+        ),
+    },
+    "gemma-3-12b-it": {
+        "gemma3": dict(
+            vision=GEMMA3_SIGLIP,
+            text=dict(
+                hidden_size=3840,
+                intermediate_size=15360,
+                num_hidden_layers=48,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=256,
+                query_pre_attn_scalar=256,
+                sliding_window=1024,
+                rope_scaling={"rope_type": "linear", "factor": 8.0},
+            ),
+            tokens=256,
+        ),
+    },
+    "tiny-gemma3": {
+        "gemma3": dict(
+            vision=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=4,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                query_pre_attn_scalar=8,
+                sliding_window=8,
+                vocab_size=64,
+                max_position_embeddings=512,
+            ),
+            tokens=16,
+        ),
+    },
 }
 
 
 def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    """A random-weight LLaVA, LLaVA-NeXT, Qwen2-VL or InternVL of the named architecture's shapes."""
+    """A random-weight LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL, InternVL or Gemma 3 of the shapes named."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
@@ -334,6 +409,20 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
             image_seq_length=(side // 2) ** 2,
         )
         cls, image = InternVLForConditionalGeneration, None
+    elif "gemma3" in shapes:
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+        spec = shapes["gemma3"]
+        vocab = spec["text"].get("vocab_size", 262208)
+        config = Gemma3Config(
+            vision_config=SiglipVisionConfig(**spec["vision"]),
+            text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+            mm_tokens_per_image=spec["tokens"],
+            image_token_index=vocab - 1,
+            boi_token_index=vocab - 2,
+            eoi_token_index=vocab - 3,
+        )
+        cls, image = Gemma3ForConditionalGeneration, None
     elif "qwen" in shapes:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -376,6 +465,11 @@ def is_internvl(model: Any) -> bool:
     return getattr(model.config, "model_type", None) == "internvl"
 
 
+def is_gemma3(model: Any) -> bool:
+    """Gemma 3: soft tokens pooled by the projector, image tokens marked in `token_type_ids`."""
+    return hasattr(model.config, "mm_tokens_per_image")
+
+
 def is_next(model: Any) -> bool:
     """LLaVA-NeXT or LLaVA-OneVision: anyres crops packed per image."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -386,6 +480,8 @@ def is_next(model: Any) -> bool:
 def image_tokens(model: Any) -> int:
     """Placeholder tokens of one benchmark image: the patch grid for LLaVA-1.5; for LLaVA-NeXT the
     packed count of the benchmark image (base, unpadded crops, newlines), from HF's own packing."""
+    if is_gemma3(model):
+        return model.config.mm_tokens_per_image
     if is_qwen(model):
         patch = model.config.vision_config.patch_size
         return (model.bench_image[0] // patch) * (model.bench_image[1] // patch) // 4
@@ -430,6 +526,8 @@ def inputs(model: Any, batch: int, image_tokens: int, seed: int = 0) -> dict[str
     image = torch.full((batch, image_tokens), config.image_token_id)
     ids = torch.cat([words[:, :4], image, words[:, 4:]], dim=1).to(device)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if is_gemma3(model):  # its LLM lets an image's tokens attend both ways, read from token_type_ids
+        out["token_type_ids"] = (ids == config.image_token_id).long()
     if is_qwen(model):
         vision = config.vision_config
         h, w = (side // vision.patch_size for side in model.bench_image)
@@ -498,8 +596,20 @@ def packed_cut_to(model: Any, k: int) -> Iterator[None]:
         model.model.__dict__.pop("get_image_features", None)
 
 
+@contextmanager
+def soft_tokens_cut_to(model: Any, k: int) -> Iterator[None]:
+    """Inside, Gemma 3's projector returns each image's first k pooled soft tokens (the oracle)."""
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: out[:, :k])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def oracle_route(model: Any, k: int) -> AbstractContextManager[None]:
     """The LLM on k image tokens per image, with no scoring (see the module docstring)."""
+    if is_gemma3(model):
+        return soft_tokens_cut_to(model, k)
     return packed_cut_to(model, k) if is_next(model) or is_qwen(model) else features_cut_to(model, lambda f: f[:, :k])
 
 
@@ -681,7 +791,7 @@ def run(
             raise InputError(
                 f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}"
             )
-        uncompiled = ("qwen", "internvl")  # families whose compiled static-cache path is not implemented
+        uncompiled = ("qwen", "internvl", "gemma3")  # families whose compiled static-cache path is not implemented
         if not model_path and any(family in ARCHS.get(arch, {}) for family in uncompiled):
             raise InputError(
                 f"--compile is implemented for the LLaVA architectures, not {arch!r} "
@@ -704,7 +814,7 @@ def run(
         for k in budgets:
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
             plans.append(RowPlan("oracle", "", k, batch, short, partial(oracle_route, model, k), fixed(k)))
-            if not is_next(model) and not is_qwen(model) and not is_internvl(model):
+            if isinstance(model, LlavaForConditionalGeneration):
                 plans.append(
                     RowPlan(
                         "official",

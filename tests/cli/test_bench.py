@@ -66,7 +66,7 @@ def test_bench_unknown_arch_lists_known(tmp_path):
         result.exit_code == 2
         and (
             "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
-            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny"
+            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny, gemma-3-4b-it, gemma-3-12b-it, tiny-gemma3"
         )
         in result.stderr
     )
@@ -298,8 +298,56 @@ def test_bench_tiny_llava_onevision_rows(tmp_path):
     )
 
 
+def test_bench_tiny_gemma3_rows_and_flops(tmp_path):
+    """Gemma 3: 16 pooled soft tokens per image; the oracle keeps the first k, no official row;
+    FoPru runs on the pooled tokens."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-gemma3",
+            "--strategies",
+            "fopru,divprune",
+            "--budgets",
+            "4",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 16), ("oracle", 4), ("fopru", 4), ("divprune", 4)]
+    text = ARCHS["tiny-gemma3"]["gemma3"]["text"]
+    d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    assert [r["llm_flops"] for r in rows] == [prefill_flops([TEXT_TOKENS + n] * layers, d, m) for n in (16, 4, 4, 4)]
+
+
+def test_full_size_gemma3_shapes_match_the_published_sizes():
+    """The Gemma 3 entries build the published models: 4.30B and 12.2B parameters, 256 soft tokens
+    pooled 4x4 from SigLIP's 64x64 patches (built on the meta device: no memory)."""
+    from tokenprune.bench import image_tokens
+
+    for arch, billions in (("gemma-3-4b-it", 4.30), ("gemma-3-12b-it", 12.19)):
+        model = build(arch, torch.bfloat16, "meta")
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
+        assert image_tokens(model) == 256 and model.model.multi_modal_projector.kernel_size == 4
+
+
 def test_compile_refuses_qwen_and_llm_stages_before_building():
     with pytest.raises(InputError, match="LLaVA architectures, not 'tiny-qwen'.*tiny-next"):
         run("tiny-qwen", ["pool"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
+    with pytest.raises(InputError, match="LLaVA architectures, not 'tiny-gemma3'"):
+        run("tiny-gemma3", ["pool"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
     with pytest.raises(InputError, match="llm:K stages do not support: fastv"):
         run("tiny", ["fastv"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")

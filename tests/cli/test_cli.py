@@ -20,6 +20,11 @@ def test_list_json_names_roles_origins_params():
     assert rows["vtc-cls-ensemble"]["params"]["start_layer"]["default"] == -4
     assert rows["topk"]["role"] == "selector" and rows["llava"]["role"] == "adapter"
     assert rows["llava"]["supports"] == "LlavaForConditionalGeneration"
+    assert (rows["gemma3"]["role"], rows["gemma3"]["supports"], rows["gemma3"]["places"]) == (
+        "adapter",
+        "Gemma3ForConditionalGeneration",
+        ["projector"],
+    )
     assert runner.invoke(app, ["list"]).exit_code == 0
 
 

@@ -3,6 +3,7 @@
 from .base import ModelAdapter, find_adapter
 from .engine import Engine
 from .family import Family, Layout
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -12,6 +13,7 @@ from .qwen2_vl import Qwen2VLAdapter
 __all__ = [
     "Engine",
     "Family",
+    "Gemma3Adapter",
     "InternVLAdapter",
     "Layout",
     "LlavaAdapter",

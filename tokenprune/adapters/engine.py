@@ -57,6 +57,11 @@ _CUSTOM_MASK = (
     "tokenprune maps 2D masks and the causal 4D masks generate builds for static caches; this 4D "
     "attention mask is neither, so it cannot be remapped onto the compressed prompt"
 )
+_MASK_MAPPING = (
+    "the core received a mapping of attention masks for several layer types (Gemma 3's generate builds one "
+    "for static caches, cache_implementation='static', with sliding-window layers), which tokenprune cannot "
+    "remap onto the compressed prompt; inside tokenprune.apply use the default dynamic cache and a 2D attention mask"
+)
 _NO_IMAGE_TOKEN = (
     "a prompt without the image token (e.g. '<image>' for LLaVA) cannot take pixel_values: put the token "
     "where the image goes (the processor expands it), or drop pixel_values"
@@ -520,11 +525,15 @@ class Engine(ModelAdapter):
 
         Raises:
             InputError: a 4D attention mask other than the causal-with-padding one `generate`
-                builds for static caches (it cannot be remapped onto the compressed prompt).
+                builds for static caches, or a mapping of per-layer-type masks (neither can be
+                remapped onto the compressed prompt).
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == getattr(self.config, self.family.layout.image_token)
-        key_mask, causal = full_attention_mask(kw.get("attention_mask")), None
+        given = kw.get("attention_mask")
+        if isinstance(given, Mapping) and set(given) - {"full_attention"}:
+            raise InputError(_MASK_MAPPING)
+        key_mask, causal = full_attention_mask(given), None
         if key_mask is not None and key_mask.dim() == 4:
             key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
         if input_ids.shape[0] == 1:
