@@ -66,7 +66,8 @@ def test_bench_unknown_arch_lists_known(tmp_path):
         result.exit_code == 2
         and (
             "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
-            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny, gemma-3-4b-it, gemma-3-12b-it, tiny-gemma3"
+            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny, internvl3-8b, tiny-internvl, gemma-3-4b-it, gemma-3-12b-it, "
+            "tiny-gemma3"
         )
         in result.stderr
     )

@@ -58,9 +58,9 @@ _CUSTOM_MASK = (
     "attention mask is neither, so it cannot be remapped onto the compressed prompt"
 )
 _MASK_MAPPING = (
-    "the core received a mapping of attention masks for several layer types (Gemma 3's generate builds one "
-    "for static caches, cache_implementation='static', with sliding-window layers), which tokenprune cannot "
-    "remap onto the compressed prompt; inside tokenprune.apply use the default dynamic cache and a 2D attention mask"
+    "the core received a mapping of per-layer-type attention masks with sliding-window layers (Gemma 3's "
+    "generate builds one for static caches, cache_implementation='static'), which tokenprune cannot remap onto "
+    "the compressed prompt; inside tokenprune.apply use the default dynamic cache and a 2D attention mask"
 )
 _NO_IMAGE_TOKEN = (
     "a prompt without the image token (e.g. '<image>' for LLaVA) cannot take pixel_values: put the token "
