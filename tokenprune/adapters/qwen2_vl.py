@@ -10,11 +10,13 @@ before the LLM; kept tokens keep their original 3D (M-RoPE) position ids.
   (or `generate`'s own position ids, gathered likewise); later tokens continue at their original
   position plus the row's M-RoPE delta. The `positions` option of `tp.apply` does not apply: M-RoPE
   positions are always the original ones.
-* Places: `projector` and `llm:K`. The decoder layers get M-RoPE already combined into their rotary
+* Places: `vision:L`, `projector` and `llm:K`. Inside the tower (`qwen_tower`), stages keep or merge
+  whole merge units before block `L`; the LLM gets the kept units, each at its original M-RoPE
+  position. The decoder layers get M-RoPE already combined into their rotary
   tables, so FastV, DART and VTW run as on LLaMA; an `llm:K` stage needs every image to reach it
   with the same number of tokens (images of one size, or a projector stage with an integer budget),
-  else it is refused. Vision signals need Qwen's fused `qkv` projections in the probe: not there
-  yet, refused clearly.
+  else it is refused. Vision signals (attention received or given, keys, key norms, per merge
+  unit) come from the tower blocks' fused `qkv` (`qwen_tower`); [CLS] signals are refused.
 
 `generate` encodes the images before its first forward and drops `image_grid_thw`; it is recorded
 from the core's `get_image_features` as for LLaVA-NeXT (`CallCapture`).
@@ -28,17 +30,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, SignalError
-from ..execute import required_signals, run_stage
+from ..errors import InputError
+from ..execute import run_stage
 from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
 from ..strategy import DeferredCheck, ModelInfo
-from ..trace import ForwardRecord
+from ..trace import ForwardRecord, StageRecord
 from .base import Handle, require_state
 from .decoder import DecoderStage
 from .llava import LlavaAdapter, Placeholders
 from .llava_next import CallCapture
+from .qwen_tower import QwenTower, build_tower
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     shares_encodings: ClassVar[bool] = False
 
     model_class: ClassVar[str] = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
-    places: ClassVar[tuple[str, ...]] = ("projector", "llm")
+    places: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
     feature_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -65,6 +68,7 @@ class Qwen2VLAdapter(LlavaAdapter):
         super().__init__(model, positions)
         self.positions = "original"  # M-RoPE: kept tokens always keep their original 3D positions
         self._deltas: Tensor | None = None  # [B, 1] each row's M-RoPE delta, set by the prefill
+        self._tower: QwenTower | None = None  # vision:L stages and vision signals (qwen_tower)
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -76,16 +80,12 @@ class Qwen2VLAdapter(LlavaAdapter):
         )
 
     def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
-        """Hooks: the sequence rewrite before the LLM (which prunes the merged image tokens)."""
+        """Hooks: the tower's (vision:L stages, vision signals), the sequence rewrite before the LLM
+        (which prunes the merged image tokens)."""
         self._pipeline, self._run, self._prefill, self._encoded = pipeline, run, None, None
         self._info = self.info()
         self._projector_stages = [s for s in pipeline.stages if s.place.kind == "projector"]
-        signals = required_signals(self._projector_stages, self._info)
-        if signals:
-            raise SignalError(
-                f"the qwen2-vl adapter provides no vision signals yet (asked for {sorted(map(repr, signals))}); "
-                "use score-free selectors (divprune, tome, pool, uniform) or random"
-            )
+        self._tower = build_tower(self.core.visual, list(pipeline.stages), self._info)
         language_model = self.core.language_model
         self._decoders = [
             DecoderStage(language_model.layers, language_model.norm, s, self._info)
@@ -96,7 +96,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             before.next = after
         self._encoder, self._deltas = None, None
         self._calls = CallCapture(self.core)
-        handles: list[Handle] = [self._calls]
+        handles: list[Handle] = [self._calls, *(self._tower.attach() if self._tower is not None else [])]
         for decoder in self._decoders:
             handles += decoder.attach()
         return handles + self._core_hooks()
@@ -125,33 +125,42 @@ class Qwen2VLAdapter(LlavaAdapter):
         if kw.get("position_ids") is None:
             kw["position_ids"] = positions
         merge = self.core.visual.spatial_merge_size
-        groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid run as one batch
+        tower = self._tower.run if self._tower is not None else None
+        present = tower.kept() if tower is not None else [torch.arange(len(p), device=p.device) for p in packed]
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
         for i, (t, h, w) in enumerate(grid.tolist()):
-            groups.setdefault((t, h // merge, w // merge), []).append(i)
+            groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
         stage = self._projector_stages[0] if self._projector_stages else None
         model_info = require_state(self._info, "the model info")
-        deferred: list[DeferredCheck] = []
+        deferred: list[DeferredCheck] = list(tower.deferred) if tower is not None else []
         found: dict[int, dict[str, Any]] = {}  # per image, by its index in the prompt
-        for (t, rows, cols), members in groups.items():
-            info = replace(model_info, grid=(rows, cols) if t == 1 else None)
-            tokens = torch.stack([packed[i] for i in members])
-            if stage is None:  # only llm:K stages: every image token reaches the LLM
-                index = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        for (t, rows, cols, n), members in groups.items():
+            info = replace(model_info, grid=(rows, cols) if t == 1 and n == rows * cols else None)
+            at = torch.stack([present[i] for i in members])  # [G, n] the units reaching the stage
+            tokens = torch.stack([packed[i][present[i]] for i in members])
+            if stage is None:  # every unit the tower kept reaches the LLM
+                index = torch.arange(n, device=tokens.device).expand(tokens.shape[0], -1)
                 reduction, scores = Reduction.drop(tokens, index), None
             else:
-                reduction, scores = run_stage(stage, tokens, info, {}, deferred)
-            slots = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(
-                1, reduction.index, True
-            )
+                signals = tower.signal_rows(tower.rows(members)) if tower is not None else {}
+                reduction, scores = run_stage(stage, tokens, info, signals, deferred)
+            kept = at.gather(1, reduction.index)  # raster indices among the image's merged tokens
+            total = len(packed[members[0]])
+            slots = torch.zeros(len(members), total, dtype=torch.bool, device=tokens.device).scatter_(1, kept, True)
+            weights = reduction.weights
+            if weights is not None and n < total:  # provenance over every merged token of the image
+                weights = weights.new_zeros(*weights.shape[:2], total).scatter_(
+                    2, at[:, None].expand(-1, weights.shape[1], -1), weights
+                )
             counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
             for g, i in enumerate(members):
                 found[i] = {
                     "slots": slots[g],
                     "features": reduction.tokens[g, : counts[g]],
-                    "kept": reduction.index[g, : counts[g]],
-                    "weights": None if reduction.weights is None else reduction.weights[g, : counts[g]],
+                    "kept": kept[g, : counts[g]],
+                    "weights": None if weights is None else weights[g, : counts[g]],
                     "scores": None if scores is None else scores[g],
-                    "tokens_in": tokens.shape[1],
+                    "tokens_in": n,
                 }
         results = [found[i] for i in range(len(packed))]
         self._refuse_unequal_images([len(r["kept"]) for r in results], "tokens")
@@ -162,7 +171,7 @@ class Qwen2VLAdapter(LlavaAdapter):
             kw["mm_token_type_ids"] = comp.gather(kw["mm_token_type_ids"])
         text = self.config.text_config
         self._record = ForwardRecord(
-            stages=self._per_image_record(stage, results, image_sample),
+            stages=self._tower_records(image_sample) + self._per_image_record(stage, results, image_sample),
             seq_len_in=comp.length_in,
             seq_len_out=comp.length_out,
             llm_shape=(text.hidden_size, text.intermediate_size, text.num_hidden_layers),
@@ -172,6 +181,22 @@ class Qwen2VLAdapter(LlavaAdapter):
             columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
             self._begin_decoders(columns, image_sample, torch.stack([r["kept"] for r in results]), new_ids, new_mask)
         return kw
+
+    def _tower_records(self, image_sample: list[int]) -> list[StageRecord]:
+        """The trace records of the `vision:L` stages of the last tower run (kept: raster indices of
+        each image's merge units)."""
+        run = self._tower.run if self._tower is not None else None
+        if run is None:
+            return []
+        return [
+            record
+            for per_image in run.records
+            for record in self._per_image_record(
+                per_image[0][0],
+                [{"tokens_in": n, "kept": kept, "weights": w, "scores": sc} for _, n, kept, w, sc in per_image],
+                image_sample,
+            )
+        ]
 
     def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor:
         """The prompt's M-RoPE ids `[R, B, P]` (R = 3, or 4 with generate's text row) at the kept columns."""
