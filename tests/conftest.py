@@ -83,10 +83,7 @@ def build_tiny(root: Path, name: str, seed: int = 0, family: str = "llava", **ll
         eos_token_id=3,
     )
     config = config_cls(
-        vision_config=vision | tower,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        **llava_kwargs,
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), **llava_kwargs
     )
     torch.manual_seed(seed)
     path = root / name

@@ -229,7 +229,7 @@ def per_unit_by_hand(visual, pixels: torch.Tensor, grid: torch.Tensor, block: in
     q, k = apply_rotary_pos_emb_vision(q, k, *captured["position_embeddings"])  # [S, H, d]
     cu = captured["cu_seqlens"].tolist()
     received = torch.zeros(x.shape[0])
-    for a, b in zip(cu, cu[1:]):
+    for a, b in zip(cu, cu[1:], strict=False):
         probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, dim=-1)
         received[a:b] = probs.mean(1).mean(0)
     norms = k.flatten(1).norm(dim=-1)
@@ -238,7 +238,7 @@ def per_unit_by_hand(visual, pixels: torch.Tensor, grid: torch.Tensor, block: in
     out = []
     for values in per_unit:
         images = [[] for _ in range(grid.shape[0])]
-        for j, (i, r, _) in sorted(enumerate(slots), key=lambda s: (s[1][0], s[1][1])):
+        for j, (i, _r, _) in sorted(enumerate(slots), key=lambda s: (s[1][0], s[1][1])):
             images[i].append(float(values[j]))
         out.append(images)
     return out[0], out[1]
