@@ -30,21 +30,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import SignalError
+from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..signals import PatchAttention, PatchKeyNorm, PatchKeys, Signal
 from ..strategy import DeferredCheck, ModelInfo
+from ..trace import StageRecord
 from .base import require_state
 from .encoder import check_signal_blocks
+from .engine import ImageTokens
+from .family import resolve
+from .packing import ImagePass, Merged, _reduce, per_image
 from .vision import QUERY_CHUNK
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 TowerSignal = PatchAttention | PatchKeys | PatchKeyNorm
 TOWER_SIGNALS = (PatchAttention, PatchKeys, PatchKeyNorm)
@@ -297,3 +304,92 @@ def build_tower(visual: Any, stages: list[Stage], info: ModelInfo) -> QwenTower 
     if not vision and not signals:
         return None
     return QwenTower(visual, vision, info, {s for s in signals if isinstance(s, TOWER_SIGNALS)})
+
+
+@dataclass(frozen=True)
+class TowerMerged(Merged):
+    """`Merged` packing with stages and signals inside Qwen's tower (`QwenTower`): `vision:L` stages
+    keep whole merge units, and projector stages get the per-unit signals and the units the tower kept
+    (the family sets `tower_stages`, so the engine leaves both to this packing)."""
+
+    def check(self, engine: Engine, stages: list[Stage], info: ModelInfo) -> None:
+        build_tower(engine.tower, stages, info)
+
+    def attach(self, engine: Engine) -> list[Any]:
+        state = engine.state
+        tower = build_tower(engine.tower, list(state.pipeline.stages), state.info)
+        engine.memo["tower"] = tower
+        return [engine.capture_calls(), *(tower.attach() if tower is not None else [])]
+
+    def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
+        """As `Merged.prune`, on the units the tower kept (each image's merged tokens at them), with
+        the tower's signals; the trace starts with the tower's stages."""
+        grid = engine.image_argument(kw, "image_grid_thw")
+        if grid is None:
+            raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
+        if kw.get("pixel_values_videos") is not None:
+            raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+        if encoded is None:
+            encoded = engine.core.get_image_features(
+                pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
+            )
+        packed = list(getattr(encoded, "pooler_output", encoded))
+        tower: QwenTower | None = engine.memo.get("tower")
+        run = tower.run if tower is not None else None
+        present = run.kept() if run is not None else [torch.arange(len(p), device=p.device) for p in packed]
+        merge = resolve(engine.core, self.merge)
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
+        state = engine.state
+        stage = state.projector_stages[0] if state.projector_stages else None
+        deferred: list[DeferredCheck] = list(run.deferred) if run is not None else []
+        by_image: dict[int, ImagePass] = {}
+        for (t, rows, cols, n), members in groups.items():
+            info = replace(state.info, grid=(rows, cols) if t == 1 and n == rows * cols else None)
+            at = torch.stack([present[i] for i in members])  # [G, n] the units reaching the stage
+            tokens = torch.stack([packed[i][present[i]] for i in members])
+            signals = run.signal_rows(run.rows(members)) if run is not None and stage is not None else {}
+            reduction, scores = _reduce(stage, tokens, info, signals, deferred)
+            kept = at.gather(1, reduction.index)  # raster indices among the image's merged tokens
+            total = len(packed[members[0]])
+            slots = torch.zeros(len(members), total, dtype=torch.bool, device=tokens.device).scatter_(1, kept, True)
+            weights = reduction.weights
+            if weights is not None and n < total:  # provenance over every merged token of the image
+                weights = weights.new_zeros(*weights.shape[:2], total).scatter_(
+                    2, at[:, None].expand(-1, weights.shape[1], -1), weights
+                )
+            counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
+            for g, i in enumerate(members):
+                by_image[i] = ImagePass(
+                    slots=slots[g],
+                    features=reduction.tokens[g, : counts[g]],
+                    llm_tokens=slots.new_ones(counts[g]),
+                    tokens_in=n,
+                    kept=kept[g, : counts[g]],
+                    weights=None if weights is None else weights[g, : counts[g]],
+                    scores=None if scores is None else scores[g],
+                )
+        tokens_out = per_image(stage, [by_image[i] for i in range(len(packed))], deferred)
+        return replace(tokens_out, records=_tower_records(run) + tokens_out.records)
+
+
+def _tower_records(run: TowerRun | None) -> list[StageRecord]:
+    """The trace records of the `vision:L` stages of a tower run (kept: each image's unit raster indices)."""
+    records = []
+    for per_image_run in [] if run is None else run.records:
+        stage = per_image_run[0][0]
+        counts = [(n, len(kept)) for _, n, kept, _, _ in per_image_run]
+        records.append(
+            StageRecord(
+                stage=stage.to_spec(),
+                at=stage.at,
+                tokens_in=max(c[0] for c in counts),
+                tokens_out=max(c[1] for c in counts),
+                kept=[kept for _, _, kept, _, _ in per_image_run],
+                weights=[w for _, _, _, w, _ in per_image_run if w is not None] or None,
+                scores=[s for _, _, _, _, s in per_image_run if s is not None] or None,
+                counts=counts if len(set(counts)) > 1 else None,
+            )
+        )
+    return records
