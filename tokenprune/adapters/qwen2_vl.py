@@ -29,6 +29,7 @@ QWEN2_VL = Family(
     layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
     positions=MRope(),
     places=("vision", "projector", "llm"),
+    ragged_places=("projector",),
     vision_signals=False,
     tower_stages=True,
 )
