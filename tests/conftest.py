@@ -405,3 +405,96 @@ def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return TinyQwen(
         path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
     )
+
+
+INTERNVL_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<IMG_CONTEXT>", "<img>", "</img>")
+INTERNVL_PATCH = 4  # 8x8 patches per 32-px tile, pixel-shuffled into 4x4 = 16 units
+
+
+class TinyInternVL:
+    """InternVL: each image expanded by hand as its processor does, `<img>`, `<IMG_CONTEXT>` x (tiles x
+    units per tile), `</img>` (the image processor cuts tiles plus a thumbnail; `num_patches` per image)."""
+
+    def __init__(self, path: Path, model: Any, image_processor: Any, tokenizer: Any) -> None:
+        self.path, self.model, self.image_processor, self.tokenizer = path, model, image_processor, tokenizer
+
+    @property
+    def units(self) -> int:
+        return self.model.config.image_seq_length
+
+    def inputs(self, questions: list[str], images: list[Image.Image], per_prompt: int = 1) -> dict[str, torch.Tensor]:
+        pixels = self.image_processor(images=images, return_tensors="pt")
+        tiles = pixels["num_patches"].tolist()
+        context, start, end = self.tokenizer.convert_tokens_to_ids(["<IMG_CONTEXT>", "<img>", "</img>"])
+        rows = []
+        for p, question in enumerate(questions):
+            row = [2]
+            for n in tiles[p * per_prompt : (p + 1) * per_prompt]:
+                row += [start] + [context] * (n * self.units) + [end]
+            turn = [3, 2]  # the user turn's end and the answer's start, as InternVL's chat template closes a turn
+            rows.append(row + self.tokenizer(question, add_special_tokens=False).input_ids + turn)
+        ids, mask = left_padded(rows)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels["pixel_values"]}
+
+
+def build_tiny_internvl(root: Path, seed: int = 11, **vision_kwargs: Any) -> Path:
+    """A tiny random InternVL: InternViT ([CLS], 8x8 patches per 32-px tile, pixel shuffle 0.5 into
+    16 units), Qwen2 LLM, and an image processor cutting up to 4 tiles plus a thumbnail."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    tok = word_tokenizer(WORDS, specials=INTERNVL_SPECIALS)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE,
+        patch_size=INTERNVL_PATCH,
+        **vision_kwargs,
+    )
+    text = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(IMAGE // INTERNVL_PATCH // 2) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    with torch.no_grad():  # HF initialises [CLS] and position embeddings to zero: give them values
+        embeddings = model.model.vision_tower.embeddings
+        embeddings.cls_token.normal_()
+        embeddings.position_embeddings.normal_(std=0.5)
+    path = root / ("internvl" + "-qknorm" * bool(vision_kwargs.get("use_qk_norm")))
+    model.save_pretrained(path)
+    GotOcr2ImageProcessorPil(
+        size={"height": IMAGE, "width": IMAGE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=4,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> TinyInternVL:
+    from transformers import AutoModelForImageTextToText, GotOcr2ImageProcessorPil, PreTrainedTokenizerFast
+
+    path = build_tiny_internvl(tmp_path_factory.mktemp("internvl"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyInternVL(
+        path, model, GotOcr2ImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )

@@ -309,7 +309,8 @@ def test_ragged_batch_equals_each_image_alone_without_cls(family, tiny_onevision
     counts = stage.kept_per_image()
     assert len(set(counts[:3])) > 1, "images of one size keep different counts"
     if family == "onevision":  # kept counts crops across the batch
-        crops = find_adapter(model).crops(inputs["image_sizes"], {})
+        adapter = find_adapter(model)
+        crops = adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
         offsets = [sum(crops[:i]) * N_PATCHES for i in range(len(crops))]
     else:
         offsets = [0] * len(imgs)

@@ -63,8 +63,9 @@ def apply(
         positions: `"contiguous"` (default) renumbers kept tokens without gaps; `"original"` keeps
             each kept token's original position id.
 
-    `generate` supports greedy and sampled decoding with the KV cache, one sequence per prompt;
-    beam search, `num_return_sequences > 1` and `use_cache=False` are refused before any work.
+    `generate` supports greedy, sampled and beam-search decoding, several sequences per prompt (the
+    copies of a prompt share its kept image tokens), with or without the KV cache; a cache that
+    already holds a prompt prefix is refused before any work.
 
     Raises:
         UnsupportedModelError: no adapter supports the model.
@@ -97,7 +98,7 @@ def _attach(model: nn.Module, pipeline: Pipeline, positions: str) -> tuple[Run, 
     try:
         handles: list[Handle] = [*adapter.attach(pipeline, run)]
         if hasattr(model, "generate"):
-            handles.append(GenerateGuard(model))
+            handles.append(GenerateGuard(model, adapter))
         return run, handles
     except BaseException:
         before.restore()

@@ -247,11 +247,57 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
             max_position_embeddings=512,
         ),
     },
+    # InternVL3-8B (arXiv 2504.10479, Table 1: InternViT-300M-448px-V2.5 + Qwen2.5-7B): the tower is
+    # transformers' InternVLVisionConfig defaults (documented as the InternVL3 -hf geometry); the LLM is
+    # Qwen2.5-7B's shapes (as qwen2-vl-7b's above) with InternVL's vocabulary of 151674 tokens, as the
+    # published InternVL3-8B-hf config lists it. One 448-px image is one tile: 256 LLM tokens.
+    "internvl3-8b": {
+        "internvl": dict(
+            vision=dict(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=448,
+                patch_size=14,
+            ),
+            text=dict(
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                vocab_size=151674,
+                max_position_embeddings=32768,
+            ),
+        ),
+    },
+    "tiny-internvl": {
+        "internvl": dict(
+            vision=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=4,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=512,
+            ),
+        ),
+    },
 }
 
 
 def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    """A random-weight LLaVA, LLaVA-NeXT or Qwen2-VL of the named architecture's shapes."""
+    """A random-weight LLaVA, LLaVA-NeXT, Qwen2-VL or InternVL of the named architecture's shapes."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
@@ -275,6 +321,19 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
             vision_feature_layer=-1,
         )
         cls, image = LlavaOnevisionForConditionalGeneration, spec["image"]
+    elif "internvl" in shapes:
+        from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+        spec = shapes["internvl"]
+        text = Qwen2Config(**spec["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        side = spec["vision"]["image_size"] // spec["vision"]["patch_size"]
+        config = InternVLConfig(
+            vision_config=spec["vision"],
+            text_config=text,
+            image_token_id=text.vocab_size - 1,
+            image_seq_length=(side // 2) ** 2,
+        )
+        cls, image = InternVLForConditionalGeneration, None
     elif "qwen" in shapes:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -319,6 +378,11 @@ def is_qwen(model: Any) -> bool:
     return hasattr(model.model, "visual")
 
 
+def is_internvl(model: Any) -> bool:
+    """InternVL: one benchmark image is one tile of `image_seq_length` pixel-shuffled tokens."""
+    return getattr(model.config, "model_type", None) == "internvl"
+
+
 def is_next(model: Any) -> bool:
     """LLaVA-NeXT or LLaVA-OneVision: anyres crops packed per image."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -332,6 +396,8 @@ def image_tokens(model: Any) -> int:
     if is_qwen(model):
         patch = model.config.vision_config.patch_size
         return (model.bench_image[0] // patch) * (model.bench_image[1] // patch) // 4
+    if is_internvl(model):
+        return model.config.image_seq_length
     vision = model.config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     if not is_next(model):
@@ -381,6 +447,7 @@ def inputs(model: Any, batch: int, image_tokens: int, seed: int = 0) -> dict[str
             out["mm_token_type_ids"] = (ids == config.image_token_id).int()
         return out
     size = config.vision_config.image_size
+    size = size[0] if isinstance(size, list | tuple) else size  # InternViT's is (height, width)
     if is_next(model):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -623,10 +690,11 @@ def run(
             raise InputError(
                 f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}"
             )
-        if not model_path and "qwen" in ARCHS.get(arch, {}):
+        uncompiled = ("qwen", "internvl")  # families whose compiled static-cache path is not implemented
+        if not model_path and any(family in ARCHS.get(arch, {}) for family in uncompiled):
             raise InputError(
                 f"--compile is implemented for the LLaVA architectures, not {arch!r} "
-                f"(known LLaVA ones: {', '.join(a for a, s in ARCHS.items() if 'qwen' not in s)})"
+                f"(known LLaVA ones: {', '.join(a for a, s in ARCHS.items() if not any(f in s for f in uncompiled))})"
             )
     model = load_checkpoint(model_path, dtype, device) if model_path else build(arch, dtype, device, seed)
     warmup = 1
@@ -645,7 +713,7 @@ def run(
         for k in budgets:
             short = {**inputs(model, batch, k, seed), "pixel_values": full["pixel_values"]}
             plans.append(RowPlan("oracle", "", k, batch, short, partial(oracle_route, model, k), fixed(k)))
-            if not is_next(model) and not is_qwen(model):
+            if not is_next(model) and not is_qwen(model) and not is_internvl(model):
                 plans.append(
                     RowPlan(
                         "official",

@@ -42,6 +42,14 @@ def output_cache(output: Any) -> Any:
     return found if found is not None else getattr(output, "past_key_values", None)
 
 
+def full_attention_mask(mask: Any) -> Any:
+    """A forward's attention mask as one tensor: `generate` with a static cache hands models whose
+    decoder declares layer types (Qwen2, Qwen2-VL's LLM) a mapping of 4D masks by layer type; its
+    full-attention mask describes the prompt's padding and causality like the single 4D mask of
+    other models. Anything else is returned as it is."""
+    return mask["full_attention"] if isinstance(mask, dict) and "full_attention" in mask else mask
+
+
 def install_output_hooks(module: nn.Module) -> None:
     """Install now the output-capturing hooks transformers installs lazily, on the first forward
     that asks for hidden states (LLaVA's tower does, for its feature layer). Compile a module only

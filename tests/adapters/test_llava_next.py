@@ -48,7 +48,6 @@ def test_provenance_matches_hf_packing(tiny_next):
         pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
     ).pooler_output
     adapter = LlavaNextAdapter(model)
-    adapter._info = adapter.info()
     for features, where in zip(
         packed, adapter.family.packing.layout(adapter, inputs["image_sizes"], crops), strict=False
     ):
@@ -70,7 +69,6 @@ def test_vtc_cls_keeps_the_top_k_over_all_crops_and_rows_keep_their_newline(tiny
     pixels, crops = valid_crops(tiny_next, inputs)
     rows = cls_attention_eager(str(tiny_next.path), pixels)[-2].flatten()  # [C * P], block 2 of 4
     adapter = LlavaNextAdapter(model)
-    adapter._info = adapter.info()
     stage, width = run.trace[0].stages[0], inputs["input_ids"].shape[1]
     row_lengths = []
     for i, where in enumerate(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)):
@@ -140,7 +138,6 @@ def test_fastv_keeps_the_top_k_patch_tokens_of_the_unpruned_models_eager_attenti
     eager = AutoModelForImageTextToText.from_pretrained(tiny_next.path, attn_implementation="eager").eval()
     attention = eager(**inputs, output_attentions=True).attentions[0].mean(dim=1)  # layer K-1 = 0
     adapter = LlavaNextAdapter(model)
-    adapter._info = adapter.info()
     crops = adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
     for b, where in enumerate(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)):
         columns = (inputs["input_ids"][b] == model.config.image_token_id).nonzero()[:, 0][where >= 0]  # patch columns

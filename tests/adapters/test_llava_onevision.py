@@ -21,7 +21,6 @@ P = 16
 
 def adapter_for(model) -> LlavaOnevisionAdapter:
     adapter = LlavaOnevisionAdapter(model)
-    adapter._info = adapter.info()
     return adapter
 
 

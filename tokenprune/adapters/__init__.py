@@ -3,6 +3,7 @@
 from .base import ModelAdapter, find_adapter
 from .engine import Engine
 from .family import Family, Layout
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -11,6 +12,7 @@ from .qwen2_vl import Qwen2VLAdapter
 __all__ = [
     "Engine",
     "Family",
+    "InternVLAdapter",
     "Layout",
     "LlavaAdapter",
     "LlavaNextAdapter",

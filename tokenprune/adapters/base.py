@@ -83,12 +83,16 @@ class ModelAdapter(ABC):
     model_class: ClassVar[str] = ""
     places: ClassVar[tuple[str, ...]] = ("projector",)
     ragged_places: ClassVar[tuple[str, ...]] = ()
+    shares_copies: ClassVar[bool] = False
+    """Whether the adapter gives each of the `copies` rows `generate` makes of a prompt (beam search,
+    `num_return_sequences`) that prompt's kept tokens; `generate` refuses those settings otherwise."""
 
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         if positions not in POSITION_MODES:
             raise InputError(f"unknown positions mode {positions!r}; allowed: {', '.join(POSITION_MODES)}")
         self.model = model
         self.positions = positions
+        self.copies = 1  # rows per prompt in the running `generate` (set by its guard)
 
     def __deepcopy__(self, memo: dict[int, object]) -> ModelAdapter:
         """Refuse: `copy.deepcopy(model)` inside `tp.apply` reaches the adapter through the hooks, and

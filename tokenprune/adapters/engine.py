@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..compat import cache_of
+from ..compat import cache_of, full_attention_mask
 from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals
 from ..pipeline import Pipeline, Stage
@@ -44,7 +44,7 @@ from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages
 from .family import Family, resolve
 from .sequence import Compaction, compact
-from .vision import VisionProbe, split_vision_signals
+from .vision import QKView, VisionProbe, split_vision_signals
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -134,6 +134,37 @@ class ImageTokens:
     vision_tokens: list[int] | None = None
     vision_shape: tuple[int, int, int] | None = None
 
+    def select(self, order: list[int]) -> ImageTokens:
+        """These images in `order` (indices into them, repeats allowed), e.g. one prompt's images for
+        each copy `generate` makes of it: the copies share that prompt's kept tokens."""
+        slots, features = self.slots.split(self.blocks), self.features.split(self.kept)
+        llm_tokens = self.llm_tokens.split(self.kept)
+
+        def pick(values: list[Any] | None) -> list[Any] | None:
+            return None if values is None else [values[i] for i in order]
+
+        records = [
+            replace(
+                r,
+                kept=[r.kept[i] for i in order],
+                weights=pick(r.weights),
+                scores=pick(r.scores),
+                counts=pick(r.counts),
+            )
+            for r in self.records
+        ]
+        return replace(
+            self,
+            slots=torch.cat([slots[i] for i in order]),
+            features=torch.cat([features[i] for i in order]),
+            blocks=[self.blocks[i] for i in order],
+            kept=[self.kept[i] for i in order],
+            llm_tokens=torch.cat([llm_tokens[i] for i in order]),
+            reaching=[self.reaching[i] for i in order],
+            origin=[self.origin[i] for i in order],
+            records=records,
+        )
+
 
 @dataclass(frozen=True)
 class Placeholders:
@@ -178,7 +209,7 @@ class DecodeStep:
         comp = prefill.compaction
         step = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
         expected = comp.length_in + past - comp.length_out + step
-        mask = kw.get("attention_mask")
+        mask = full_attention_mask(kw.get("attention_mask"))
         if mask is not None and mask.dim() == 4:  # generated tokens are never padding
             batch = comp.source.shape[0]
             prompt = (
@@ -263,6 +294,7 @@ class Engine(ModelAdapter):
     """Runs a pipeline on any model of `family` (set by each family's adapter class)."""
 
     family: ClassVar[Family]
+    shares_copies: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass that sets `family` takes its classes, places and feature keys as class attributes
@@ -289,7 +321,8 @@ class Engine(ModelAdapter):
         self.projected: Projected | None = None
         self.prefill: Prefill | None = None
         self.calls: CallCapture | None = None
-        self.memo: dict[Any, Any] = {}  # what a packing caches for the attached context (e.g. layouts per image size)
+        self.memo: dict[Any, Any] = {}  # what a packing caches for the attached context (e.g. layouts per size)
+        self.order: list[int] | None = None  # this prefill's image of each prompt copy (`generate`'s expansion)
         self.record: ForwardRecord | None = None
         self._unread: list[DeferredCheck] = []
         self._in_model = False  # the core runs inside the whole model's forward
@@ -330,7 +363,7 @@ class Engine(ModelAdapter):
             vision_layers=depth,
             feature_layer=max(blocks) if max(blocks) >= 0 else None,
             feature_index=None if layers is None else layers[blocks.index(max(blocks))],
-            has_cls=getattr(embeddings, "class_embedding", None) is not None,
+            has_cls=getattr(embeddings, self.family.layout.cls_token, None) is not None,
             grid=self.family.packing.grid(self),
             llm_layers=self.config.text_config.num_hidden_layers,
         )
@@ -387,7 +420,11 @@ class Engine(ModelAdapter):
                 f"the {self.name} adapter provides no vision signals yet (asked for {sorted(map(repr, vision))}); "
                 + self.family.no_signals
             )
-        return VisionProbe({s.layer: self.attention(s.layer) for s in vision}, vision, info.has_cls)
+        layout = self.family.layout
+        attention = {s.layer: self.attention(s.layer) for s in vision}
+        if (layout.query, layout.key) != ("q_proj", "k_proj"):  # q/k read elsewhere, e.g. after a qk-norm
+            attention = {block: QKView.of(a, layout.query, layout.key) for block, a in attention.items()}
+        return VisionProbe(attention, vision, info.has_cls)
 
     @property
     def state(self) -> Attached:
@@ -398,11 +435,11 @@ class Engine(ModelAdapter):
         self.calls = CallCapture(self.core)
         return self.calls
 
-    def image_argument(self, kw: dict[str, Any], name: str) -> Any:
-        """`name` (e.g. `image_sizes`) from the core call `kw`, else from `generate`'s encoding call."""
-        if kw.get(name) is not None:
-            return kw[name]
-        return self.calls.arguments.get(name) if self.calls is not None else None
+    def image_argument(self, kw: dict[str, Any], name: str, per_copy: bool = False) -> Any:
+        """`name` (e.g. `image_sizes`, one row per image) from the core call `kw`, else from `generate`'s
+        encoding call; `per_copy`: one row per image of each prompt copy `generate` made."""
+        value = kw[name] if kw.get(name) is not None else self.calls.arguments.get(name) if self.calls else None
+        return value[self.order] if per_copy and value is not None and self.order is not None else value
 
     # -- the hooks --------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -447,7 +484,11 @@ class Engine(ModelAdapter):
                 raise InputError(_LATER_CHUNK)
             self._refuse_feature_overrides(kw)
             placeholders = self._read_placeholders(kw)
-            kw = self._compress(kw, self.family.packing.prune(self, kw, encoded), placeholders)
+            images = self.family.packing.prune(self, kw, encoded)
+            self.order = None
+            if self.copies > 1:
+                images = self._share_copies(images, placeholders)
+            kw = self._compress(kw, images, placeholders)
             self._unread = first + self._unread
             return (), kw
         if self.prefill is not None and past > 0:
@@ -484,7 +525,7 @@ class Engine(ModelAdapter):
         """
         input_ids: Tensor = kw["input_ids"]
         image_mask = input_ids == getattr(self.config, self.family.layout.image_token)
-        key_mask, causal = kw.get("attention_mask"), None
+        key_mask, causal = full_attention_mask(kw.get("attention_mask")), None
         if key_mask is not None and key_mask.dim() == 4:
             key_mask, causal = _key_mask(key_mask, input_ids.shape[1])
         if input_ids.shape[0] == 1:
@@ -501,6 +542,24 @@ class Engine(ModelAdapter):
                     f"{key}={kw[key]!r} differs from the model config ({getattr(self.config, key)!r}); "
                     "per-call overrides are not supported inside tokenprune.apply: set it in the config"
                 )
+
+    def _share_copies(self, images: ImageTokens, placeholders: Placeholders) -> ImageTokens:
+        """`images` of prompts that `generate` expanded into `copies` adjacent rows each (beams, returned
+        sequences), repeated so that each copy holds its prompt's kept tokens.
+
+        Raises:
+            InputError: the rows are not whole groups of copies, or the placeholders do not match the images.
+        """
+        per_row, n = placeholders.per_row, self.copies
+        if per_row is not None and sum(per_row) == sum(images.blocks):
+            return images  # the images came expanded with the prompts (a model `generate` does not pre-encode for)
+        if per_row is None or len(per_row) % n:
+            raise InputError(f"generate made {n} copies of each prompt, but the batch has {len(per_row or [1])} rows")
+        prompts = _image_rows(per_row[::n], images.blocks)
+        self.order = [
+            i for p in range(len(per_row) // n) for _ in range(n) for i, row in enumerate(prompts) if row == p
+        ]
+        return images.select(self.order)
 
     # -- the prompt rewrite --------------------------------------------------------------------------
     def _compress(self, kw: dict[str, Any], images: ImageTokens, placeholders: Placeholders) -> dict[str, Any]:
@@ -586,7 +645,8 @@ class Engine(ModelAdapter):
         new_image_mask = comp.gather(image_mask, False)
         embeds = embeds.masked_scatter(new_image_mask.unsqueeze(-1), features)
         mask = comp.attention_mask(placeholders.key_mask)
-        positions, deltas = self.family.positions.prefill(self, kw, comp)
+        # the position rule sees the prompt's 2D key mask (also behind a static cache's 4D masks)
+        positions, deltas = self.family.positions.prefill(self, {**kw, "attention_mask": placeholders.key_mask}, comp)
         self.prefill = Prefill(comp, mask, placeholders.key_mask, deltas)
         kw.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         kw.pop("mm_encoder_outputs", None)

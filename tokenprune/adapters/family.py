@@ -57,7 +57,10 @@ class Layout:
         tower: the vision tower, under the core.
         blocks: the tower's transformer blocks, under the tower.
         attention: a block's self-attention, under the block (its `q_proj`/`k_proj` feed vision signals).
-        embeddings: the tower's embeddings, under the tower (a `class_embedding` there means [CLS]).
+        embeddings: the tower's embeddings, under the tower (a `cls_token` attribute there means [CLS]).
+        cls_token: the attribute of the embeddings holding the [CLS] token, if the tower has one.
+        query, key: the submodules of a block's attention whose outputs are the query and key its
+            attention uses (after a qk-norm, where the tower has one); vision signals read them.
         projector: the projector, under the core (plain packing prunes in a pre-hook on it).
         llm: the decoder, under the core: its `layers` and final `norm` (for `llm:K` stages).
         image_token: the config field holding the image placeholder token id.
@@ -70,6 +73,9 @@ class Layout:
     blocks: tuple[str, ...] = ("vision_model.encoder.layers", "encoder.layers")
     attention: str = "self_attn"
     embeddings: tuple[str, ...] = ("vision_model.embeddings", "embeddings")
+    cls_token: str = "class_embedding"
+    query: str = "q_proj"
+    key: str = "k_proj"
     projector: str = "multi_modal_projector"
     llm: str = "language_model"
     image_token: str = "image_token_id"
@@ -153,7 +159,7 @@ class MRope:
         ids, mask = kw["input_ids"], kw.get("attention_mask")
         types = kw.get("mm_token_type_ids")
         types = types if types is not None else (ids == getattr(engine.config, engine.family.layout.image_token)).int()
-        grid = engine.image_argument(kw, "image_grid_thw")
+        grid = engine.image_argument(kw, "image_grid_thw", per_copy=True)
         positions, deltas = engine.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
         if kw.get("position_ids") is not None:
             positions = kw["position_ids"]
@@ -199,7 +205,7 @@ class Family:
     layout: Layout = field(default_factory=Layout)
     positions: PositionRule = field(default_factory=Sequential)
     places: tuple[str, ...] = ("projector", "llm")
-    ragged_places: tuple[str, ...] = ()
+    ragged_places: tuple[str, ...] = ("projector",)
     feature_keys: tuple[str, ...] = ()
     vision_signals: bool = True
     keeps_cls: Callable[[Any], bool] = lambda config: False

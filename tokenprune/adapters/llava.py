@@ -13,7 +13,6 @@ LLAVA = Family(
     model_classes=("LlavaForConditionalGeneration",),
     packing=Plain(),
     places=("vision", "projector", "llm"),
-    ragged_places=("projector",),
     feature_keys=("vision_feature_layer", "vision_feature_select_strategy"),
     keeps_cls=lambda config: config.vision_feature_select_strategy == "full",
 )

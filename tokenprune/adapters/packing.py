@@ -119,10 +119,16 @@ class Plain:
     def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
         """Encode the images (pruned by the projector hook) unless `generate` already did."""
         extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
-        encoded = _encode(engine, kw, encoded, **extra)
-        if engine.projected is None:
+        given, encoded = encoded is not None, _encode(engine, kw, encoded, **extra)
+        reused = engine.memo.get("projected")
+        if engine.projected is None and reused is not None and reused[0] is encoded:
+            pruned = reused[1]  # generate without a cache: every step feeds its one encoding again
+        elif engine.projected is None:
             raise InputError("image features reached the LLM without passing the projector inside tokenprune.apply")
-        pruned, engine.projected = engine.projected, None
+        else:
+            pruned, engine.projected = engine.projected, None
+            if given:  # generate's own encoding, which it may feed again
+                engine.memo["projected"] = (encoded, pruned)
         features = getattr(encoded, "pooler_output", encoded)
         features = torch.cat(list(features), dim=0) if isinstance(features, list | tuple) else features
         features = features.reshape(-1, features.shape[-1])

@@ -4,6 +4,7 @@ keys, and the column or row means of the patch-to-patch attention map."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -85,6 +86,21 @@ def _cls_row_of(query: Tensor, keys: Tensor, heads: int, scale: float | None) ->
     """`cls_attention_row` from a block's full query projections; `scale` `None`: `D^-0.5` over the
     whole width (one attention over all heads' width, as PruMerge's official score)."""
     return cls_attention_row(query[:, :1], keys, heads, keys.shape[-1] ** -0.5 if scale is None else scale)
+
+
+@dataclass(frozen=True)
+class QKView:
+    """A tower attention as `VisionProbe` reads it, with its query and key taken from other submodules
+    than `q_proj`/`k_proj` (e.g. InternViT's `q_norm`/`k_norm`, applied after the projections)."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    scale: float
+
+    @classmethod
+    def of(cls, attention: Any, query: str, key: str) -> QKView:
+        return cls(getattr(attention, query), getattr(attention, key), attention.num_heads, attention.scale)
 
 
 class VisionProbe:

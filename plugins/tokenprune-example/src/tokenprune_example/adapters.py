@@ -2,30 +2,26 @@
 
 VipLLaVA (`VipLlavaForConditionalGeneration`) is LLaVA-1.5 with a projector that reads several CLIP
 blocks' patch features concatenated, `[I, N, D * len(vision_feature_layer)]`, and never the [CLS]
-feature. Everything else (tower, placeholder tokens, Llama decoder) is LLaVA's, so the adapter
-subclasses tokenprune's LLaVA adapter and overrides only what differs.
+feature. Its parts sit where LLaVA's do (the default `Layout`), its features are packed as LLaVA's
+(`Plain`), so the whole family is one record for tokenprune's engine.
 """
 
-from typing import ClassVar
-
-from torch import nn
-
 import tokenprune as tp
-from tokenprune.adapters.llava import LlavaAdapter
+from tokenprune.adapters import Engine, Family
+from tokenprune.adapters.packing import Plain
+
+VIPLLAVA = Family(
+    model_classes=("VipLlavaForConditionalGeneration",),
+    packing=Plain(),
+    places=("vision", "projector", "llm"),
+    ragged_places=("projector",),
+    feature_keys=("vision_feature_layer",),
+    keeps_cls=lambda config: False,  # the projector never reads the [CLS] feature
+)
 
 
 @tp.register_adapter("example-vipllava")
-class VipLlavaAdapter(LlavaAdapter):
-    """VipLLaVA (plugin example): prunes before the projector and inside the LLM, like LLaVA-1.5."""
+class VipLlavaAdapter(Engine):
+    """VipLLaVA (plugin example): prunes inside the tower, before the projector and inside the LLM."""
 
-    model_class: ClassVar[str] = "VipLlavaForConditionalGeneration"
-    feature_keys: ClassVar[tuple[str, ...]] = ("vision_feature_layer",)
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from transformers import VipLlavaForConditionalGeneration
-
-        return isinstance(model, VipLlavaForConditionalGeneration)
-
-    def features_keep_cls(self) -> bool:
-        return False
+    family = VIPLLAVA
