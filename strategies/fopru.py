@@ -28,10 +28,12 @@ class FoPru(ScoringStrategy):
       whole and the rest of the budget comes from the next row, its best tokens
       (`partial="best"`) or its first ones (`partial="raster"`): exactly `k` tokens.
 
-    Paired with `topk`: kept tokens return to raster order.
+    Paired with `topk`: kept tokens return to raster order. Inside the encoder
+    (`fopru(layer=0)@18@vision:1`, an extension: the paper prunes at the projector) it ranks by an
+    earlier block's map.
     """
 
-    places: ClassVar[tuple[str, ...]] = ("projector",)
+    places: ClassVar[tuple[str, ...]] = ("projector", "vision")
     layer: int | None = None
     variant: Literal["rank", "row"] = "rank"
     significance: Literal["variance", "col", "row"] = "variance"

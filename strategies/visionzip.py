@@ -11,8 +11,8 @@ from torch import Tensor
 from tokenprune.errors import SignalError
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.signals import PatchKeys, Signal
-from tokenprune.strategy import ModelInfo, Selector
+from tokenprune.signals import ClsAttention, PatchAttention, PatchKeys, Signal
+from tokenprune.strategy import ModelInfo, ScoringContext, Selector
 
 
 @register("visionzip")
@@ -20,11 +20,38 @@ class VisionZip(VTCCLS):
     """VisionZip's scorer: [CLS] attention of the block the projector reads (the official code:
     `attentions[-2]`, summed over heads, the same ranking as the head mean; default `layer=None`
     reads the block whose output the projector merges, the same block for LLaVA-1.5), paired with
-    `visionzip-merge`."""
+    `visionzip-merge`.
+
+    `dominant="received"` (a deviation, for towers without [CLS]: SigLIP, Qwen's ViT): dominant
+    tokens are those that receive the most attention, the mean over all queries of the block's
+    post-softmax attention column (`PatchAttention(axis="col", scores="softmax")`). Inside the
+    encoder (`vision:L`, an extension: the paper prunes at the projector) give `layer` below `L`.
+    """
 
     layer: int | None = None
+    dominant: Literal["cls", "received"] = "cls"
     default_selector = "visionzip-merge"
-    places = ("projector",)  # defined on the encoder's output, not inside it
+    places = ("projector", "vision")
+
+    def block(self, info: ModelInfo) -> int:
+        if self.dominant == "cls":
+            return super().block(info)
+        if self.layer is not None:
+            return info.vision_block(self.layer)
+        if info.feature_layer is None:
+            raise SignalError("visionzip(dominant=received) needs a vision block; give layer=, e.g. layer=-1")
+        return info.feature_layer
+
+    def _signal(self, info: ModelInfo) -> Signal:
+        if self.dominant == "cls":
+            return ClsAttention(layer=self.block(info))
+        return PatchAttention(layer=self.block(info), axis="col", scores="softmax")
+
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        return (self._signal(info),)
+
+    def score(self, ctx: ScoringContext) -> Tensor:
+        return ctx[self._signal(ctx.info)]
 
 
 @register("visionzip-merge")

@@ -247,9 +247,9 @@ class TinyQwen(TinyHandBuilt):
         return out | {"mm_token_type_ids": (out["input_ids"] == self.model.config.image_token_id).int()}
 
 
-def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path:
+def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower: Any) -> Path:
     """A tiny random Qwen2-VL or Qwen2.5-VL (window attention in the tower): 8-px patches merged 2x2,
-    M-RoPE sections (1, 1, 2)."""
+    M-RoPE sections (1, 1, 2); `tower` overrides vision-config fields (e.g. `depth`)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -288,7 +288,7 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path
             in_channels=3,
         )
     config = config_cls(
-        vision_config=vision,
+        vision_config=vision | tower,
         text_config=dict(
             hidden_size=32,
             intermediate_size=64,

@@ -456,6 +456,13 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
     return model.to(dtype).eval()
 
 
+def budgeted(strategy: str, k: int) -> str:
+    """The spec of `strategy` at `k` tokens per image: `name@k`, or `name@k@place` for a strategy
+    given with its place (`divprune@vision:8`: a stage inside the vision tower)."""
+    name, _, place = strategy.partition("@")
+    return f"{name}@{k}" + (f"@{place}" if place else "")
+
+
 def is_qwen(model: Any) -> bool:
     return hasattr(model.model, "visual")
 
@@ -786,7 +793,9 @@ def run(
     random ones of `arch`.
     """
     if compile_mode is not None:
-        in_llm = [s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(f"{s}@1").stages)]
+        in_llm = [
+            s for s in strategies if any(st.place.kind == "llm" for st in Pipeline.from_spec(budgeted(s, 1)).stages)
+        ]
         if in_llm:
             raise InputError(
                 f"--compile runs on a static KV cache, which llm:K stages do not support: {', '.join(in_llm)}"
@@ -827,7 +836,7 @@ def run(
                     )
                 )
             for strategy in strategies:
-                spec = f"{strategy}@{k}"
+                spec = budgeted(strategy, k)
                 plans.append(
                     RowPlan(
                         strategy,

@@ -6,7 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .signals import ClsAttention, KeyNorm, NormedTokens, PatchAttention, Signal, TextAttention, TextPivots
+from .signals import (
+    ClsAttention,
+    KeyNorm,
+    NormedTokens,
+    PatchAttention,
+    PatchKeyNorm,
+    Signal,
+    TextAttention,
+    TextPivots,
+)
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -44,7 +53,7 @@ def signal_flops(signal: Signal, tokens: int, width: int) -> int:
       width`; softmax, every query against every key, `2 * tokens ** 2 * width`;
     * `TextAttention`: one query row (`last`) or every row (`mean`) against every key,
       `2 * tokens * width` times 1 or `tokens`;
-    * `KeyNorm`, `TextPivots`: the rotary embedding and norm of every key, `4 * tokens * width`;
+    * `KeyNorm`, `PatchKeyNorm`, `TextPivots`: the rotary embedding and norm of every key, `4 * tokens * width`;
     * `NormedTokens`: the final norm of every token, `3 * tokens * width`;
     * `PatchKeys`: 0 (the block's own key projections, kept).
     """
@@ -54,7 +63,7 @@ def signal_flops(signal: Signal, tokens: int, width: int) -> int:
         return 2 * tokens * width * (tokens if signal.scores == "softmax" else 1)
     if isinstance(signal, TextAttention):
         return 2 * tokens * width * (tokens if signal.query == "mean" else 1)
-    if isinstance(signal, KeyNorm | TextPivots):
+    if isinstance(signal, KeyNorm | PatchKeyNorm | TextPivots):
         return 4 * tokens * width
     if isinstance(signal, NormedTokens):
         return 3 * tokens * width

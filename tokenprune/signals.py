@@ -56,6 +56,15 @@ class PatchKeys(Signal):
     heads: Literal["mean", "concat"] = "mean"
 
 
+class PatchKeyNorm(Signal):
+    """Lp norm of each patch token's key in one vision-encoder block (all heads concatenated, after
+    the block's rotary embedding if it has one; the [CLS] key dropped), `[B, N]`. `layer` is a
+    non-negative block index."""
+
+    layer: int = Field(ge=0)
+    p: int = Field(2, ge=1)
+
+
 class TextAttention(Signal):
     """Attention that visual tokens receive inside the LLM at decoder layer `layer`.
 

@@ -148,3 +148,32 @@ def test_fastv_inside_its_qwen2_llm(tiny_onevision):
     assert layer_tokens[1:] == [layer_tokens[0] - (88 - 6)] * 2 and run.trace[0].stages[0].tokens_out == 6
     for step, step_logits in enumerate(logits):
         torch.testing.assert_close(generated.logits[step], step_logits, atol=2e-3, rtol=0)
+
+
+@torch.no_grad()
+def test_siglip_probe_gives_key_norms_and_attention_received(tiny_onevision):
+    """On a tower without [CLS], the probe's `PatchKeyNorm` is the L2 norm of each patch's key and
+    its softmax `PatchAttention` column the mean over all queries of the full attention map."""
+    from tokenprune.adapters.vision import VisionProbe
+    from tokenprune.signals import PatchAttention, PatchKeyNorm
+
+    tower = tiny_onevision.model.model.vision_tower
+    attn = getattr(tower, "vision_model", tower).encoder.layers[1].self_attn
+    pixels = torch.randn(
+        3, 3, tower.config.image_size, tower.config.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    signals = {PatchKeyNorm(layer=1), PatchAttention(layer=1, axis="col", scores="softmax")}
+    probe = VisionProbe({1: attn}, signals, has_cls=False)
+    seen = {}
+    handles = [*probe.attach(), attn.q_proj.register_forward_hook(lambda m, a, out: seen.update(q=out))]
+    handles.append(attn.k_proj.register_forward_hook(lambda m, a, out: seen.update(k=out)))
+    try:
+        tower(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    got = probe.values()
+    torch.testing.assert_close(got[PatchKeyNorm(layer=1)], seen["k"].norm(dim=-1))
+    q, k = (x.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for x in (seen["q"], seen["k"]))
+    full = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # [B, H, N, N]
+    torch.testing.assert_close(got[PatchAttention(layer=1, axis="col", scores="softmax")], full.mean(2).mean(1))

@@ -102,10 +102,8 @@ def test_refusals_name_what_runs(tiny_qwen):
     with pytest.raises(tp.errors.SignalError, match="has no \\[CLS\\] token"):
         with tp.apply(tiny_qwen.model, "vtc-cls@4"):
             pass
-    with pytest.raises(
-        tp.errors.PlaceError, match="'qwen2-vl' adapter does not support; supported places: projector, llm"
-    ):
-        with tp.apply(tiny_qwen.model, "tome@4@vision:1"):
+    with pytest.raises(tp.errors.PlaceError, match="runs at vision:2, after block 1, whose output the projector"):
+        with tp.apply(tiny_qwen.model, "tome@4@vision:2"):
             pass
     inputs = tiny_qwen.inputs(QUESTIONS, sized_images(SIZES))  # 8 and 12 tokens reach the LLM
     with pytest.raises(tp.errors.InputError, match="same number of tokens, but they bring \\[8, 12\\]"):

@@ -264,6 +264,21 @@ def test_bench_tiny_qwen2_vl_rows_and_flops(tmp_path):
     ]
 
 
+def test_bench_in_tower_rows_take_their_place_after_the_budget(tmp_path):
+    """`--strategies name@vision:L` benches `name@k@vision:L`: the tower keeps k merge units, the LLM
+    sees k tokens; a suffix that names no place is refused in one line."""
+    args = ["bench", "--arch", "tiny-qwen", "--budgets", "4", "--batch", "2", "--repeats", "1", "--new-tokens", "2"]
+    args += ["--dtype", "float32", "--device", "cpu", "--out", str(tmp_path), "--strategies"]
+    result = CliRunner().invoke(app, [*args, "divprune@vision:1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["spec"], r["kept"]) for r in rows][2:] == [("divprune@vision:1", "divprune@4@vision:1", 4)]
+    assert rows[2]["llm_flops"] == rows[1]["llm_flops"]
+    refused = CliRunner().invoke(app, [*args, "divprune@4"])
+    assert refused.exit_code != 0 and "optionally with a place" in refused.output
+    assert "Traceback" not in refused.output
+
+
 def test_bench_tiny_llava_onevision_rows(tmp_path):
     """LLaVA-OneVision (SigLIP, Qwen2 LLM): 88 packed tokens for its 64x64 image; the oracle keeps k."""
     result = CliRunner().invoke(

@@ -388,10 +388,11 @@ class Engine(ModelAdapter):
         }
         before_llm = by_kind["vision"] + by_kind["projector"]
         self.family.packing.check(self, before_llm, info)
+        own = self.family.tower_stages  # the packing runs the tower's stages and signals itself
         probe = self.probe_for(
-            required_signals(before_llm, info), info, "in the vision encoder or before the projector"
+            set() if own else required_signals(before_llm, info), info, "in the vision encoder or before the projector"
         )
-        encoder = EncoderStages(self.blocks, by_kind["vision"], info, probe) if by_kind["vision"] else None
+        encoder = EncoderStages(self.blocks, by_kind["vision"], info, probe) if by_kind["vision"] and not own else None
         llm: Any = resolve(self.core, self.family.layout.llm)
         decoders = [DecoderStage(llm.layers, llm.norm, s, info) for s in by_kind["llm"]]
         for before, after in zip(decoders, decoders[1:], strict=False):

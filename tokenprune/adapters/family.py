@@ -187,13 +187,17 @@ class Family:
         packing: how features become LLM tokens (`Plain()`, `Anyres(...)`, `Merged()`).
         layout: where the parts live.
         positions: the position rule (`Sequential()`, `MRope()`).
-        places: the place kinds stages may run at (`vision` needs `Plain` packing and a CLIP-style tower).
+        places: the place kinds stages may run at (`vision` needs `Plain` packing and a CLIP-style tower,
+            or a packing with `tower_stages`).
         ragged_places: places where images of one batch may keep different counts (a budget rule).
         feature_keys: config fields that shape the image features; per-call overrides are refused.
         vision_signals: whether the tower's attention has `q_proj`/`k_proj` for vision signals
             (`ClsAttention`, `PatchAttention`, `PatchKeys`); `False`: stages asking for them are refused.
         keeps_cls: whether the projector's input starts with the [CLS] feature, from the config.
         no_signals: the refusal's advice when `vision_signals` is False.
+        tower_stages: whether the packing runs the `vision:L` stages and provides the vision signals
+            itself (its `check` refuses what it cannot give): the engine then sets up no probe or
+            encoder stages (Qwen's tower, `qwen_tower.TowerMerged`).
     """
 
     model_classes: tuple[str, ...]
@@ -206,6 +210,7 @@ class Family:
     vision_signals: bool = True
     keeps_cls: Callable[[Any], bool] = lambda config: False
     no_signals: str = "use score-free selectors (divprune, tome, pool, uniform) or random"
+    tower_stages: bool = False
 
     def classes(self) -> tuple[type[nn.Module], ...]:
         """The model classes this transformers install has (a family may name classes newer than it)."""

@@ -1,5 +1,5 @@
 """Qwen2-VL / Qwen2.5-VL: prunes each image's merged tokens (after the 2x2 patch merger) before the
-LLM (`Merged` packing); kept tokens keep their original 3D (M-RoPE) position ids (`MRope`).
+LLM (`TowerMerged` packing); kept tokens keep their original 3D (M-RoPE) position ids (`MRope`).
 
 * No [CLS] token: [CLS]-based scorers are refused (no substitute score is made up); score-free
   selectors (`divprune`, `tome`, `pool`, `uniform`) and `random` run. Grid selectors use each image's
@@ -9,9 +9,11 @@ LLM (`Merged` packing); kept tokens keep their original 3D (M-RoPE) position ids
 * Positions: the model's own `get_rope_index` over the full prompt, gathered at the kept columns;
   later tokens continue at their original position plus the row's M-RoPE delta. The `positions`
   option of `tp.apply` does not apply.
-* Places: `projector` and `llm:K` (the decoder layers get M-RoPE already combined into their rotary
-  tables, so FastV, DART and VTW run as on LLaMA). Vision signals need Qwen's fused `qkv`
-  projections in the probe: not there yet, refused clearly.
+* Places: `vision:L`, `projector` and `llm:K` (the decoder layers get M-RoPE already combined into
+  their rotary tables, so FastV, DART and VTW run as on LLaMA). Inside the tower (`qwen_tower`),
+  stages keep or merge whole merge units before block `L`; the LLM gets the kept units at their
+  original M-RoPE positions. Vision signals (attention received or given, keys, key norms, per
+  merge unit) come from the tower blocks' fused `qkv` (`qwen_tower`); [CLS] signals are refused.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from __future__ import annotations
 from ..registry import register_adapter
 from .engine import Engine
 from .family import Family, Layout, MRope
-from .packing import Merged
+from .qwen_tower import TowerMerged
 
 QWEN2_VL = Family(
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-    packing=Merged(),
+    packing=TowerMerged(),
     layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
     positions=MRope(),
+    places=("vision", "projector", "llm"),
+    ragged_places=("projector",),
     vision_signals=False,
+    tower_stages=True,
 )
 
 

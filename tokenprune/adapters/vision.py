@@ -13,9 +13,9 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..signals import ClsAttention, PatchAttention, PatchKeys, Signal
+from ..signals import ClsAttention, PatchAttention, PatchKeyNorm, PatchKeys, Signal
 
-VisionSignal = ClsAttention | PatchKeys | PatchAttention
+VisionSignal = ClsAttention | PatchKeys | PatchAttention | PatchKeyNorm
 
 QUERY_CHUNK = 256
 """Queries per step of a softmax `PatchAttention`: the map is built `[B, H, 256, T]` at a time."""
@@ -40,7 +40,9 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
 
 def split_vision_signals(signals: set[Signal]) -> tuple[set[VisionSignal], list[Signal]]:
     """`signals` split into those a `VisionProbe` computes and the rest (which it cannot provide)."""
-    vision: set[VisionSignal] = {s for s in signals if isinstance(s, ClsAttention | PatchKeys | PatchAttention)}
+    vision: set[VisionSignal] = {
+        s for s in signals if isinstance(s, ClsAttention | PatchKeys | PatchAttention | PatchKeyNorm)
+    }
     return vision, [s for s in signals if s not in vision]
 
 
@@ -119,7 +121,7 @@ class VisionProbe:
         self.attention_signals = [s for s in signals if isinstance(s, ClsAttention | PatchAttention)]
         self.query_layers = {s.layer for s in self.attention_signals}
         self.full_query = {s.layer for s in signals if isinstance(s, PatchAttention)}
-        self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys)}
+        self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys | PatchKeyNorm)}
         # per block, each attention signal's index and computation, fixed here so that the hooks
         # (traced by dynamo under `bench --compile`) see plain functions and ints, not signal objects
         self._plans: dict[int, list[tuple[int, Callable[[Tensor, Tensor], Tensor]]]] = {}
@@ -174,7 +176,7 @@ class VisionProbe:
 
     def values(self) -> dict[Signal, Tensor]:
         """Each signal the last encoder run computed: attention signals `[B, N]`; `PatchKeys`
-        `[B, N, D]`, or `[B, N, d_head]` averaged over heads."""
+        `[B, N, D]`, or `[B, N, d_head]` averaged over heads; `PatchKeyNorm` `[B, N]`."""
         out: dict[Signal, Tensor] = {}
         for signal in self.signals:
             if isinstance(signal, ClsAttention | PatchAttention):
@@ -187,4 +189,6 @@ class VisionProbe:
                 out[signal] = (
                     keys if signal.heads == "concat" else rearrange(keys, "b n (h d) -> b n h d", h=heads).mean(2)
                 )
+            elif isinstance(signal, PatchKeyNorm) and signal.layer in self.keys:
+                out[signal] = self.keys[signal.layer].float().norm(p=signal.p, dim=-1)
         return out

@@ -8,16 +8,26 @@ from pathlib import Path
 import torch
 import typer
 
-from ..bench import ARCHS, markdown, plot, run
+from ..bench import ARCHS, budgeted, markdown, plot, run
 from ..compiled import COMPILE_MODES
-from ..errors import InputError, SpecError
+from ..errors import InputError, SpecError, TokenpruneError
 from ..models import resolve
 from ..pipeline import Pipeline
+from ..places import Place
 from ..spec import split_top_level
 from ..versions import environment
 from .common import SEED_MAX, SEED_MIN, check_device, positive_int, split_values, user_errors
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+def is_place(text: str) -> bool:
+    """Whether `text` names a place (`projector`, `vision:L`, `llm:K`)."""
+    try:
+        Place.parse(text)
+    except TokenpruneError:
+        return False
+    return True
 
 
 @user_errors
@@ -27,7 +37,9 @@ def bench_command(
     model: str = typer.Option(
         None, "--model", help="A LLaVA-1.5 checkpoint (path or hub id) instead of random weights."
     ),
-    strategies: str = typer.Option("vtc-cls", help="Comma-separated specs without budget."),
+    strategies: str = typer.Option(
+        "vtc-cls", help="Comma-separated specs without budget, each optionally with a place (divprune@vision:8)."
+    ),
     budgets: str = typer.Option("576,192,128,64", help="Comma-separated token counts per image."),
     batch: str = typer.Option("1,16", help="Comma-separated batch sizes."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Torch device."),
@@ -49,9 +61,13 @@ def bench_command(
     counts = split_values("--budgets", budgets, positive_int, "a token count >= 1")
     sizes = split_values("--batch", batch, positive_int, "a batch size >= 1")
     for name in names:
-        if "@" in name:
-            raise SpecError(f"--strategies takes specs without a budget (--budgets gives them), got {name!r}")
-        Pipeline.from_spec(f"{name}@1")
+        place = name.partition("@")[2]
+        if place and not is_place(place):
+            raise SpecError(
+                f"--strategies takes specs without a budget (--budgets gives them), optionally with a place "
+                f"(e.g. divprune@vision:8), got {name!r}"
+            )
+        Pipeline.from_spec(budgeted(name, 1))
     if model and random_weights:
         raise SpecError("--random-weights and --model exclude each other: give one")
     if not model and arch not in ARCHS:
