@@ -302,7 +302,7 @@ class Engine(ModelAdapter):
     shares_copies: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass that sets `family` takes its classes, places and feature keys as class attributes
+        """A subclass that sets `family` takes its model classes and places as class attributes
         (a further subclass may override them)."""
         super().__init_subclass__(**kwargs)
         family = cls.__dict__.get("family")

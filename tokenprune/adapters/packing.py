@@ -149,7 +149,9 @@ class Plain:
             features=features,
             blocks=[block] * n_images,
             kept=counts,
-            llm_tokens=torch.cat([row[:c] for row, c in zip(image, counts, strict=True)]),
+            llm_tokens=image.flatten()
+            if pruned.counts is None
+            else torch.cat([row[:c] for row, c in zip(image, counts, strict=True)]),
             reaching=[c - extra_tokens for c in counts],
             origin=list(pruned.origin),
             records=pruned.records,
