@@ -1,12 +1,17 @@
 """Model adapters; importing this package registers the built-in ones."""
 
 from .base import ModelAdapter, find_adapter
+from .engine import Engine
+from .family import Family, Layout
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
+    "Engine",
+    "Family",
+    "Layout",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
