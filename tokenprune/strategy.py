@@ -16,21 +16,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor
 
-from .checks import DeferredCheck, check_now_or_later, output_check, raise_deferred, score_check
+from .checks import DeferredCheck, check_now_or_later, output_check, score_check
 from .errors import BudgetError, ScoreError, SignalError
 from .reduction import Reduction
 from .signals import Signal
-
-__all__ = [
-    "DeferredCheck",  # re-exported for the adapters that import it from here, until they import `checks`
-    "ModelInfo",
-    "ScoringContext",
-    "ScoringStrategy",
-    "SelectContext",
-    "Selector",
-    "Strategy",
-    "raise_deferred",  # as DeferredCheck
-]
 
 
 @dataclass(frozen=True)
