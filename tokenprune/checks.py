@@ -38,7 +38,7 @@ def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float |
     one device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
 
     Raises:
-        the first failing check's `error`, its message naming the failing items.
+        Exception: the first failing check's `error` (e.g. `ScoreError`), its message naming the failing items.
     """
     flags = [check.failing() for check in checks]
     parts = [v.reshape(-1) for v in values] + [f.any().reshape(1) for f in flags]
