@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tokenprune import apply, bench, compiled
+from tokenprune import apply, bench
+from tokenprune.bench import compiled
 from tokenprune.compat import cache_kwarg
 from tokenprune.versions import environment
 

@@ -29,7 +29,7 @@ def profiled(fn, title: str) -> None:
 
 
 for k in (64, 128, 192):
-    profiled(lambda k=k: pool.reduce(tokens, None, k, (24, 24)), f"selector alone, k={k}")
+    profiled(lambda k=k: pool.reduce(tp.SelectContext(tokens=tokens, k=k, grid=(24, 24))), f"selector alone, k={k}")
 model = bench.build("llava-1.5-7b", torch.bfloat16, "cuda")
 pixels = bench.inputs(model, 1, 576)["pixel_values"]
 with torch.inference_mode():

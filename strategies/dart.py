@@ -1,6 +1,5 @@
 """DART (arXiv 2502.11494): inside the LLM, drop the visual tokens that duplicate a few pivots."""
 
-from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import KeyNorm, NormedTokens, Signal, TextPivots
-from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
+from tokenprune.strategy import ModelInfo, ScoringContext, ScoringStrategy, SelectContext, Selector
 
 
 @register("dart")
@@ -27,7 +26,7 @@ class DART(ScoringStrategy):
         return (KeyNorm(layer=info.layer_before_stage(self.name), p=1),)
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[KeyNorm(layer=ctx.info.layer_before_stage(self.name), p=1)]
+        return ctx.signal()
 
 
 @register("dart-dedup")
@@ -53,22 +52,16 @@ class DARTDedup(Selector):
         )
         return (NormedTokens(), *text)
 
-    def select(
-        self,
-        tokens: Tensor,
-        scores: Tensor | None,
-        k: int,
-        grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None,
-    ) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, k = ctx.tokens, ctx.k
         b, n, _ = tokens.shape
-        normed = signals[NormedTokens()].float()
+        normed = ctx.signal(NormedTokens).float()
         p = min(self.pivots, k)
         image_pivots = (
-            torch.sort(self.scored(scores), dim=1, descending=True, stable=True).indices[:, :p].sort(dim=1).values
+            torch.sort(self.scored(ctx.scores), dim=1, descending=True, stable=True).indices[:, :p].sort(dim=1).values
         )
         pivot_states = normed.gather(1, image_pivots[..., None].expand(-1, -1, normed.shape[-1]))
-        text = [v for s, v in signals.items() if isinstance(s, TextPivots)]
+        text = ctx.signals_of(TextPivots)
         if text:
             pivot_states = torch.cat([pivot_states, text[0].float()], dim=1)
         sims = torch.nn.functional.normalize(pivot_states, dim=-1) @ torch.nn.functional.normalize(

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.strategy import Selector
+from tokenprune.strategy import SelectContext, Selector
 
 
 def max_min_diverse(features: Tensor, k: int) -> Tensor:
@@ -37,5 +37,5 @@ class DivPrune(Selector):
 
     needs_scores = False
 
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
-        return Reduction.drop(tokens, max_min_diverse(tokens, k))
+    def select(self, ctx: SelectContext) -> Reduction:
+        return Reduction.drop(ctx.tokens, max_min_diverse(ctx.tokens, ctx.k))

@@ -23,11 +23,8 @@ class FastV(ScoringStrategy):
     default_place: ClassVar[str] = "llm:2"
     query: Literal["last", "mean"] = "last"
 
-    def _signal(self, info: ModelInfo) -> TextAttention:
-        return TextAttention(layer=info.layer_before_stage(self.name), query=self.query)
-
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        return (self._signal(info),)
+        return (TextAttention(layer=info.layer_before_stage(self.name), query=self.query),)
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[self._signal(ctx.info)]
+        return ctx.signal()

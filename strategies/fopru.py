@@ -50,21 +50,18 @@ class FoPru(ScoringStrategy):
             )
         return info.feature_layer
 
-    def _signals(self, info: ModelInfo) -> dict[str, PatchAttention]:
+    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
+        """The column mean then the row mean (`significance="variance"`), or the one axis named."""
         axes: tuple[Literal["col", "row"], ...] = (
             ("col", "row") if self.significance == "variance" else (self.significance,)
         )
-        return {a: PatchAttention(layer=self._block(info), axis=a, scores=self.scores) for a in axes}
-
-    def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        return tuple(self._signals(info).values())
+        return tuple(PatchAttention(layer=self._block(info), axis=a, scores=self.scores) for a in axes)
 
     def significance_of(self, ctx: ScoringContext) -> Tensor:
         """`[B, N]` each patch's significance."""
-        means = {axis: ctx[signal] for axis, signal in self._signals(ctx.info).items()}
-        if len(means) == 1:
-            return next(iter(means.values()))
-        col, row = means["col"], means["row"]
+        if self.significance != "variance":
+            return ctx.signal()
+        col, row = ctx.signal(0), ctx.signal(1)
         return torch.where((col.var(dim=1) > row.var(dim=1))[:, None], col, row)
 
     def score(self, ctx: ScoringContext) -> Tensor:

@@ -2,11 +2,10 @@
 each group becomes one token."""
 
 import torch
-from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.strategy import Selector
+from tokenprune.strategy import SelectContext, Selector
 
 
 @register("group-merge")
@@ -22,9 +21,9 @@ class GroupMerge(Selector):
 
     weights_by_scores = True
 
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, scores, k = ctx.tokens, self.scored(ctx.scores), ctx.k
         b, n, _ = tokens.shape
-        scores = self.scored(scores)
         centres = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
         unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
         sims = unit @ unit.gather(1, centres[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)  # [B, N, k]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.strategy import Selector
+from tokenprune.strategy import SelectContext, Selector
 
 
 def bins(n_in: int, n_out: int) -> Tensor:
@@ -28,7 +28,8 @@ class Pool(Selector):
 
     needs_scores = False
 
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, k, grid = ctx.tokens, ctx.k, ctx.grid
         b, n, _ = tokens.shape
         side = math.isqrt(k)
         if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):

@@ -1,6 +1,5 @@
 """LLaVA-PruMerge (arXiv 2403.15388): keep the [CLS]-selected tokens, merge the rest into them."""
 
-from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -12,7 +11,7 @@ from tokenprune.errors import BudgetError
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import ClsAttention, PatchKeys, Signal
-from tokenprune.strategy import ModelInfo, ScoringContext, Selector
+from tokenprune.strategy import ModelInfo, ScoringContext, SelectContext, Selector
 
 
 def iqr_outliers(scores: Tensor) -> Tensor:
@@ -38,7 +37,7 @@ class PruMerge(VTCCLS):
         return (ClsAttention(layer=self.block(info), heads=self.heads),)
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[ClsAttention(layer=self.block(ctx.info), heads=self.heads)]
+        return ctx.signal()
 
 
 @register("prumerge-merge")
@@ -92,19 +91,13 @@ class PruMergeMerge(Selector):
             )
         return torch.stack(lists)
 
-    def select(
-        self,
-        tokens: Tensor,
-        scores: Tensor | None,
-        k: int,
-        grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None,
-    ) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, scores, k = ctx.tokens, self.scored(ctx.scores), ctx.k
         b, n, _ = tokens.shape
         if k == n and not self.adaptive:
             return Reduction.drop(tokens, torch.arange(n, device=tokens.device).expand(b, n))
-        keys = next(iter(signals.values()))
-        top = self.kept(self.scored(scores), k)  # [B, kept]
+        keys = ctx.signal()
+        top = self.kept(scores, k)  # [B, kept]
         kept = top.shape[1]
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
         sims = unit.gather(1, top[..., None].expand(-1, -1, unit.shape[-1])) @ unit.transpose(1, 2)

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.strategy import Selector
+from tokenprune.strategy import SelectContext, Selector
 
 
 def bipartite_round(x: Tensor, size: Tensor, weights: Tensor, index: Tensor, r: int):
@@ -48,7 +48,8 @@ class ToMe(Selector):
 
     needs_scores = False
 
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, k = ctx.tokens, ctx.k
         b, n, _ = tokens.shape
         x = tokens
         size = torch.ones(b, n, device=tokens.device)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
-from tokenprune.strategy import Selector
+from tokenprune.strategy import SelectContext, Selector
 
 
 def evenly_spaced(k: int, n: int) -> Tensor:
@@ -35,7 +35,8 @@ class Uniform(Selector):
 
     needs_scores = False
 
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, k, grid = ctx.tokens, ctx.k, ctx.grid
         b, n = tokens.shape[:2]
         if grid is not None and grid[0] * grid[1] == n:
             index = lattice_indices(k, *grid)

@@ -1,18 +1,16 @@
 """VisionZip (arXiv 2412.04467): dominant tokens by [CLS] attention plus merged contextual tokens."""
 
-from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from pydantic import Field
 from tokenprune.strategies.vtc_cls import VTCCLS
-from torch import Tensor
 
 from tokenprune.errors import SignalError
 from tokenprune.reduction import Reduction
 from tokenprune.registry import register
 from tokenprune.signals import ClsAttention, PatchAttention, PatchKeys, Signal
-from tokenprune.strategy import ModelInfo, ScoringContext, Selector
+from tokenprune.strategy import ModelInfo, SelectContext, Selector
 
 
 @register("visionzip")
@@ -42,16 +40,10 @@ class VisionZip(VTCCLS):
             raise SignalError("visionzip(dominant=received) needs a vision block; give layer=, e.g. layer=-1")
         return info.feature_layer
 
-    def _signal(self, info: ModelInfo) -> Signal:
-        if self.dominant == "cls":
-            return ClsAttention(layer=self.block(info))
-        return PatchAttention(layer=self.block(info), axis="col", scores="softmax")
-
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
-        return (self._signal(info),)
-
-    def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[self._signal(ctx.info)]
+        if self.dominant == "cls":
+            return (ClsAttention(layer=self.block(info)),)
+        return (PatchAttention(layer=self.block(info), axis="col", scores="softmax"),)
 
 
 @register("visionzip-merge")
@@ -81,17 +73,11 @@ class VisionZipMerge(Selector):
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         return (PatchKeys(layer=self._block(info), heads="mean"),)
 
-    def select(
-        self,
-        tokens: Tensor,
-        scores: Tensor | None,
-        k: int,
-        grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None,
-    ) -> Reduction:
+    def select(self, ctx: SelectContext) -> Reduction:
+        tokens, k = ctx.tokens, ctx.k
         b, n, _ = tokens.shape
         c = min(round(10 * k / 64) if self.contextual is None else self.contextual, k - 1)
-        order = torch.sort(self.scored(scores), dim=1, descending=True, stable=True).indices
+        order = torch.sort(self.scored(ctx.scores), dim=1, descending=True, stable=True).indices
         dominant = order[:, : k - c].sort(dim=1).values  # [B, k - c]
         rest = order[:, k - c :].sort(dim=1).values  # [B, R] raster order
         r = rest.shape[1]
@@ -101,7 +87,7 @@ class VisionZipMerge(Selector):
         if c:
             targets = torch.arange(0, r, max(1, r // c), device=tokens.device)[:c]
             is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device).index_fill_(0, targets, True)
-            keys = torch.nn.functional.normalize(next(iter(signals.values())).float(), dim=-1)
+            keys = torch.nn.functional.normalize(ctx.signal().float(), dim=-1)
             rest_keys = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1]))  # [B, R, d]
             group = (rest_keys[:, ~is_target] @ rest_keys[:, targets].transpose(1, 2)).argmax(dim=2)  # [B, R - c]
             member = torch.zeros(b, c, r, device=tokens.device)

@@ -51,4 +51,4 @@ class VTCCLS(ScoringStrategy):
         return (ClsAttention(layer=self.block(info)),)
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        return ctx[ClsAttention(layer=self.block(ctx.info))]
+        return ctx.signal()

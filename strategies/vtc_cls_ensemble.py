@@ -51,5 +51,4 @@ class VTCCLSEnsemble(ScoringStrategy):
         return tuple(ClsAttention(layer=b) for b in self.blocks(info))
 
     def score(self, ctx: ScoringContext) -> Tensor:
-        rows = [ctx[ClsAttention(layer=b)] for b in self.blocks(ctx.info)]
-        return torch.stack(rows).sum(dim=0)
+        return torch.stack(ctx.signals_of(ClsAttention)).sum(dim=0)

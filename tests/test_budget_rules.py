@@ -339,7 +339,7 @@ def test_per_count_reduction_pads_by_repeating_each_rows_last_output():
     ragged = reduce_per_count(topk, tokens, scores, [2, 4, 2], None, None, None)
     assert ragged.counts == (2, 4, 2) and ragged.index.shape == (3, 4) and ragged.weights is None
     for i, k in enumerate([2, 4, 2]):
-        alone = topk.reduce(tokens[i : i + 1], scores[i : i + 1], k)
+        alone = topk.reduce(tp.SelectContext(tokens=tokens[i : i + 1], scores=scores[i : i + 1], k=k))
         assert torch.equal(ragged.index[i, :k], alone.index[0]) and torch.equal(ragged.tokens[i, :k], alone.tokens[0])
         assert (ragged.index[i, k:] == alone.index[0, -1]).all() and (ragged.tokens[i, k:] == alone.tokens[0, -1]).all()
     merged = reduce_per_count(tp.create("pool"), tokens, scores, [2, 4, 2], (2, 3), None, None)

@@ -49,8 +49,11 @@ def test_writing_strategies_tutorial_runs(capsys):
             ["last-cls@36", "36"],
             ["vtc-cls+topk-plus-rest@36", "36"],
         ]
-        red = tp.create("topk-plus-rest").reduce(*_case(), 3)
+        red = tp.create("topk-plus-rest").reduce(tp.SelectContext(tokens=_case()[0], scores=_case()[1], k=3))
         assert red.index.shape == (1, 3) and abs(float(red.weights.sum()) - 3.0) < 1e-5
+        assert scope["ValueNorm"].place == "vision" and tp.create("value-norm").signals(
+            tp.ModelInfo(vision_layers=4)
+        ) == (scope["ValueNorm"](layer=2),)
     finally:
         REGISTRY._strategies = saved
 

@@ -72,7 +72,7 @@ def test_nan_scores_are_refused():
     scores = torch.rand(2, 6)
     scores[1, 3] = float("nan")
     with pytest.raises(ScoreError, match=r"NaN \(images \[1\]\)"):
-        tp.create("topk").reduce(torch.zeros(2, 6, 3), scores, 2)
+        tp.create("topk").reduce(tp.SelectContext(tokens=torch.zeros(2, 6, 3), scores=scores, k=2))
 
 
 def test_stage_order_and_budgets_validated():

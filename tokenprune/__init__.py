@@ -16,8 +16,8 @@ from .errors import TokenpruneError
 from .pipeline import Pipeline, Stage
 from .reduction import Reduction
 from .registry import create, list_adapters, list_strategies, register, register_adapter
-from .signals import ClsAttention, Signal, TextAttention
-from .strategy import ModelInfo, ScoringContext, ScoringStrategy, Selector
+from .signals import ClsAttention, Signal, TextAttention, register_signal, signal_types
+from .strategy import ModelInfo, ScoringContext, ScoringStrategy, SelectContext, Selector
 
 try:
     __version__ = version("tokenprune")  # the one source: pyproject.toml, through the installed metadata
@@ -35,6 +35,7 @@ __all__ = [
     "Run",
     "ScoringContext",
     "ScoringStrategy",
+    "SelectContext",
     "Selector",
     "Signal",
     "Stage",
@@ -48,4 +49,6 @@ __all__ = [
     "list_strategies",
     "register",
     "register_adapter",
+    "register_signal",
+    "signal_types",
 ]

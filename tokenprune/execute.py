@@ -9,11 +9,12 @@ import torch
 from torch import Tensor
 
 from .budget import BudgetRule, resolve_budget
+from .checks import DeferredCheck
 from .errors import ScoreError, SpecError
 from .pipeline import Stage
 from .reduction import Reduction
 from .signals import Signal
-from .strategy import DeferredCheck, ModelInfo, ScoringContext, Selector
+from .strategy import ModelInfo, ScoringContext, SelectContext, Selector
 
 
 def run_stage(
@@ -39,7 +40,8 @@ def run_stage(
     rule, k = (budget, 0) if isinstance(budget, BudgetRule) else (None, resolve_budget(budget, n, where=stage))
     scores = None
     if stage.scorer is not None:
-        scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals))
+        declared = stage.scorer.signals(info)
+        scores = stage.scorer.score(ScoringContext(tokens=tokens, info=info, signals=signals, declared=declared))
         if scores.shape != tokens.shape[:2]:
             raise ScoreError(
                 f"scorer {stage.scorer.name!r} returned shape {tuple(scores.shape)}, "
@@ -49,35 +51,42 @@ def run_stage(
     if selector is None:  # a validated Stage always has one (its scorer's default, when not given)
         raise SpecError(f"stage {stage.to_spec()!r} has no selector")
     wanted = selector.signals(info)
-    context = ScoringContext(tokens=tokens, info=info, signals=signals)
-    given = {s: context[s] for s in wanted} if wanted else None
+    given = ScoringContext(tokens=tokens, info=info, signals=signals)
+    ctx = SelectContext(
+        tokens=tokens,
+        k=k,
+        scores=scores,
+        grid=info.grid,
+        info=info,
+        signals={s: given[s] for s in wanted},
+        declared=wanted,
+        deferred=deferred,
+    )
     if rule is None or scores is None:
-        return selector.reduce(tokens, scores, k, info.grid, given, deferred), scores
+        return selector.reduce(ctx), scores
     counts = [int(c) for c in rule.counts(scores).tolist()]
-    return reduce_per_count(selector, tokens, scores, counts, info.grid, given, deferred), scores
+    return reduce_per_count(selector, ctx, counts), scores
 
 
-def reduce_per_count(
-    selector: Selector,
-    tokens: Tensor,
-    scores: Tensor,
-    counts: list[int],
-    grid: tuple[int, int] | None,
-    signals: Mapping[Signal, Tensor] | None,
-    deferred: list[DeferredCheck] | None,
-) -> Reduction:
-    """Reduce each image of `tokens` `[B, N, D]` to its own count (`counts`, per image): one
-    `selector.reduce` per distinct count, on the images that have it (their rows of `scores`
-    `[B, N]` and of each signal). A ragged `Reduction` when the counts differ."""
+def reduce_per_count(selector: Selector, ctx: SelectContext, counts: list[int]) -> Reduction:
+    """Reduce each image of `ctx.tokens` `[B, N, D]` to its own count (`counts`, per image): one
+    `selector.reduce` per distinct count, on the images that have it (their rows of the tokens, the
+    scores `[B, N]` and each signal). A ragged `Reduction` when the counts differ."""
     if len(set(counts)) == 1:
-        return selector.reduce(tokens, scores, counts[0], grid, signals, deferred)
+        return selector.reduce(replace(ctx, k=counts[0]))
     parts = []
     for k in sorted(set(counts)):
         rows = [i for i, c in enumerate(counts) if c == k]
-        at = torch.tensor(rows, device=tokens.device)
-        subset = None if signals is None else {s: v[at] for s, v in signals.items()}
-        parts.append((rows, selector.reduce(tokens[at], scores[at], k, grid, subset, deferred)))
-    return Reduction.ragged(parts, tokens.shape[0], tokens.shape[1])
+        at = torch.tensor(rows, device=ctx.tokens.device)
+        subset = replace(
+            ctx,
+            tokens=ctx.tokens[at],
+            k=k,
+            scores=None if ctx.scores is None else ctx.scores[at],
+            signals={s: v[at] for s, v in ctx.signals.items()},
+        )
+        parts.append((rows, selector.reduce(subset)))
+    return Reduction.ragged(parts, ctx.tokens.shape[0], ctx.tokens.shape[1])
 
 
 def stage_info(stage: Stage, info: ModelInfo) -> ModelInfo:

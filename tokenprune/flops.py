@@ -6,16 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .signals import (
-    ClsAttention,
-    KeyNorm,
-    NormedTokens,
-    PatchAttention,
-    PatchKeyNorm,
-    Signal,
-    TextAttention,
-    TextPivots,
-)
+from .signals import Signal
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -37,34 +28,9 @@ def llm_flops(config: Any, seq_len: int, layers_tokens: Sequence[int] | None = N
     return prefill_flops(counts, config.hidden_size, config.intermediate_size)
 
 
-def vision_flops(config: Any, tokens_per_block: Sequence[int]) -> int:
-    """FLOPs of a ViT encoder (HF vision config, untyped: `hidden_size`, `intermediate_size`) whose block `i`
-    sees `tokens_per_block[i]` tokens, with the same per-layer formula as the LLM."""
-    return prefill_flops(tokens_per_block, config.hidden_size, config.intermediate_size)
-
-
 def signal_flops(signal: Signal, tokens: int, width: int) -> int:
-    """FLOPs a signal adds to the forward (the scoring overhead), for one image of `tokens` encoder
-    tokens ([CLS] included) of width `width` (vision signals), or one LLM sequence of `tokens`
-    tokens of width `width` (LLM signals). Projections the model computes anyway are not counted.
-
-    * `ClsAttention`: the [CLS] query against every key, `2 * tokens * width`;
-    * `PatchAttention`: logits, a mean query (or key) against every key (or query), `2 * tokens *
-      width`; softmax, every query against every key, `2 * tokens ** 2 * width`;
-    * `TextAttention`: one query row (`last`) or every row (`mean`) against every key,
-      `2 * tokens * width` times 1 or `tokens`;
-    * `KeyNorm`, `PatchKeyNorm`, `TextPivots`: the rotary embedding and norm of every key, `4 * tokens * width`;
-    * `NormedTokens`: the final norm of every token, `3 * tokens * width`;
-    * `PatchKeys`: 0 (the block's own key projections, kept).
-    """
-    if isinstance(signal, ClsAttention):
-        return 2 * tokens * width
-    if isinstance(signal, PatchAttention):
-        return 2 * tokens * width * (tokens if signal.scores == "softmax" else 1)
-    if isinstance(signal, TextAttention):
-        return 2 * tokens * width * (tokens if signal.query == "mean" else 1)
-    if isinstance(signal, KeyNorm | PatchKeyNorm | TextPivots):
-        return 4 * tokens * width
-    if isinstance(signal, NormedTokens):
-        return 3 * tokens * width
-    return 0
+    """FLOPs a signal adds to the forward (the scoring overhead): `signal.flops(tokens, width)`, for
+    one image of `tokens` encoder tokens ([CLS] included) of width `width` (vision signals), or one
+    LLM sequence of `tokens` tokens of width `width` (LLM signals). Each signal type declares its
+    own cost (`Signal.flops`), so a plugin's signal is counted as the built-in ones are."""
+    return signal.flops(tokens, width)

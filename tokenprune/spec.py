@@ -55,8 +55,14 @@ def shorten(text: object, limit: int = _QUOTE_CHARS) -> str:
     return f"{shown[: limit - 4]}...{shown[-3:]} ({size})"
 
 
-def split_top_level(text: str, sep: str) -> list[str]:
-    """Split `text` on `sep` outside brackets and quotes."""
+def split_top_level(text: str, sep: str, what: str = "spec") -> list[str]:
+    """Split `text` on `sep` outside brackets (`()[]{}`) and quotes (`'` or `"`): the one quote-aware
+    splitter, for spec strings, comma-separated CLI lists and lmms-eval's `--model_args`.
+
+    Raises:
+        SpecError: a closing bracket without its opening one, or a bracket or quote left open
+            (`what` names the text in the message).
+    """
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
         if quote:
@@ -68,12 +74,12 @@ def split_top_level(text: str, sep: str) -> list[str]:
         elif ch in _CLOSE:
             depth -= 1
             if depth < 0:
-                raise SpecError(f"unbalanced {ch!r} at position {i} in spec {shorten(text)}")
+                raise SpecError(f"unbalanced {ch!r} at position {i} in {what} {shorten(text)}")
         elif ch == sep and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     if depth or quote:
-        raise SpecError(f"unclosed bracket or quote in spec {shorten(text)}")
+        raise SpecError(f"unclosed bracket or quote in {what} {shorten(text)}")
     parts.append(text[start:])
     return parts
 

@@ -6,6 +6,7 @@ of model families: what they need from the model they ask for as signals, answer
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor
 
+from .checks import DeferredCheck, check_now_or_later, output_check, score_check
 from .errors import BudgetError, ScoreError, SignalError
 from .reduction import Reduction
 from .signals import Signal
@@ -72,25 +74,105 @@ class ModelInfo:
         return self.stage_layer - 1
 
 
-@dataclass(frozen=True)
-class ScoringContext:
-    """Everything a scorer sees at one stage for one batch of images.
+class _DeclaredSignals:
+    """What both contexts give a strategy: the values of the signals it declared, looked up by the
+    signal itself, by position among its declarations, or by type (`signal`, `signals_of`)."""
 
-    Attributes:
-        tokens: `[B, N, D]` the visual tokens reaching the stage.
-        info: model facts (depth, feature layer, patch grid).
-        signals: the values of the signals the scorer asked for, each `[B, N]`.
-    """
+    signals: Mapping[Signal, Tensor]
+    declared: tuple[Signal, ...]
 
-    tokens: Tensor
-    info: ModelInfo
-    signals: Mapping[Signal, Tensor] = field(default_factory=dict)
+    def own(self) -> tuple[Signal, ...]:
+        """The signals the strategy declared (its `signals(info)`), in order; when the context was
+        built without declarations (by hand, as in a test), the computed signals it holds."""
+        return self.declared or tuple(self.signals)
 
     def __getitem__(self, signal: Signal) -> Tensor:
         try:
             return self.signals[signal]
         except KeyError:
-            raise SignalError(f"signal {signal!r} was not computed; a scorer must list it in signals()") from None
+            raise SignalError(f"signal {signal!r} was not computed; a strategy must list it in signals()") from None
+
+    def signal(self, which: int | type[Signal] | Signal | None = None) -> Tensor:
+        """The value of one declared signal, so that `score`/`select` need not rebuild it:
+
+        * `None`: the strategy's only declared signal;
+        * an `int`: the declared signal at that position of `signals(info)`;
+        * a `Signal` subclass: the only declared signal of that type;
+        * a `Signal`: that signal's value (as `ctx[signal]`).
+
+        Raises:
+            SignalError: no such declared signal, or several where one was meant.
+        """
+        if isinstance(which, Signal):
+            return self[which]
+        own = self.own()
+        if which is None:
+            if len(own) != 1:
+                raise SignalError(
+                    f"ctx.signal() reads the strategy's only signal, but it declared {len(own)}: {list(own)}; "
+                    "pick one by position or type, e.g. ctx.signal(0) or ctx.signal(ClsAttention)"
+                )
+            return self[own[0]]
+        if isinstance(which, int):
+            if not -len(own) <= which < len(own):
+                raise SignalError(f"signal {which} requested, but the strategy declared {len(own)}: {list(own)}")
+            return self[own[which]]
+        matching = [s for s in own if isinstance(s, which)]
+        if len(matching) != 1:
+            raise SignalError(
+                f"ctx.signal({which.__name__}) needs exactly one declared {which.__name__}, found "
+                f"{len(matching)} among {list(own)}; use ctx.signals_of({which.__name__}) for several"
+            )
+        return self[matching[0]]
+
+    def signals_of(self, kind: type[Signal]) -> list[Tensor]:
+        """The values of every declared signal of type `kind`, in declaration order (possibly none)."""
+        return [self[s] for s in self.own() if isinstance(s, kind)]
+
+
+@dataclass(frozen=True)
+class ScoringContext(_DeclaredSignals):
+    """Everything a scorer sees at one stage for one batch of images.
+
+    Attributes:
+        tokens: `[B, N, D]` the visual tokens reaching the stage.
+        info: model facts (depth, feature layer, patch grid).
+        signals: computed signal values by signal, each `[B, N]` (or `[B, N, d]`, as the signal says);
+            at least those the scorer declared.
+        declared: the scorer's `signals(info)`, in order: what `ctx.signal()` reads.
+    """
+
+    tokens: Tensor
+    info: ModelInfo
+    signals: Mapping[Signal, Tensor] = field(default_factory=dict)
+    declared: tuple[Signal, ...] = ()
+
+
+@dataclass(frozen=True)
+class SelectContext(_DeclaredSignals):
+    """Everything a selector sees at one stage for one batch of images (`Selector.reduce(ctx)`).
+
+    Attributes:
+        tokens: `[B, N, D]` the visual tokens reaching the stage.
+        k: tokens to keep per image (a cap for a selector that does not `keeps_exactly_k`).
+        scores: `[B, N]` the scorer's scores, or `None` (no scorer: a score-free selector).
+        grid: `(rows, cols)` of the patch grid of `tokens`, or `None` (tiled crops, a later stage).
+        info: model facts, as the stage sees them.
+        signals: computed signal values by signal; at least those the selector declared.
+        declared: the selector's `signals(info)`, in order: what `ctx.signal()` reads.
+        deferred: when given, `reduce` appends its score and output checks here (device-side flags,
+            no host sync) instead of running them; the caller passes the list to
+            `checks.raise_deferred` before using the output.
+    """
+
+    tokens: Tensor
+    k: int
+    scores: Tensor | None = None
+    grid: tuple[int, int] | None = None
+    info: ModelInfo = field(default_factory=ModelInfo)
+    signals: Mapping[Signal, Tensor] = field(default_factory=dict)
+    declared: tuple[Signal, ...] = ()
+    deferred: list[DeferredCheck] | None = None
 
 
 def _named_types(annotation: Any) -> set[type]:
@@ -159,72 +241,12 @@ class ScoringStrategy(Strategy):
         """Importance `[B, N]` of each visual token in `ctx.tokens`."""
 
 
-@dataclass(frozen=True)
-class DeferredCheck:
-    """A validation of device values, computed and read later, at a host sync the caller makes
-    anyway (so that neither the check's kernels nor its read delay the work queued before it).
-
-    Attributes:
-        failing: returns `[N]` bool, True for each failing item (an image, a batch row).
-        message: the error's text; `{items}` stands for the failing items' indices.
-        error: the exception raised when some item fails.
-    """
-
-    failing: Callable[[], Tensor]
-    message: str
-    error: type[Exception] = ScoreError
-
-
-def raise_deferred(checks: list[DeferredCheck], *values: Tensor) -> list[float | list[float]]:
-    """Run every deferred check and read it, and the tensors `values` the caller needs anyway, in
-    one device-to-host copy; returns each value as a number (0-dim tensors) or a flat list.
-
-    Raises:
-        the first failing check's `error`, its message naming the failing items.
-    """
-    flags = [check.failing() for check in checks]
-    parts = [v.reshape(-1) for v in values] + [f.any().reshape(1) for f in flags]
-    read = (
-        [] if not parts else parts[0].tolist() if len(parts) == 1 else torch.cat([p.double() for p in parts]).tolist()
-    )
-    out, at = [], 0
-    for value in values:
-        chunk, at = read[at : at + value.numel()], at + value.numel()
-        out.append(chunk[0] if value.dim() == 0 else chunk)
-    for check, flag, failed in zip(checks, flags, read[at:], strict=False):
-        if failed:
-            raise check.error(check.message.format(items=flag.nonzero().flatten().tolist()))
-    return out
-
-
-def score_check(selector: Selector, scores: Tensor) -> tuple[Tensor, str]:
-    """`[B]` True for each image whose `scores` `[B, N]` `selector` cannot use, and the message."""
-    if selector.weights_by_scores:  # computed now: scores may live in a CUDA graph's reused output buffers
-        return (~torch.isfinite(scores)).any(dim=1), (
-            f"scores given to selector {selector.name!r} contain NaN or ±inf (images {{items}}); it weights "
-            "tokens by their scores, so they must be finite (use a selector that only ranks them, e.g. topk)"
-        )
-    return torch.isnan(scores).any(dim=1), (
-        f"scores given to selector {selector.name!r} contain NaN (images {{items}}); a scorer must return "
-        "finite values or ±inf"
-    )
-
-
-def output_check(selector: Selector, tokens: Tensor, out: Tensor) -> tuple[Tensor, str]:
-    """`[B]` True for each image whose `tokens` `[B, N, D]` were finite but whose selected `out`
-    `[B, k, D]` are not (an overflow inside the selector), and the message."""
-    finite_in = torch.isfinite(tokens).flatten(1).all(dim=1)
-    return finite_in & ~torch.isfinite(out).flatten(1).all(dim=1), (
-        f"selector {selector.name!r} turned finite tokens into NaN or ±inf (images {{items}}); scores of "
-        "huge magnitude overflow a selector that weights tokens by them: rescale the scores"
-    )
-
-
 class Selector(Strategy):
     """Turns tokens `[B, N, D]` (and scores `[B, N]`) into `k` tokens with provenance.
 
-    Call `reduce` (it validates `k` and the scores, then calls `select`); subclasses implement
-    `select`.
+    Call `reduce(ctx)` (it validates `k` and the scores, then calls `select(ctx)`); subclasses
+    implement `select`, reading `ctx.tokens`, `ctx.scores` (`self.scored(ctx.scores)` where they are required), `ctx.k`,
+    `ctx.grid` and their declared signals (`ctx.signal()`).
     """
 
     role: ClassVar[str] = "selector"
@@ -232,10 +254,17 @@ class Selector(Strategy):
     weights_by_scores: ClassVar[bool] = False
     """True when `select` uses score values as merge weights, not only their order: ±inf is then
     refused (it has no meaning as a weight)."""
+    _legacy_select: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # a `select(tokens, scores, k, grid[, signals])` written before `SelectContext` keeps working
+        cls._legacy_select = len(inspect.signature(cls.select).parameters) > 2
 
     def signals(self, info: ModelInfo) -> tuple[Signal, ...]:
         """Model signals `select` reads (e.g. key projections to merge by); none by default. A
-        selector that lists any receives exactly those as `select(..., signals={signal: value})`."""
+        selector that lists any reads them from its context: `ctx.signal()`, `ctx.signal(PatchKeys)`."""
         return ()
 
     def keeps_exactly_k(self) -> bool:
@@ -244,20 +273,13 @@ class Selector(Strategy):
         treats `k` as a cap."""
         return True
 
-    def reduce(
-        self,
-        tokens: Tensor,
-        scores: Tensor | None,
-        k: int,
-        grid: tuple[int, int] | None = None,
-        signals: Mapping[Signal, Tensor] | None = None,
-        deferred: list[DeferredCheck] | None = None,
-    ) -> Reduction:
-        """Validate the inputs, select, and check that exactly `k` tokens come out per image (at
+    def reduce(self, ctx: SelectContext) -> Reduction:
+        """Validate the inputs, select, and check that exactly `ctx.k` tokens come out per image (at
         most `k`, the same count for every image, for a selector that does not `keeps_exactly_k`).
 
-        `deferred`: when given, the score and output checks are appended to it (device-side flags, no
-        host sync) instead of run now; the caller must pass the list to `raise_deferred` before using the output.
+        With `ctx.deferred`, the score and output checks are appended to it (device-side flags, no
+        host sync) instead of run now; the caller must pass the list to `raise_deferred` before
+        using the output.
 
         Scores may hold ±inf, meaning "keep first" (+inf) and "keep last" (-inf) to selectors that
         use only their order (ties still break by lower index); a selector that weights tokens by
@@ -270,6 +292,7 @@ class Selector(Strategy):
             ScoreError: scores missing when needed, of the wrong shape, containing NaN (or ±inf
                 for a selector that weights by them), or an output that overflowed.
         """
+        tokens, scores, k = ctx.tokens, ctx.scores, ctx.k
         b, n = tokens.shape[:2]
         if not 0 <= k <= n:
             raise BudgetError(f"selector {self.name!r} asked for k={k} of {n} tokens; k must be in [0, {n}]")
@@ -280,33 +303,30 @@ class Selector(Strategy):
         if scores is not None:
             if scores.shape != (b, n):
                 raise ScoreError(f"scores have shape {tuple(scores.shape)}, expected [B, N] = [{b}, {n}]")
-            self._check(deferred, *score_check(self, scores))
-        extra = {"signals": signals or {}} if type(self).signals is not Selector.signals else {}
-        reduction = self.select(tokens, scores, k, grid, **extra)
+            check_now_or_later(ctx.deferred, *score_check(self, scores))
+        reduction = self._legacy(ctx) if self._legacy_select else self.select(ctx)
         out = k if self.keeps_exactly_k() else min(reduction.index.shape[1], k)
         if reduction.index.shape != (b, out) or reduction.tokens.shape[:2] != (b, out):
             raise ScoreError(
                 f"selector {self.name!r} returned {tuple(reduction.tokens.shape[:2])} tokens, expected ({b}, {out})"
             )
-        self._check(deferred, *output_check(self, tokens, reduction.tokens))
+        check_now_or_later(ctx.deferred, *output_check(self, tokens, reduction.tokens))
         return reduction
 
-    @staticmethod
-    def _check(deferred: list[DeferredCheck] | None, failing: Tensor, message: str) -> None:
-        """Raise now, or append to `deferred`, the check that `failing` (`[B]` bool) is all False."""
-        check = DeferredCheck(lambda: failing, message)
-        if deferred is None:
-            raise_deferred([check])
-        else:
-            deferred.append(check)
+    def _legacy(self, ctx: SelectContext) -> Reduction:
+        """`select` as written before `SelectContext`: `select(tokens, scores, k, grid)`, plus
+        `signals={signal: value}` for a selector that declares signals."""
+        extra = {"signals": dict(ctx.signals)} if type(self).signals is not Selector.signals else {}
+        select: Callable[..., Reduction] = self.select
+        return select(ctx.tokens, ctx.scores, ctx.k, ctx.grid, **extra)
 
     def scored(self, scores: Tensor | None) -> Tensor:
-        """`scores` `[B, N]`, which a selector with `needs_scores` always receives (`reduce`
-        refuses to call it without)."""
+        """`scores` (`ctx.scores`) `[B, N]`, which a selector with `needs_scores` always receives
+        (`reduce` refuses to call it without)."""
         if scores is None:
             raise ScoreError(f"selector {self.name!r} needs scores; pair it with a scorer, e.g. vtc-cls+{self.name}@64")
         return scores
 
     @abstractmethod
-    def select(self, tokens: Tensor, scores: Tensor | None, k: int, grid: tuple[int, int] | None = None) -> Reduction:
-        """Reduce `tokens` `[B, N, D]` to `k` per image; `grid` is the patch grid, if known."""
+    def select(self, ctx: SelectContext) -> Reduction:
+        """Reduce `ctx.tokens` `[B, N, D]` to `ctx.k` per image; `ctx.grid` is the patch grid, if known."""

@@ -9,8 +9,8 @@ from conftest import N_PATCHES, images
 from reference import manual_greedy
 
 import tokenprune as tp
+from tokenprune.bench.compiled import static_cache
 from tokenprune.compat import cache_kwarg
-from tokenprune.compiled import static_cache
 from tokenprune.errors import InputError
 
 CACHE_KEYWORDS = [cache_kwarg()] + (["past_key_values"] if cache_kwarg() == "cache" else [])

@@ -2,16 +2,11 @@
 column against the formula, JSON and markdown written. No timing is asserted."""
 
 import json
-from contextlib import contextmanager, nullcontext
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
-import tokenprune as tp
-from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, inputs, measure_rows, run
+from tokenprune.bench.archs import ARCHS, TEXT_TOKENS
 from tokenprune.cli.app import app
-from tokenprune.errors import InputError
 from tokenprune.flops import prefill_flops
 
 
@@ -114,65 +109,6 @@ def test_bench_model_and_random_weights_exclude_each_other(tmp_path):
         app, ["bench", "--model", "x", "--random-weights", "--device", "cpu", "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "exclude each other" in result.stderr
-
-
-def _plans(model, order: list[str]) -> list[RowPlan]:
-    """Unpruned and vtc-cls@4 rows on the tiny architecture; entering a row appends its name."""
-    full = inputs(model, 1, 16)
-
-    def entering(name, make):
-        @contextmanager
-        def enter():
-            order.append(name)
-            with make() as handle:
-                yield handle
-
-        return enter
-
-    return [
-        RowPlan("unpruned", "", 16, 1, full, entering("unpruned", nullcontext), lambda h: [TEXT_TOKENS + 16] * 3),
-        RowPlan(
-            "vtc-cls",
-            "vtc-cls@4",
-            4,
-            1,
-            full,
-            entering("vtc-cls", lambda: tp.apply(model, "vtc-cls@4")),
-            lambda h: h.trace[-1].tokens_per_layer(),
-        ),
-    ]
-
-
-def test_rows_are_measured_round_robin_after_every_warm_up():
-    model, order = build("tiny", torch.float32, "cpu"), []
-    rows = measure_rows(
-        model, _plans(model, order), repeats=3, new_tokens=2, device="cpu", warmup=1, interleave=True, compiled=False
-    )
-    assert order == ["unpruned", "vtc-cls"] + ["unpruned", "vtc-cls"] * 3
-    assert [r["layer_tokens"] for r in rows] == [[TEXT_TOKENS + 16] * 3, [TEXT_TOKENS + 4] * 3]
-
-
-def test_static_cache_rows_run_plan_after_plan_each_in_one_context():
-    """Every run of a row (warm-up and timed: an encode and two generates each) inside one entry
-    of its context, the rows one after the other."""
-    model, order, towers = build("tiny", torch.float32, "cpu"), [], []
-    handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: towers.append(order[-1]))
-    try:
-        rows = measure_rows(
-            model,
-            _plans(model, order),
-            repeats=2,
-            new_tokens=3,
-            device="cpu",
-            warmup=1,
-            interleave=False,
-            compiled=True,
-        )
-    finally:
-        handle.remove()
-    assert order == ["unpruned", "vtc-cls"]
-    assert towers == ["unpruned"] * 9 + ["vtc-cls"] * 9
-    assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
 
 
 def test_bench_tiny_llava_next_rows_and_flops(tmp_path):
@@ -347,23 +283,3 @@ def test_bench_tiny_gemma3_rows_and_flops(tmp_path):
     text = ARCHS["tiny-gemma3"]["gemma3"]["text"]
     d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     assert [r["llm_flops"] for r in rows] == [prefill_flops([TEXT_TOKENS + n] * layers, d, m) for n in (16, 4, 4, 4)]
-
-
-def test_full_size_gemma3_shapes_match_the_published_sizes():
-    """The Gemma 3 entries build the published models: 4.30B and 12.2B parameters, 256 soft tokens
-    pooled 4x4 from SigLIP's 64x64 patches (built on the meta device: no memory)."""
-    from tokenprune.bench import image_tokens
-
-    for arch, billions in (("gemma-3-4b-it", 4.30), ("gemma-3-12b-it", 12.19)):
-        model = build(arch, torch.bfloat16, "meta")
-        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
-        assert image_tokens(model) == 256 and model.model.multi_modal_projector.kernel_size == 4
-
-
-def test_compile_refuses_qwen_and_llm_stages_before_building():
-    with pytest.raises(InputError, match="LLaVA architectures, not 'tiny-qwen'.*tiny-next"):
-        run("tiny-qwen", ["pool"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
-    with pytest.raises(InputError, match="LLaVA architectures, not 'tiny-gemma3'"):
-        run("tiny-gemma3", ["pool"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")
-    with pytest.raises(InputError, match="llm:K stages do not support: fastv"):
-        run("tiny", ["fastv"], [4], [1], "cpu", torch.float32, 1, 2, compile_mode="cudagraphs")

@@ -27,11 +27,13 @@ def test_row_variant_fills_a_partial_row_with_its_best_tokens():
     scorer = tp.create("fopru", variant="row", significance="col")
     signal = scorer.signals(info)[0]
     scores = scorer.score(tp.ScoringContext(tokens=torch.zeros(1, 9, 2), info=info, signals={signal: sig}))
-    kept = tp.create("topk").reduce(torch.zeros(1, 9, 2), scores, 5).index[0].tolist()
+    kept = tp.create("topk").reduce(tp.SelectContext(tokens=torch.zeros(1, 9, 2), scores=scores, k=5)).index[0].tolist()
     assert kept == [3, 4, 5, 7, 8]  # row 1 whole, then row 2's two best tokens
     raster = tp.create("fopru", variant="row", significance="col", partial="raster")
     scores = raster.score(tp.ScoringContext(tokens=torch.zeros(1, 9, 2), info=info, signals={signal: sig}))
-    assert tp.create("topk").reduce(torch.zeros(1, 9, 2), scores, 4).index[0].tolist() == [3, 4, 5, 6]
+    assert tp.create("topk").reduce(tp.SelectContext(tokens=torch.zeros(1, 9, 2), scores=scores, k=4)).index[
+        0
+    ].tolist() == [3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("axis", ["col", "row"])

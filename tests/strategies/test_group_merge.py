@@ -32,7 +32,7 @@ def test_matches_loop_reference(n, data):
     k = data.draw(st.integers(1, n))
     g = torch.Generator().manual_seed(n * 11 + k)
     x, scores = torch.randn(2, n, 6, generator=g), torch.randn(2, n, generator=g)
-    red = tp.create("group-merge").reduce(x, scores, k)
+    red = tp.create("group-merge").reduce(tp.SelectContext(tokens=x, scores=scores, k=k))
     for b in range(2):
         centres, tokens = group_merge_reference(x[b], scores[b].tolist(), k)
         assert red.index[b].tolist() == centres
@@ -41,4 +41,4 @@ def test_matches_loop_reference(n, data):
 
 def test_keep_all_is_identity():
     x, scores = torch.randn(2, 9, 4), torch.rand(2, 9)
-    assert torch.equal(tp.create("group-merge").reduce(x, scores, 9).tokens, x)
+    assert torch.equal(tp.create("group-merge").reduce(tp.SelectContext(tokens=x, scores=scores, k=9)).tokens, x)

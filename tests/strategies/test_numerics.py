@@ -28,7 +28,7 @@ def run(name: str, scores: torch.Tensor, k: int):
     selector = tp.create(name, **({"adaptive": False} if adaptive else {}))
     tokens, g = case(scores.shape[1])
     signals = {s: torch.randn(*tokens.shape[:2], 4, generator=g) for s in selector.signals(INFO)}
-    return selector, selector.reduce(tokens, scores, k, None, signals)
+    return selector, selector.reduce(tp.SelectContext(tokens=tokens, scores=scores, k=k, signals=signals))
 
 
 @pytest.mark.parametrize("name", SELECTORS)

@@ -25,7 +25,9 @@ def test_merge_matches_loop_reference(case, neighbours):
     x, scores, keys, k = case
     selector = tp.create("prumerge-merge", neighbours=neighbours, adaptive=False, order="raster")
     info = ModelInfo(vision_layers=3)
-    red = selector.reduce(x, scores, k, None, {PatchKeys(layer=2, heads="concat"): keys})
+    red = selector.reduce(
+        tp.SelectContext(tokens=x, scores=scores, k=k, signals={PatchKeys(layer=2, heads="concat"): keys})
+    )
     assert red.index.shape == (2, k) and red.tokens.shape == (2, k, 5)
     for b in range(2):
         index, tokens, weights = prumerge_reference(x[b], scores[b].tolist(), keys[b], k, neighbours)
@@ -72,7 +74,12 @@ def test_adaptive_merge_matches_official_transcription(case, plus):
         if len(index) == x.shape[1] and sorted(index) == list(range(x.shape[1])) and len(tokens) == len(index):
             continue  # nothing pruned: the official N + 1 outputs exceed the cap N (documented difference)
         red = tp.create(name, neighbours=3).reduce(
-            x[b : b + 1], scores[b : b + 1], x.shape[1], None, {PatchKeys(layer=2, heads="concat"): keys[b : b + 1]}
+            tp.SelectContext(
+                tokens=x[b : b + 1],
+                scores=scores[b : b + 1],
+                k=x.shape[1],
+                signals={PatchKeys(layer=2, heads="concat"): keys[b : b + 1]},
+            )
         )
         assert red.index[0].tolist() == index  # official order: kept best first, the extra token last
         torch.testing.assert_close(red.tokens[0].double(), tokens, atol=1e-5, rtol=1e-5)
@@ -95,7 +102,9 @@ def test_default_is_official_on_model(tiny, name):
 def test_budget_caps_the_adaptive_count():
     scores = torch.tensor([[9.0, 8.0, 7.0] + [0.0] * 13])  # three outliers
     x, keys = torch.randn(1, 16, 5), torch.randn(1, 16, 6)
-    red = tp.create("prumerge-merge").reduce(x, scores, 3, None, {PatchKeys(layer=2, heads="concat"): keys})
+    red = tp.create("prumerge-merge").reduce(
+        tp.SelectContext(tokens=x, scores=scores, k=3, signals={PatchKeys(layer=2, heads="concat"): keys})
+    )
     assert red.index[0].tolist() == [0, 1, 2]  # two best outliers, then the extra token (best pruned: 2)
 
 
@@ -103,4 +112,6 @@ def test_ragged_adaptive_counts_are_refused():
     scores = torch.tensor([[9.0] + [0.0] * 15, [9.0, 8.0] + [0.0] * 14])  # one and two outliers
     x, keys = torch.randn(2, 16, 5), torch.randn(2, 16, 6)
     with pytest.raises(tp.errors.BudgetError, match=r"different number of tokens per image.*\[2, 3\]"):
-        tp.create("prumerge-merge").reduce(x, scores, 16, None, {PatchKeys(layer=2, heads="concat"): keys})
+        tp.create("prumerge-merge").reduce(
+            tp.SelectContext(tokens=x, scores=scores, k=16, signals={PatchKeys(layer=2, heads="concat"): keys})
+        )

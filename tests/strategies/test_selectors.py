@@ -25,7 +25,7 @@ def scored_tokens(draw):
 @given(scored_tokens())
 def test_topk_matches_reference_with_ties(case):
     tokens, scores, k = case
-    red = tp.create("topk").reduce(tokens, scores, k)
+    red = tp.create("topk").reduce(tp.SelectContext(tokens=tokens, scores=scores, k=k))
     for row, idx in zip(scores, red.index, strict=False):
         assert idx.tolist() == topk_reference(row.tolist(), k)
     assert torch.equal(red.tokens, torch.gather(tokens, 1, red.index[..., None].expand(-1, -1, 5)))
@@ -54,14 +54,16 @@ def test_every_selector_k_distinct_sorted_in_range_deterministic(case):
             for b in range(tokens.shape[0]):
                 one, one_scores = tokens[b : b + 1], scores[b : b + 1]
                 selector = tp.create(name)
-                red = selector.reduce(one, one_scores, k, None, signals_for(selector, one))
+                red = selector.reduce(
+                    tp.SelectContext(tokens=one, scores=one_scores, k=k, signals=signals_for(selector, one))
+                )
                 idx = red.index[0].tolist()
                 assert len(idx) <= k and len(set(idx)) == len(idx) and all(0 <= i < one.shape[1] for i in idx)
                 assert torch.allclose(red.dense_weights(one.shape[1]).sum(-1), torch.ones(1, len(idx)))
         selector = tp.create(name, **({"adaptive": False, "order": "raster"} if adaptive else {}))
         signals = signals_for(selector, tokens)
-        red = selector.reduce(tokens, scores, k, None, signals)
-        again = selector.reduce(tokens, scores, k, None, signals)
+        red = selector.reduce(tp.SelectContext(tokens=tokens, scores=scores, k=k, signals=signals))
+        again = selector.reduce(tp.SelectContext(tokens=tokens, scores=scores, k=k, signals=signals))
         assert red.tokens.shape == (tokens.shape[0], k, tokens.shape[2])
         assert red.index.dtype == torch.long and red.index.shape == (tokens.shape[0], k)
         assert torch.equal(red.index, again.index)
@@ -100,7 +102,7 @@ def test_permuting_tokens_permutes_what_score_based_selectors_return(n, data):
     tokens, scores = torch.randn(1, n, 5, generator=g), torch.rand(1, n, generator=g)
     perm = torch.randperm(n, generator=g)
     for name in ("topk", "group-merge"):
-        a = tp.create(name).reduce(tokens, scores, k).tokens[0]
-        b = tp.create(name).reduce(tokens[:, perm], scores[:, perm], k).tokens[0]
+        a = tp.create(name).reduce(tp.SelectContext(tokens=tokens, scores=scores, k=k)).tokens[0]
+        b = tp.create(name).reduce(tp.SelectContext(tokens=tokens[:, perm], scores=scores[:, perm], k=k)).tokens[0]
         order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
         torch.testing.assert_close(order(a), order(b), atol=1e-5, rtol=1e-5)

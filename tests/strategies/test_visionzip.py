@@ -16,7 +16,7 @@ from tokenprune.signals import PatchKeys
 def test_merge_matches_loop_reference(case, contextual, merge):
     x, scores, keys, k = case
     selector = tp.create("visionzip-merge", contextual=contextual, merge=merge)
-    red = selector.reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
+    red = selector.reduce(tp.SelectContext(tokens=x, scores=scores, k=k, signals={PatchKeys(layer=0): keys}))
     assert red.index.shape == (2, k)
     torch.testing.assert_close(red.weights.sum(-1), torch.ones(2, k))
     for b in range(2):
@@ -33,7 +33,9 @@ def test_default_split_follows_the_paper():
         torch.randn(1, 576, 4, generator=g),
     )
     for k, contextual in [(64, 10), (128, 20), (192, 30)]:
-        red = tp.create("visionzip-merge").reduce(x, scores, k, None, {PatchKeys(layer=0): keys})
+        red = tp.create("visionzip-merge").reduce(
+            tp.SelectContext(tokens=x, scores=scores, k=k, signals={PatchKeys(layer=0): keys})
+        )
         merged = (red.weights > 0).sum(-1) > 1
         assert int(merged.sum()) == contextual  # every contextual group here has several members
 

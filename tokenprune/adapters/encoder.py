@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..checks import DeferredCheck
 from ..errors import PlaceError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
-from ..strategy import DeferredCheck, ModelInfo
+from ..strategy import ModelInfo
 from .base import require_state
 from .vision import VisionProbe
 

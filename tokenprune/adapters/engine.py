@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import DeferredCheck, raise_deferred
 from ..compat import cache_of, full_attention_mask
 from ..errors import InputError, ScoreError, SignalError
 from ..execute import required_signals
 from ..pipeline import Pipeline, Stage
 from ..signals import Signal
-from ..strategy import DeferredCheck, ModelInfo, raise_deferred
+from ..strategy import ModelInfo
 from ..trace import ForwardRecord, StageRecord
 from .base import Encoding, Handle, ModelAdapter, require_state
 from .decoder import DecoderStage, ImageLayout

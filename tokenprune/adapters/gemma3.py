@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
+from ..checks import DeferredCheck
 from ..errors import InputError, PlaceError
 from ..flops import signal_flops
 from ..pipeline import Pipeline, Stage
 from ..registry import register_adapter
-from ..strategy import DeferredCheck, ModelInfo
+from ..strategy import ModelInfo
 from .engine import Engine, ImageTokens
 from .family import Family, Layout
 from .packing import ImagePass, _encode, _reduce, per_image

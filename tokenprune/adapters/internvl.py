@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checks import DeferredCheck
 from ..errors import InputError
 from ..flops import signal_flops
 from ..pipeline import Stage
 from ..registry import register_adapter
 from ..signals import Signal
-from ..strategy import DeferredCheck, ModelInfo
+from ..strategy import ModelInfo
 from .engine import Engine, ImageTokens
 from .family import Family, Layout
 from .internvl_layout import placeholder_runs, shuffle_factor, tiles_per_image, unit_signal

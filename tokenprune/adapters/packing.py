@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import DeferredCheck
 from ..errors import InputError
 from ..execute import run_stage
 from ..flops import signal_flops
 from ..pipeline import Stage
 from ..reduction import Reduction
-from ..strategy import DeferredCheck, ModelInfo
+from ..strategy import ModelInfo
 from ..trace import StageRecord
 from .encoder import check_signal_blocks, current_grid
 from .engine import ImageTokens, Projected

@@ -37,11 +37,12 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..checks import DeferredCheck
 from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..signals import PatchAttention, PatchKeyNorm, PatchKeys, Signal
-from ..strategy import DeferredCheck, ModelInfo
+from ..strategy import ModelInfo
 from ..trace import StageRecord
 from .base import require_state
 from .encoder import check_signal_blocks

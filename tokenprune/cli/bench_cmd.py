@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import typer
 
-from ..bench import ARCHS, budgeted, markdown, plot, run
-from ..compiled import COMPILE_MODES
+from ..bench.archs import ARCHS, budgeted
+from ..bench.compiled import COMPILE_MODES
 from ..errors import InputError, SpecError, TokenpruneError
 from ..models import resolve
 from ..pipeline import Pipeline
@@ -76,6 +76,8 @@ def bench_command(
         raise InputError(f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if compile and compile_mode not in COMPILE_MODES:
         raise InputError(f"unknown --compile-mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    from ..bench.measure import markdown, plot, run  # the timing machinery loads only for this command
+
     device = check_device(device)
     checkpoint = resolve(model) if model else None
     mode = compile_mode if compile else None

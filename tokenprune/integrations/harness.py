@@ -22,32 +22,25 @@ from PIL import Image
 from ..adapters.base import find_adapter
 from ..apply import apply
 from ..distributed import Shard
-from ..errors import InputError
+from ..errors import InputError, SpecError
 from ..models import DEMO, build_prompt, load
 from ..pipeline import Pipeline
+from ..spec import split_top_level
 
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "do_sample", "num_beams")
 
 
 def parse_arg_string(text: str) -> dict[str, Any]:
     """`key=value,...` as lmms-eval's `--model_args` writes them: commas inside brackets, braces or
-    quotes do not split; `true`/`false` and numbers are converted."""
-    parts, depth, quote, current = [], 0, None, ""
-    for char in text.strip():
-        if quote is None and char in "\"'":
-            quote = char
-        elif char == quote:
-            quote = None
-        elif quote is None and char in "[{(":
-            depth += 1
-        elif quote is None and char in "]})":
-            depth -= 1
-        if char == "," and depth == 0 and quote is None:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
+    quotes do not split (`spec.split_top_level`); `true`/`false` and numbers are converted.
+
+    Raises:
+        InputError: a part that is not `key=value`, or a bracket or quote left unbalanced.
+    """
+    try:
+        parts = split_top_level(text.strip(), ",", what="model arguments")
+    except SpecError as exc:
+        raise InputError(str(exc)) from None
     out: dict[str, Any] = {}
     for part in filter(str.strip, parts):
         if "=" not in part:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.bench import build, image_tokens, inputs
+from tokenprune.bench.archs import build, image_tokens, inputs
+from tokenprune.bench.compiled import compile_model, static_cache, static_inputs
 from tokenprune.compat import cache_kwarg
-from tokenprune.compiled import compile_model, static_cache, static_inputs
 from tokenprune.errors import InputError
 
 
@@ -62,7 +62,7 @@ def test_compiled_bench_rows_skip_guards_after_the_warm_ups(tmp_path):
     warm-ups, the timed runs of every row skip guard evaluation and must find a compiled graph
     for each call (transformers 5.24 installs its output-capturing hooks lazily, inside the first
     compiled call: compiled before they exist, the timed runs failed to recompile)."""
-    from tokenprune.bench import run
+    from tokenprune.bench.measure import run
 
     rows = run("tiny", ["vtc-cls"], [4], [1], "cpu", torch.float32, 2, 2, compile_mode="eager")
     assert [r["row"] for r in rows][:2] == ["unpruned", "oracle"]

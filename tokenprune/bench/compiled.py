@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import StaticCache
 
-from .compat import install_output_hooks
-from .errors import InputError
+from ..compat import install_output_hooks
+from ..errors import InputError
 
 COMPILE_MODES = ("cudagraphs", "reduce-overhead", "eager")
 
