@@ -60,7 +60,7 @@ def test_registry_lists_the_built_ins_by_place():
         assert all(t.place == place for t in found.values())
         return {n for n, t in found.items() if t.__module__ == "tokenprune.signals"}
 
-    assert built_in("vision") == {"ClsAttention", "PatchAttention", "PatchKeys"}
+    assert built_in("vision") == {"ClsAttention", "PatchAttention", "PatchKeyNorm", "PatchKeys"}
     assert built_in("llm") == {"KeyNorm", "NormedTokens", "TextAttention", "TextPivots"}
     assert tp.signal_types()["ClsAttention"] is ClsAttention
 
