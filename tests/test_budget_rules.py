@@ -336,12 +336,14 @@ def test_per_count_reduction_pads_by_repeating_each_rows_last_output():
 
     tokens, scores = torch.randn(3, 6, 4), torch.rand(3, 6)
     topk = tp.create("topk")
-    ragged = reduce_per_count(topk, tokens, scores, [2, 4, 2], None, None, None)
+    ragged = reduce_per_count(topk, tp.SelectContext(tokens=tokens, k=0, scores=scores), [2, 4, 2])
     assert ragged.counts == (2, 4, 2) and ragged.index.shape == (3, 4) and ragged.weights is None
     for i, k in enumerate([2, 4, 2]):
         alone = topk.reduce(tp.SelectContext(tokens=tokens[i : i + 1], scores=scores[i : i + 1], k=k))
         assert torch.equal(ragged.index[i, :k], alone.index[0]) and torch.equal(ragged.tokens[i, :k], alone.tokens[0])
         assert (ragged.index[i, k:] == alone.index[0, -1]).all() and (ragged.tokens[i, k:] == alone.tokens[0, -1]).all()
-    merged = reduce_per_count(tp.create("pool"), tokens, scores, [2, 4, 2], (2, 3), None, None)
+    merged = reduce_per_count(
+        tp.create("pool"), tp.SelectContext(tokens=tokens, k=0, scores=scores, grid=(2, 3)), [2, 4, 2]
+    )
     assert merged.weights.shape == (3, 4, 6) and torch.allclose(merged.weights.sum(-1), torch.ones(3, 4))
-    assert reduce_per_count(topk, tokens, scores, [3, 3, 3], None, None, None).counts is None
+    assert reduce_per_count(topk, tp.SelectContext(tokens=tokens, k=0, scores=scores), [3, 3, 3]).counts is None
