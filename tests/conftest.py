@@ -321,6 +321,64 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7) -> Path
     return path
 
 
+def build_tiny_qwen3(root: Path, seed: int = 11) -> Path:
+    """A tiny random Qwen3-VL: 8-px patches merged 2x2, DeepStack features from tower blocks 0 and 1
+    added after LLM layers 0 and 1 (of 4), QK-normed attention, interleaved M-RoPE sections (1, 1, 2)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = word_tokenizer(WORDS)
+    config = Qwen3VLConfig(
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=32,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            in_channels=3,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+            },
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_start_token_id=2,
+        vision_end_token_id=3,
+    )
+    torch.manual_seed(seed)
+    path = root / "qwen3-vl"
+    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+        patch_size=PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
     """Random RGB images of the given `(height, width)`."""
     rng = np.random.default_rng(seed)
@@ -401,6 +459,17 @@ def tiny_qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
     path = build_tiny_qwen(tmp_path_factory.mktemp("qwen"), request.param)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyQwen(
+        path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> TinyQwen:
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    path = build_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return TinyQwen(
         path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)

@@ -5,6 +5,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 __all__ = [
     "LlavaAdapter",
@@ -12,5 +13,6 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
     "find_adapter",
 ]

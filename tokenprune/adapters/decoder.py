@@ -1,6 +1,8 @@
 """Stages inside a decoder-only LLM (`llm:K`), for HF decoders whose layers take
 `(hidden_states, attention_mask=4D|None, position_embeddings=(cos, sin), position_ids, past_key_values)`
-and whose attention has `q_proj`/`k_proj`, rotary embeddings, `head_dim` and `scaling` (Llama family).
+and whose attention has `q_proj`/`k_proj`, rotary embeddings, `head_dim` and `scaling` (Llama family),
+optionally with a per-head RMS norm of queries and keys before the rotary embedding (`q_norm`/`k_norm`,
+as in Qwen3): the signals read the normed projections then.
 
 Layers `0..K-1` see every token; before layer `K` the stage picks the image tokens to keep, and
 layers `K..` get the shortened hidden states, 4D mask, rotary embeddings and position ids (kept
@@ -71,6 +73,14 @@ def received_attention(
     return ((probs * valid_q).sum(dim=2) / valid_q.sum(dim=2)).mean(dim=1)
 
 
+def query_key_module(attn: Any, part: str) -> nn.Module:
+    """The module whose output is the attention's query (`part="q"`) or key (`"k"`) before the
+    rotary embedding: its per-head norm (`q_norm`/`k_norm`, output `[B, S, H, d]`) where it has one,
+    else its projection (`q_proj`/`k_proj`, output `[B, S, H*d]`). `attn`: an HF attention module."""
+    norm = getattr(attn, f"{part}_norm", None)
+    return norm if isinstance(norm, nn.Module) else getattr(attn, f"{part}_proj")
+
+
 @dataclass
 class ImageLayout:
     """The current prefill's image layout in the sequence entering the stage's layer."""
@@ -118,8 +128,8 @@ class DecoderStage:
             attn: Any = self.layers[self.read_layer].self_attn  # an HF attention module, read by name
             handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
             if self.query is not None:
-                handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
-            handles.append(attn.k_proj.register_forward_hook(self._capture("k")))
+                handles.append(query_key_module(attn, "q").register_forward_hook(self._capture("q")))
+            handles.append(query_key_module(attn, "k").register_forward_hook(self._capture("k")))
         for index in range(self.k, len(self.layers)):
             handles.append(self.layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
         return handles
@@ -139,6 +149,7 @@ class DecoderStage:
     def _capture(self, part: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._prefill is not None:
+                output = output.flatten(2)  # a per-head norm's `[B, S, H, d]` -> `[B, S, H*d]`
                 self._captured[part] = output[:, -1:] if part == "q" and self.query == "last" else output
 
         return hook

@@ -104,15 +104,7 @@ class Qwen2VLAdapter(LlavaAdapter):
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
         """Encode the images unless `generate` already did, prune each image's merged tokens (images
         of one grid together), then shorten the prompt, M-RoPE positions kept."""
-        grid = (
-            kw.get("image_grid_thw")
-            if kw.get("image_grid_thw") is not None
-            else self._calls.arguments.get("image_grid_thw")
-        )
-        if grid is None:
-            raise InputError("Qwen2-VL inputs need image_grid_thw (as the model's processor returns them)")
-        if kw.get("pixel_values_videos") is not None:
-            raise InputError("the qwen2-vl adapter prunes images; videos are not supported yet")
+        grid = self._image_grid(kw)
         if encoded is None:
             encoded = self.core.get_image_features(
                 pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
@@ -172,6 +164,21 @@ class Qwen2VLAdapter(LlavaAdapter):
             columns = new_image_mask.nonzero()[:, 1].view(len(results), -1)
             self._begin_decoders(columns, image_sample, torch.stack([r["kept"] for r in results]), new_ids, new_mask)
         return kw
+
+    def _image_grid(self, kw: dict[str, Any]) -> Tensor:
+        """The prefill's `image_grid_thw` `[I, 3]`: from its kwargs, or recorded from `generate`'s
+        own encoding (which drops it from the forward's kwargs).
+
+        Raises:
+            InputError: there is none, or the prompt holds videos.
+        """
+        grid = kw.get("image_grid_thw")
+        grid = grid if grid is not None else self._calls.arguments.get("image_grid_thw")
+        if grid is None:
+            raise InputError(f"{self.name} inputs need image_grid_thw (as the model's processor returns them)")
+        if kw.get("pixel_values_videos") is not None:
+            raise InputError(f"the {self.name} adapter prunes images; videos are not supported yet")
+        return grid
 
     def _prefill_positions(self, kw: dict[str, Any], comp: Compaction) -> Tensor:
         """The prompt's M-RoPE ids `[R, B, P]` (R = 3, or 4 with generate's text row) at the kept columns."""
