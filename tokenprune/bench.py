@@ -11,9 +11,10 @@ reference rows measured in the same run:
 LLaVA-NeXT architectures (`llava-v1.6-vicuna-7b`) are benchmarked on one `image` (height, width) per
 prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k. LLaVA-OneVision
 (`llava-onevision-qwen2-7b`) takes the same path with its own packing (anyres_max_9). Qwen2-VL
-architectures (`qwen2-vl-7b`) encode one image of that size into merged tokens; their oracle cuts
-them to k and gives the prompt k placeholders with text-style positions (positions do not change the
-cost; the tower still encodes the whole image).
+architectures (`qwen2-vl-7b`) and Qwen3-VL ones (`qwen3-vl-8b`) encode one image of that size into
+merged tokens; their oracle cuts them (and Qwen3-VL's DeepStack features) to k and gives the prompt k
+placeholders with text-style positions (positions do not change the cost; the tower still encodes the
+whole image).
 """
 
 from __future__ import annotations
@@ -228,6 +229,80 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
             image=(64, 64),
         ),
     },
+    # Qwen3-VL-8B-Instruct's config.json (text 36 layers x 4096, 32 heads, 8 KV heads, head_dim 128,
+    # MLP 12288, rope theta 5e6, interleaved M-RoPE sections 24/20/20; SigLIP-2-style tower 27 blocks x
+    # 1152, 16 heads, MLP 4304, 16-px patches, DeepStack from blocks 8, 16, 24): the tower matches
+    # transformers' Qwen3VLVisionConfig defaults; 768x768 images give 576 merged tokens, as qwen2-vl-7b's.
+    "qwen3-vl-8b": {
+        "qwen": dict(
+            family="qwen3-vl",
+            vision=dict(
+                depth=27,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_heads=16,
+                out_hidden_size=4096,
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[8, 16, 24],
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                vocab_size=151936,
+                max_position_embeddings=262144,
+                rope_parameters={
+                    "rope_type": "default",
+                    "mrope_section": [24, 20, 20],
+                    "mrope_interleaved": True,
+                    "rope_theta": 5e6,
+                },
+            ),
+            image=(768, 768),
+        ),
+    },
+    "tiny-qwen3": {
+        "qwen": dict(
+            family="qwen3-vl",
+            vision=dict(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                out_hidden_size=32,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1],
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                vocab_size=64,
+                max_position_embeddings=512,
+                rope_parameters={
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "mrope_interleaved": True,
+                    "rope_theta": 1e4,
+                },
+            ),
+            image=(64, 64),
+        ),
+    },
     "tiny": {
         "vision": dict(
             hidden_size=32,
@@ -251,7 +326,7 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    """A random-weight LLaVA, LLaVA-NeXT or Qwen2-VL of the named architecture's shapes."""
+    """A random-weight LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL or Qwen3-VL of the named architecture's shapes."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
@@ -276,18 +351,25 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
         )
         cls, image = LlavaOnevisionForConditionalGeneration, spec["image"]
     elif "qwen" in shapes:
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers import (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen3VLConfig,
+            Qwen3VLForConditionalGeneration,
+        )
 
         spec = shapes["qwen"]
         vocab = spec["text"]["vocab_size"]
-        config = Qwen2VLConfig(
+        qwen3 = spec.get("family") == "qwen3-vl"
+        config = (Qwen3VLConfig if qwen3 else Qwen2VLConfig)(
             vision_config=spec["vision"],
             text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
             image_token_id=vocab - 1,
             vision_start_token_id=vocab - 2,
             vision_end_token_id=vocab - 3,
+            video_token_id=vocab - 4,
         )
-        cls, image = Qwen2VLForConditionalGeneration, spec["image"]
+        cls, image = (Qwen3VLForConditionalGeneration if qwen3 else Qwen2VLForConditionalGeneration), spec["image"]
     else:
         llama = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
         common: dict[str, Any] = dict(
@@ -414,14 +496,17 @@ def features_cut_to(model: Any, select: Callable[[torch.Tensor], torch.Tensor]) 
 
 @contextmanager
 def packed_cut_to(model: Any, k: int) -> Iterator[None]:
-    """Inside, LLaVA-NeXT's `get_image_features` returns each image's first k packed tokens (the
-    oracle: no scoring, the LLM sees k tokens per image); wrapped on the instance, removed on exit."""
+    """Inside, the core's `get_image_features` returns each image's first k packed tokens (and, on
+    Qwen3-VL, each DeepStack layer's first k) (the oracle: no scoring, the LLM sees k tokens per
+    image); wrapped on the instance, removed on exit."""
     original = model.model.get_image_features
 
     @wraps(original)  # generate inspects its signature to pre-encode images
     def cut(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         out.pooler_output = [features[:k] for features in out.pooler_output]
+        if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: each DeepStack layer's too
+            out.deepstack_features = [[features[:k] for features in layer] for layer in out.deepstack_features]
         return out
 
     object.__setattr__(model.model, "get_image_features", cut)

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import tokenprune as tp
-from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, inputs, measure_rows, run
+from tokenprune.bench import ARCHS, TEXT_TOKENS, RowPlan, build, image_tokens, inputs, measure_rows, run
 from tokenprune.cli.app import app
 from tokenprune.errors import InputError
 from tokenprune.flops import prefill_flops
@@ -66,7 +66,7 @@ def test_bench_unknown_arch_lists_known(tmp_path):
         result.exit_code == 2
         and (
             "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
-            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny"
+            "tiny-onevision, qwen2-vl-7b, tiny-qwen, qwen3-vl-8b, tiny-qwen3, tiny"
         )
         in result.stderr
     )
@@ -261,6 +261,57 @@ def test_bench_tiny_qwen2_vl_rows_and_flops(tmp_path):
         prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
         prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4], d, m),
     ]
+
+
+def test_bench_tiny_qwen3_vl_rows_and_flops(tmp_path):
+    """Qwen3-VL: 16 merged tokens for the 64x64 image; the oracle keeps k (DeepStack features cut with
+    them); FastV at its default llm:2, right after the last DeepStack layer (1) of the tiny arch."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-qwen3",
+            "--strategies",
+            "pool,fastv",
+            "--budgets",
+            "4",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 16), ("oracle", 4), ("pool", 4), ("fastv", 4)]
+    text = ARCHS["tiny-qwen3"]["qwen"]["text"]
+    d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    assert [r["llm_flops"] for r in rows] == [
+        prefill_flops([TEXT_TOKENS + 16] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4] * 2, d, m),
+    ]
+
+
+def test_qwen3_vl_8b_shapes_build_the_published_model_size():
+    """Built on the meta device (no memory): Qwen3-VL-8B-Instruct's 8.77B parameters (its model card),
+    576 merged tokens for the 768x768 bench image, DeepStack after LLM layers 0-2."""
+    model = build("qwen3-vl-8b", torch.bfloat16, "meta")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.77
+    assert image_tokens(model) == 576 == len(inputs(model, 1, 576)["pixel_values"]) // 4
+    with pytest.raises(tp.errors.PlaceError, match="llm:K stages need K >= 3"):
+        tp.check(model, "fastv@64@llm:2")
 
 
 def test_bench_tiny_llava_onevision_rows(tmp_path):
