@@ -96,7 +96,7 @@ def test_keep_all_is_bit_identical_and_the_model_is_restored(tiny_qwen3):
         assert torch.equal(model(**inputs).logits, reference)
         assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
     assert "get_image_features" not in model.model.__dict__
-    assert not model.model.language_model._forward_pre_hooks
+    assert not any(layer._forward_hooks for layer in model.model.language_model.layers)
     assert torch.equal(model(**inputs).logits, reference)
     assert run.trace[0].stages[0].counts == [(8, 8), (12, 12)]
 
@@ -138,24 +138,81 @@ def test_refusals_name_what_runs(tiny_qwen3):
     ):
         with tp.apply(model, "tome@4@vision:1"):
             pass
-    for spec in ("fastv@4@llm:1", "pool@4 > fastv@2@llm:1"):  # DeepStack adds features after layers 0 and 1
-        with pytest.raises(tp.errors.PlaceError, match="decoder layers 0..1, so llm:K stages need K >= 2"):
-            tp.check(model, spec)
-        with pytest.raises(tp.errors.PlaceError, match="use @llm:2 or later"):
-            with tp.apply(model, spec):
-                pass
-    assert not model.model.language_model._forward_pre_hooks
     inputs = tiny_qwen3.inputs(QUESTIONS, sized_images(SIZES))  # 8 and 12 tokens reach the LLM
     with pytest.raises(tp.errors.InputError, match="same number of tokens, but they bring \\[8, 12\\]"):
-        with torch.no_grad(), tp.apply(model, "fastv@0.5@llm:2"):
+        with torch.no_grad(), tp.apply(model, "fastv@0.5@llm:1"):
             model(**inputs)
+
+
+def layers_by_hand(model, inputs, kept, weights, at):
+    """Last-token logits `[V]` of one prompt (one image, no padding) through the model's own decoder
+    layers called one by one: DeepStack layer `i`'s features added at the image columns after layer
+    `i`, and before layer `at` the sequence cut to the text and the image tokens `kept` `[k]` (their
+    rotary tables at the kept columns; their hidden states and DeepStack features gathered there, or
+    merged by `weights` `[k, N]`)."""
+    core, lm = model.model, model.model.language_model
+    ids, image_id = inputs["input_ids"], model.config.image_token_id
+    encoded = core.get_image_features(
+        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], return_dict=True
+    )
+    positions, _ = core.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+    image = ids[0] == image_id
+    hidden = lm.embed_tokens(ids)
+    hidden[0, image] = encoded.pooler_output[0]
+    deepstack = [layer[0] for layer in encoded.deepstack_features]
+    cos, sin = lm.rotary_emb(hidden, positions)
+
+    def reduce(tokens):  # [N, D] -> [k, D]
+        return tokens[kept] if weights is None else weights.to(tokens.dtype) @ tokens
+
+    for index, layer in enumerate(lm.layers):
+        if index == at:
+            slots = image.nonzero()[:, 0]
+            keep = ~image
+            keep[slots[kept]] = True
+            merged = reduce(hidden[0, image])
+            hidden, cos, sin, image = hidden[:, keep], cos[:, keep], sin[:, keep], image[keep]
+            hidden[0, image] = merged
+            deepstack = [reduce(features) for features in deepstack]
+        hidden = layer(hidden, position_embeddings=(cos, sin), attention_mask=None)
+        if index < len(deepstack):
+            hidden[0, image] = hidden[0, image] + deepstack[index]
+    return model.lm_head(lm.norm(hidden))[0, -1]
+
+
+@pytest.mark.parametrize(
+    ("spec", "k", "at"),
+    [
+        ("fastv@3@llm:1", 3, 1),
+        ("fastv+group-merge@3@llm:1", 3, 1),
+        ("fastv+divprune@5@llm:1", 5, 1),
+        ("fastv@4@llm:2", 4, 2),
+    ],
+)
+@torch.no_grad()
+def test_an_llm_stage_inside_the_deepstack_layers_equals_the_layers_run_by_hand(tiny_qwen3, spec, k, at):
+    """DeepStack adds features after layers 0 and 1: a stage at llm:1 prunes (or merges) between the
+    two additions, and the second adds each kept token's own features (merged alike) at its new
+    column; at llm:2 the stage runs after both."""
+    model, imgs = tiny_qwen3.model, sized_images(SIZES, seed=8)
+    for i, question in enumerate(QUESTIONS):
+        inputs = tiny_qwen3.inputs([question], [imgs[i]])
+        with tp.apply(model, spec) as run:
+            got = model(**inputs).logits[0, -1]
+        stage = run.trace[0].stages[0]
+        assert len(stage.kept[0]) == k
+        assert run.trace[0].layer_tokens[at:] == [inputs["input_ids"].shape[1] - (8, 12)[i] + k] * (4 - at)
+        weights = None if stage.weights is None else stage.weights[0]
+        assert (weights is not None) == ("merge" in spec)
+        torch.testing.assert_close(got, layers_by_hand(model, inputs, stage.kept[0], weights, at), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [2, 5])
 @torch.no_grad()
 def test_fastv_keeps_the_top_k_of_the_unpruned_models_eager_attention(tiny_qwen3, k):
     """Qwen3's decoder norms queries and keys per head before the rotary embedding: FastV's scores
-    read the normed ones, as the model's own eager attention does."""
+    read the normed ones, as the model's own eager attention does (layer 1 here, after a DeepStack
+    addition)."""
     from transformers import AutoModelForImageTextToText
 
     inputs = tiny_qwen3.inputs(QUESTIONS, sized_images(EQUAL, seed=5))
@@ -170,7 +227,7 @@ def test_fastv_keeps_the_top_k_of_the_unpruned_models_eager_attention(tiny_qwen3
     assert run.trace[0].layer_tokens == [width, width, width - (8 - k), width - (8 - k)]
 
 
-@pytest.mark.parametrize("spec", ["fastv@4@llm:2", "pool@4 > fastv@2@llm:3", "fastv@4@llm:2 > uniform@0@llm:3"])
+@pytest.mark.parametrize("spec", ["fastv@4@llm:1", "pool@4 > fastv@2@llm:3", "fastv@4@llm:1 > uniform@0@llm:2"])
 @torch.no_grad()
 def test_llm_stages_decode_like_a_manual_loop(tiny_qwen3, spec):
     model = tiny_qwen3.model
@@ -195,5 +252,5 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_qwen3, spec):
 def test_keep_all_inside_the_llm_is_bit_identical(tiny_qwen3):
     inputs = tiny_qwen3.inputs(QUESTIONS, sized_images(EQUAL, seed=7))
     reference = tiny_qwen3.model(**inputs).logits
-    with tp.apply(tiny_qwen3.model, "fastv@1.0@llm:2 > fastv@1.0@llm:3"):
+    with tp.apply(tiny_qwen3.model, "fastv@1.0@llm:1 > fastv@1.0@llm:2"):
         assert torch.equal(tiny_qwen3.model(**inputs).logits, reference)

@@ -30,6 +30,7 @@ from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage, stage_info
 from ..flops import signal_flops
 from ..pipeline import Stage
+from ..reduction import Reduction
 from ..signals import KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
 from ..strategy import ModelInfo
 from ..trace import StageRecord
@@ -117,6 +118,10 @@ class DecoderStage:
         self.read_layer = next(iter(layers_read), None)
         self.query = next((s.query for s in self.wanted if isinstance(s, TextAttention)), None)
         self.next: DecoderStage | None = None  # the following llm:K stage, fed by this one's output
+        self.on_prune: Callable[[Compaction, ImageLayout, Reduction, Tensor], None] | None = None
+        """Told after the stage prunes a prefill: its compaction, its input layout, the image tokens'
+        reduction and their columns `[I, k]` in the output; a family that keeps per-column state beside
+        the hidden states (Qwen3-VL's DeepStack features) prunes that state alike."""
         self._offset = 0
         self._prefill: ImageLayout | None = None
         self._keep: Compaction | None = None
@@ -236,6 +241,8 @@ class DecoderStage:
         out = comp.gather(hidden)
         out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
         origin = p.origin.gather(1, reduction.index)
+        if self.on_prune is not None:
+            self.on_prune(comp, p, reduction, new_col[p.rows[:, None], kept_cols])
         p.record(
             StageRecord(
                 stage=self.stage.to_spec(),

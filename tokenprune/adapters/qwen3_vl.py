@@ -7,26 +7,29 @@ tokens before the LLM, plus its DeepStack features kept aligned with them.
   `i` (`i < n`). A projector stage prunes them with the same kept units as the main tokens, image
   by image (`deepstack_kept`: gathered at the kept units, or a merged token's provenance weights
   applied to them), and the LLM adds them at the kept image tokens' columns of the shortened prompt.
+* The adapter adds them itself (`DeepStackInjection`, a forward hook on decoder layers `0..n-1`,
+  the same arithmetic as HF's), so that an `llm:K` stage with `K < n` prunes them with the image
+  tokens it prunes (gathered at the kept ones, or merged by the stage's weights): the layers after
+  it add each kept token's own features at its new column, and pruned tokens get none.
 * Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's own
   `get_rope_index` over the full prompt, gathered at the kept columns).
-* `llm:K` stages need `K >= n`: they prune after the last DeepStack addition. An earlier `K` would
-  prune tokens that later layers still add DeepStack features to; it is refused (`check_deepstack_layers`).
 * No [CLS] (Qwen's ViT): [CLS]-based scorers are refused, as on Qwen2-VL; no vision signals yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import PlaceError
-from ..pipeline import Pipeline, Stage
+from ..pipeline import Pipeline
+from ..reduction import Reduction
 from ..registry import register_adapter
 from ..strategy import DeferredCheck
 from .base import Handle
+from .decoder import ImageLayout
 from .llava import Placeholders
 from .qwen2_vl import Qwen2VLAdapter
 from .sequence import Compaction
@@ -60,23 +63,45 @@ def deepstack_kept(
     ]
 
 
-def check_deepstack_layers(stages: Sequence[Stage], injected: int) -> None:
-    """Refuse an `llm:K` stage that prunes before the LLM's last DeepStack addition.
+class DeepStackInjection:
+    """One prefill's DeepStack features on the LLM's columns, added after decoder layers `0..n-1`
+    and pruned by `llm:K` stages like the hidden states.
 
-    Args:
-        stages: the pipeline's stages.
-        injected: the decoder layers after which DeepStack features are added (`0..injected-1`).
-
-    Raises:
-        PlaceError: a stage at `llm:K` with `K < injected`.
+    Attributes:
+        mask: `[B, S]` bool, the image tokens' columns in the current sequence.
+        dense: per DeepStack layer `[B, S, D]`, each image token's features at its column (zero elsewhere).
     """
-    for stage in stages:
-        if stage.place.kind == "llm" and stage.place.layer < injected:
-            raise PlaceError(
-                f"stage {stage.to_spec()!r}: Qwen3-VL adds DeepStack vision features to the image tokens after "
-                f"decoder layers 0..{injected - 1}, so llm:K stages need K >= {injected} (pruning earlier would "
-                f"drop tokens those layers still add to); use @llm:{injected} or later, or a projector stage"
+
+    def __init__(self, mask: Tensor, features: Sequence[Tensor]) -> None:
+        """`mask` `[B, S]` the shortened prompt's image columns; `features` per layer `[M, D]` in their
+        row-major order (`deepstack_kept`)."""
+        self.mask = mask
+        on_mask = [f.to(mask.device) for f in features]
+        self.dense = [f.new_zeros(*mask.shape, f.shape[-1]).masked_scatter(mask[..., None], f) for f in on_mask]
+
+    def add(self, layer: int, hidden: Tensor) -> Tensor:
+        """`hidden` `[B, S, D]` after decoder layer `layer` plus that layer's features at the image
+        columns (as HF's `_deepstack_process` adds them, on a copy)."""
+        mask = self.mask.to(hidden.device)
+        hidden = hidden.clone()
+        hidden[mask, :] = hidden[mask, :] + self.dense[layer].to(hidden.device, hidden.dtype)[mask, :]
+        return hidden
+
+    def prune(self, comp: Compaction, layout: ImageLayout, reduction: Reduction, columns: Tensor) -> None:
+        """An `llm:K` stage shortened the sequence (`comp`) and reduced the image tokens at
+        `layout.positions` to `reduction`'s, now at `columns` `[I, k]`: the features follow them."""
+        rows = layout.rows[:, None]
+        self.mask = comp.gather(self.mask, False)
+        for i, dense in enumerate(self.dense):
+            before = dense[rows, layout.positions]  # [I, n, D] the stage's input tokens' features
+            after = (
+                before.gather(1, reduction.index[..., None].expand(-1, -1, before.shape[-1]))
+                if reduction.weights is None
+                else reduction.weights.to(before.dtype) @ before
             )
+            dense = comp.gather(dense)
+            dense[rows, columns] = after
+            self.dense[i] = dense
 
 
 @register_adapter("qwen3-vl")
@@ -94,27 +119,22 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
         super().__init__(model, positions)
         self._deepstack: Sequence[Sequence[Tensor]] = []  # the prefill's features, per layer and image
-        self._inject: tuple[Tensor, list[Tensor]] | None = None  # the LLM's visual mask, kept features
-
-    def _injected_layers(self) -> int:
-        return len(self.config.vision_config.deepstack_visual_indexes)
-
-    def check(self, pipeline: Pipeline) -> None:
-        super().check(pipeline)
-        check_deepstack_layers(pipeline.stages, self._injected_layers())
+        self._injection: DeepStackInjection | None = None
 
     def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
-        """Qwen2-VL's hooks, and one that hands the LLM the kept DeepStack features."""
-        check_deepstack_layers(pipeline.stages, self._injected_layers())
-        self._deepstack, self._inject = [], None
+        """Qwen2-VL's hooks, and one per DeepStack layer that adds the kept features."""
+        self._deepstack, self._injection = [], None
         handles = super().attach(pipeline, run)
-        language_model = self.core.language_model
-        return handles + [language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True)]
+        for decoder in self._decoders:
+            decoder.on_prune = self._prune_deepstack
+        layers = self.core.language_model.layers
+        injected = len(self.config.vision_config.deepstack_visual_indexes)
+        return handles + [layers[i].register_forward_hook(self._add_deepstack(i, injected)) for i in range(injected)]
 
     def _before_core(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
-        self._deepstack, self._inject = [], None  # nothing from a forward that failed half-way
+        self._deepstack, self._injection = [], None  # nothing from a forward that failed half-way
         return super()._before_core(module, args, kwargs)
 
     def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
@@ -134,16 +154,25 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         results: list[dict[str, Any]],
         deferred: list[DeferredCheck],
     ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
-        """Qwen2-VL's rewrite; the kept units' DeepStack features go to the LLM at the new image columns."""
+        """Qwen2-VL's rewrite; the kept units' DeepStack features go to the new image columns."""
         out = super()._rewrite_per_image(kw, placeholders, results, deferred)
         features = deepstack_kept(self._deepstack, [r["kept"] for r in results], [r["weights"] for r in results])
-        self._deepstack, self._inject = [], (out[2], features)
+        self._deepstack, self._injection = [], DeepStackInjection(out[2], features)
         return out
 
-    def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
-        """The prefill's LLM call: the shortened prompt's image mask `[B, P']` and the kept DeepStack
-        features (per layer `[M, D]`) replace HF's (none: the prompt reaches the core as embeddings)."""
-        if self._inject is None:
-            return None
-        (mask, features), self._inject = self._inject, None
-        return args, kwargs | {"visual_pos_masks": mask, "deepstack_visual_embeds": features}
+    def _prune_deepstack(self, comp: Compaction, layout: ImageLayout, reduction: Reduction, columns: Tensor) -> None:
+        if self._injection is not None:  # None: the stage runs after the last DeepStack layer
+            self._injection.prune(comp, layout, reduction, columns)
+
+    def _add_deepstack(self, layer: int, injected: int) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
+        """Forward hook of decoder layer `layer` (of the first `injected`): add the prefill's features."""
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            injection = self._injection
+            if injection is None:
+                return None
+            if layer == injected - 1:
+                self._injection = None
+            return injection.add(layer, output)
+
+        return hook
