@@ -8,13 +8,17 @@ then compares the generated texts.
 
 An `Evaluation` encodes each batch's images once and shares the tower's output and signals with
 every pipeline whose stages run at the projector or later (`ModelAdapter.encode`/`reuse`), within a
-memory budget; pipelines with stages inside the vision tower encode their own.
+memory budget; pipelines with stages inside the vision tower encode their own. On the CPU it also
+records each batch's unpruned decoder-layer calls and reuses those a pipeline repeats exactly
+(`tokenprune.layer_reuse`): keep-all rows and the layers before an `llm:K` stage cost no LLM time,
+with results and reported latencies unchanged.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from .adapters.base import Encoding, find_adapter
 from .apply import apply
 from .distributed import Shard
 from .flops import llm_flops
+from .layer_reuse import LayerReuse, Reused
 from .models import build_prompt
 from .pipeline import Pipeline
 from .samples import (
@@ -89,6 +94,12 @@ class _Output:
     texts: list[str] | None
 
 
+def _decoder_layers(model: Any) -> nn.ModuleList | None:
+    """The LLM's decoder layers (`None` where the model does not expose them as HF models do)."""
+    layers = getattr(getattr(model, "get_decoder", lambda: None)(), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
 def batches(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
     for start in range(0, len(samples), size):
         yield samples[start : start + size]
@@ -105,6 +116,8 @@ class Evaluation:
         pipelines: every pipeline that will run (their signals are captured by shared encodings).
         metric: `"first-token"`, `"exact-match"` or `None` (no answers: first token, no accuracy).
         share: reuse one encoding per batch where the adapter can (False: every pipeline encodes).
+        reuse_layers: reuse the unpruned forward's decoder-layer calls that a pipeline repeats exactly
+            (first-token metric on the CPU only: elsewhere every row runs in full).
     """
 
     def __init__(
@@ -119,6 +132,7 @@ class Evaluation:
         metric: str | None = FIRST_TOKEN,
         cache_bytes: int = CACHE_BYTES,
         share: bool = True,
+        reuse_layers: bool = True,
     ) -> None:
         self.model: Any = model
         self.processor, self.device, self.metric, self.share = processor, device, metric, share
@@ -131,6 +145,12 @@ class Evaluation:
         self._encodings: dict[int, Encoding | None] = {}
         self._reference: dict[int, _Output] = {}
         self._cached = 0
+        layers = _decoder_layers(model)
+        self.layers = (
+            LayerReuse(layers, self._keep)
+            if layers is not None and reuse_layers and metric != EXACT_MATCH and torch.device(device).type == "cpu"
+            else None
+        )
         if metric == EXACT_MATCH:
             self.new_tokens = max(len(ids) for ids in answer_tokens(processor.tokenizer, samples)) + 4
 
@@ -207,21 +227,27 @@ class Evaluation:
     def _forward(self, index: int, pipeline: Pipeline | None) -> _Output:
         inputs = self.inputs(index)
         shared = self.encoding(index) if self.adapter.shares_encoding(pipeline) else None
+        reused = 0.0
         with torch.inference_mode():
             start = time.perf_counter()
             if pipeline is None:
                 kwargs = self.adapter.reuse(shared, inputs, compress=False) if shared is not None else inputs
-                logprobs, texts = self._call(kwargs)
+                with self.layers.record(index) if self.layers is not None else nullcontext():
+                    logprobs, texts = self._call(kwargs)
                 lengths = [inputs["input_ids"].shape[1]] * self.model.config.get_text_config().num_hidden_layers
                 kept = None
             else:
-                with apply(self.model, pipeline) as run:
+                with (
+                    self.layers.reuse(index) if self.layers is not None else nullcontext(Reused()) as layers,
+                    apply(self.model, pipeline) as run,
+                ):
                     kwargs = run.adapter.reuse(shared, inputs) if shared is not None else inputs
                     logprobs, texts = self._call(kwargs)
+                reused = layers.seconds
                 lengths, kept = run.trace[0].tokens_per_layer(), run.trace[0].stages[-1].kept_per_image()
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - start + (shared.seconds if shared is not None else 0.0)
+            seconds = time.perf_counter() - start + reused + (shared.seconds if shared is not None else 0.0)
         return _Output(logprobs, seconds, lengths, kept, texts)
 
     def _call(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[str] | None]:

@@ -15,7 +15,7 @@ from reference import (
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import tokenprune as tp
-from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.llava_next import LLAVA_NEXT, LlavaNextAdapter
 
 SIZES = [(40, 70), (64, 48)]  # a 1x2 grid (unpadded rows) and a 2x2 grid (unpadded columns)
 P = 16  # patches per 32-px crop
@@ -49,10 +49,15 @@ def test_provenance_matches_hf_packing(tiny_next):
     ).pooler_output
     adapter = LlavaNextAdapter(model)
     adapter._info = adapter.info()
-    for features, where in zip(packed, adapter.layout(inputs["image_sizes"], crops), strict=False):
+    for features, where in zip(
+        packed, adapter.family.packing.layout(adapter, inputs["image_sizes"], crops), strict=False
+    ):
         assert torch.equal(features[where >= 0], per_crop[where[where >= 0]])
         assert torch.equal(features[where < 0], model.model.image_newline.expand(int((where < 0).sum()), -1))
-    assert sorted(torch.cat(adapter.layout(inputs["image_sizes"], crops)).tolist())[-1] < sum(crops) * P
+    assert (
+        sorted(torch.cat(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)).tolist())[-1]
+        < sum(crops) * P
+    )
 
 
 @pytest.mark.parametrize("k", [1, 7, 20])
@@ -68,14 +73,16 @@ def test_vtc_cls_keeps_the_top_k_over_all_crops_and_rows_keep_their_newline(tiny
     adapter._info = adapter.info()
     stage, width = run.trace[0].stages[0], inputs["input_ids"].shape[1]
     row_lengths = []
-    for i, where in enumerate(adapter.layout(inputs["image_sizes"], crops)):
+    for i, where in enumerate(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)):
         patch_ids = where[where >= 0]
         chosen = topk_reference(rows[patch_ids].tolist(), k)
         assert stage.kept[i].tolist() == patch_ids[chosen].tolist()
         positions = set((where >= 0).nonzero()[:, 0][chosen].tolist())
         kept = k + newlines_kept_by_hand(where.tolist(), positions, crops[i] > 1, P)
         row_lengths.append(width - len(where) + kept)  # text and padding columns stay
-    assert stage.counts == [(len(w[w >= 0]), k) for w in adapter.layout(inputs["image_sizes"], crops)]
+    assert stage.counts == [
+        (len(w[w >= 0]), k) for w in adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)
+    ]
     assert run.trace[0].seq_len_in == width and run.trace[0].seq_len_out == max(row_lengths)
 
 
@@ -134,8 +141,8 @@ def test_fastv_keeps_the_top_k_patch_tokens_of_the_unpruned_models_eager_attenti
     attention = eager(**inputs, output_attentions=True).attentions[0].mean(dim=1)  # layer K-1 = 0
     adapter = LlavaNextAdapter(model)
     adapter._info = adapter.info()
-    crops = adapter.crops(inputs["image_sizes"], {})
-    for b, where in enumerate(adapter.layout(inputs["image_sizes"], crops)):
+    crops = adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
+    for b, where in enumerate(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)):
         columns = (inputs["input_ids"][b] == model.config.image_token_id).nonzero()[:, 0][where >= 0]  # patch columns
         chosen = topk_reference(attention[b, -1][columns].tolist(), k)
         assert run.trace[0].stages[0].kept[b].tolist() == where[where >= 0][chosen].tolist()
@@ -224,7 +231,7 @@ def test_images_of_one_size_pruned_together_equal_each_alone(tiny_next, spec):
     inputs = tiny_next.inputs(questions, imgs)
     with tp.apply(model, spec) as run:
         batch = model(**inputs).logits[:, -1]
-    crops = LlavaNextAdapter(model).crops(inputs["image_sizes"], {})
+    crops = LLAVA_NEXT.packing.crops(LlavaNextAdapter(model), inputs["image_sizes"], {})
     for i, q in enumerate(questions):
         with tp.apply(model, spec) as alone:
             single = model(**tiny_next.inputs([q], [imgs[i]])).logits[0, -1]

@@ -30,7 +30,7 @@ def test_provenance_matches_hf_packing_and_downsampled_tokens_point_into_their_i
     model = tiny_onevision.model
     inputs = tiny_onevision.inputs(["what colour"] * 2, sized_images(SIZES))
     adapter = adapter_for(model)
-    crops = adapter.crops(inputs["image_sizes"], {})
+    crops = adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
     assert crops == [7, 17]  # a 2x3 grid plus the base image; 4x4 plus the base
     pixels = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], crops, strict=False)])
     per_crop = model.model.multi_modal_projector(
@@ -39,7 +39,7 @@ def test_provenance_matches_hf_packing_and_downsampled_tokens_point_into_their_i
     packed = model.model.get_image_features(
         pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
     ).pooler_output
-    small, large = adapter.layout(inputs["image_sizes"], crops)
+    small, large = adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)
     assert torch.equal(packed[0][small >= 0], per_crop[small[small >= 0]])  # no interpolation: exact
     assert [len(small), len(large)] == [len(p) for p in packed]
     assert bool(((large[large >= 0] >= 7 * P) & (large[large >= 0] < 24 * P)).all())  # nearest patch, own crops
@@ -68,14 +68,16 @@ def test_counts_follow_the_budget_and_the_newline_rule(tiny_onevision, k):
     with tp.apply(model, f"divprune@{k}") as run:
         model(**inputs)
     adapter = adapter_for(model)
-    crops = adapter.crops(inputs["image_sizes"], {})
+    crops = adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
     stage, width, lengths = run.trace[0].stages[0], inputs["input_ids"].shape[1], []
-    for i, where in enumerate(adapter.layout(inputs["image_sizes"], crops)):
+    for i, where in enumerate(adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)):
         patch_positions = (where >= 0).nonzero()[:, 0]
         provenance = where[patch_positions].tolist()
         kept_positions = {int(patch_positions[provenance.index(v)]) for v in stage.kept[i].tolist()}
         lengths.append(width - len(where) + k + newlines_kept_by_hand(where.tolist(), kept_positions, crops[i] > 1, P))
-    assert stage.counts == [(int((w >= 0).sum()), k) for w in adapter.layout(inputs["image_sizes"], crops)]
+    assert stage.counts == [
+        (int((w >= 0).sum()), k) for w in adapter.family.packing.layout(adapter, inputs["image_sizes"], crops)
+    ]
     assert run.trace[0].seq_len_out == max(lengths)
 
 
@@ -112,7 +114,13 @@ def test_divprune_keeps_the_reference_subset_of_each_images_packed_tokens(tiny_o
     ).pooler_output
     adapter = adapter_for(model)
     for i, (features, where) in enumerate(
-        zip(packed, adapter.layout(inputs["image_sizes"], adapter.crops(inputs["image_sizes"], {})), strict=False)
+        zip(
+            packed,
+            adapter.family.packing.layout(
+                adapter, inputs["image_sizes"], adapter.family.packing.crops(adapter, inputs["image_sizes"], {})
+            ),
+            strict=False,
+        )
     ):
         chosen = divprune_reference(features[where >= 0], k)
         assert run.trace[0].stages[0].kept[i].tolist() == where[where >= 0][chosen].tolist()

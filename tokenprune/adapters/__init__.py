@@ -1,6 +1,8 @@
 """Model adapters; importing this package registers the built-in ones."""
 
 from .base import ModelAdapter, find_adapter
+from .engine import Engine
+from .family import Family, Layout
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -8,6 +10,9 @@ from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 __all__ = [
+    "Engine",
+    "Family",
+    "Layout",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision adapter (`LlavaOnevisionForConditionalGeneration`): the LLaVA-NeXT treatment
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): the LLaVA-NeXT treatment
 (`tokenprune.adapters.llava_next`) on a SigLIP tower, which has no [CLS] token.
 
 * [CLS]-based scorers (`vtc-cls`, `vtc-cls-ensemble`, `fastervlm`, `prumerge`, `visionzip`) are
@@ -11,39 +11,39 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..registry import register_adapter
-from .llava_next import LlavaNextAdapter
+from . import llava_next
+from .engine import Engine
+from .packing import Anyres
+
+
+def pack(engine: Any, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
+    aspect = engine.config.vision_aspect_ratio
+    return engine.core.pack_image_features(features, image_sizes, image_newline=newline, vision_aspect_ratio=aspect)[0]
+
+
+def crops(engine: Any, sizes: Tensor, arguments: dict[str, Any]) -> list[int]:
+    per_prompt = arguments.get("batch_num_images")
+    tiled = [True] * len(sizes) if per_prompt is None else [int(n) == 1 for n in per_prompt for _ in range(int(n))]
+    anyres = llava_next.crops(engine, sizes, arguments)
+    return [n if tile else 1 for n, tile in zip(anyres, tiled, strict=False)]
+
+
+LLAVA_ONEVISION = replace(
+    llava_next.LLAVA_NEXT,
+    model_classes=("LlavaOnevisionForConditionalGeneration",),
+    packing=Anyres(pack=pack, crops=crops),
+    feature_keys=("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"),
+)
 
 
 @register_adapter("llava-onevision")
-class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): prunes each image's packed crops
-    before the LLM; its SigLIP tower has no [CLS] token."""
+class LlavaOnevisionAdapter(Engine):
+    """LLaVA-OneVision: prunes each image's packed crops before the LLM; its SigLIP tower has no [CLS] token."""
 
-    model_class: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
-    feature_keys: ClassVar[tuple[str, ...]] = (
-        "vision_feature_layer",
-        "vision_feature_select_strategy",
-        "vision_aspect_ratio",
-    )
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        return isinstance(model, LlavaOnevisionForConditionalGeneration)
-
-    def pack(self, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
-        return self.core.pack_image_features(
-            features, image_sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
-        )[0]
-
-    def crops(self, sizes: Tensor, arguments: dict[str, Any]) -> list[int]:
-        per_prompt = arguments.get("batch_num_images")
-        tiled = [True] * len(sizes) if per_prompt is None else [int(n) == 1 for n in per_prompt for _ in range(int(n))]
-        anyres = super().crops(sizes, arguments)
-        return [n if tile else 1 for n, tile in zip(anyres, tiled, strict=False)]
+    family = LLAVA_ONEVISION

@@ -11,6 +11,8 @@ tokens before the LLM, plus its DeepStack features kept aligned with them.
   the same arithmetic as HF's), so that an `llm:K` stage with `K < n` prunes them with the image
   tokens it prunes (gathered at the kept ones, or merged by the stage's weights): the layers after
   it add each kept token's own features at its new column, and pruned tokens get none.
+* On the engine: a `Family` record with `DeepStackMerged`, Qwen2-VL's `Merged` packing plus the
+  DeepStack hooks; positions are `MRope`.
 * Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's own
   `get_rope_index` over the full prompt, gathered at the kept columns).
 * No [CLS] (Qwen's ViT): [CLS]-based scorers are refused, as on Qwen2-VL; no vision signals yet.
@@ -18,24 +20,25 @@ tokens before the LLM, plus its DeepStack features kept aligned with them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..pipeline import Pipeline
 from ..reduction import Reduction
 from ..registry import register_adapter
-from ..strategy import DeferredCheck
-from .base import Handle
+from .base import require_state
 from .decoder import ImageLayout
-from .llava import Placeholders
-from .qwen2_vl import Qwen2VLAdapter
+from .engine import Engine
+from .family import Family, Layout, MRope, resolve
+from .packing import Merged
 from .sequence import Compaction
 
 if TYPE_CHECKING:
-    from ..apply import Run
+    from .engine import ImageTokens
 
 
 def deepstack_kept(
@@ -104,75 +107,90 @@ class DeepStackInjection:
             self.dense[i] = dense
 
 
+_MEMO = "deepstack"  # the engine's per-context memo key: a `_Pending` or a `DeepStackInjection`
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A prefill's kept DeepStack features before the prompt rewrite: `placeholders` `[B, P]` bool, the
+    original prompt's image placeholders; `features` per layer `[M, D]` in kept-slot order."""
+
+    placeholders: Tensor
+    features: list[Tensor]
+
+
+@dataclass(frozen=True)
+class DeepStackMerged(Merged):
+    """Qwen2-VL's `Merged` packing, plus Qwen3-VL's DeepStack features: each image's are pruned with
+    the units its main tokens keep, and added after decoder layers `0..n-1` at the kept columns
+    (pruned alike by `llm:K` stages that run before the last of those layers)."""
+
+    def attach(self, engine: Engine) -> list[Any]:
+        llm: Any = resolve(engine.core, engine.family.layout.llm)
+        injected = len(engine.config.vision_config.deepstack_visual_indexes)
+        for decoder in engine.state.decoders:
+            decoder.on_prune = partial(self._prune_llm, engine)
+        return [
+            *super().attach(engine),
+            # before the engine's own pre-hook: nothing from a forward that failed half-way
+            engine.core.register_forward_pre_hook(lambda module, args: engine.memo.pop(_MEMO, None)),
+            *(llm.layers[i].register_forward_hook(partial(self._add, engine, i, injected)) for i in range(injected)),
+        ]
+
+    def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
+        """Encode the images unless `generate` did (keeping their DeepStack features), run `Merged`'s
+        pruning, and keep each image's DeepStack features at its kept units for the LLM."""
+        grid = engine.image_argument(kw, "image_grid_thw")
+        if encoded is None and grid is not None:  # without a grid, `Merged.prune` refuses clearly
+            encoded = engine.core.get_image_features(
+                pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
+            )
+        images = super().prune(engine, kw, encoded)
+        weights = images.records[0].weights if images.records else None
+        features = deepstack_kept(encoded.deepstack_features, images.origin, weights or [None] * len(images.origin))
+        placeholders = kw["input_ids"] == getattr(engine.config, engine.family.layout.image_token)
+        engine.memo[_MEMO] = _Pending(placeholders, features)
+        return images
+
+    @staticmethod
+    def _injection(engine: Engine) -> DeepStackInjection | None:
+        """The prefill's DeepStack features on the LLM's columns (placed on first use, once the
+        prompt rewrite has made its compaction); `None` outside a prefill."""
+        state = engine.memo.get(_MEMO)
+        if isinstance(state, _Pending):
+            comp = require_state(engine.prefill, "the prefill").compaction
+            state = engine.memo[_MEMO] = DeepStackInjection(comp.gather(state.placeholders, False), state.features)
+        return state
+
+    def _prune_llm(
+        self, engine: Engine, comp: Compaction, layout: ImageLayout, reduction: Reduction, columns: Tensor
+    ) -> None:
+        """`DecoderStage.on_prune`: an `llm:K` stage before the last DeepStack layer prunes them too."""
+        injection = self._injection(engine)
+        if injection is not None:
+            injection.prune(comp, layout, reduction, columns)
+
+    def _add(self, engine: Engine, layer: int, injected: int, module: nn.Module, args: tuple, output: Tensor) -> Any:
+        """Forward hook of decoder layer `layer` (one of the first `injected`): add its features."""
+        injection = self._injection(engine)
+        if injection is None:
+            return None
+        if layer == injected - 1:
+            engine.memo.pop(_MEMO, None)
+        return injection.add(layer, output)
+
+
+QWEN3_VL = Family(
+    model_classes=("Qwen3VLForConditionalGeneration",),
+    packing=DeepStackMerged(),
+    layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
+    positions=MRope(),
+    vision_signals=False,
+)
+
+
 @register_adapter("qwen3-vl")
-class Qwen3VLAdapter(Qwen2VLAdapter):
+class Qwen3VLAdapter(Engine):
     """Qwen3-VL: prunes each image's merged tokens and DeepStack features with the same kept units."""
 
-    model_class: ClassVar[str] = "Qwen3VLForConditionalGeneration"
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        from transformers import Qwen3VLForConditionalGeneration
-
-        return isinstance(model, Qwen3VLForConditionalGeneration)
-
-    def __init__(self, model: nn.Module, positions: str = "contiguous") -> None:
-        super().__init__(model, positions)
-        self._deepstack: Sequence[Sequence[Tensor]] = []  # the prefill's features, per layer and image
-        self._injection: DeepStackInjection | None = None
-
-    def attach(self, pipeline: Pipeline, run: Run) -> list[Handle]:
-        """Qwen2-VL's hooks, and one per DeepStack layer that adds the kept features."""
-        self._deepstack, self._injection = [], None
-        handles = super().attach(pipeline, run)
-        for decoder in self._decoders:
-            decoder.on_prune = self._prune_deepstack
-        layers = self.core.language_model.layers
-        injected = len(self.config.vision_config.deepstack_visual_indexes)
-        return handles + [layers[i].register_forward_hook(self._add_deepstack(i, injected)) for i in range(injected)]
-
-    def _before_core(
-        self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
-    ) -> tuple[tuple, dict[str, Any]] | None:
-        self._deepstack, self._injection = [], None  # nothing from a forward that failed half-way
-        return super()._before_core(module, args, kwargs)
-
-    def _compress_prefill(self, kw: dict[str, Any], encoded: Any, placeholders: Placeholders) -> dict[str, Any]:
-        """Encode the images unless `generate` already did, keep their DeepStack features for the
-        rewrite, then Qwen2-VL's pruning and prompt rewrite."""
-        if encoded is None:
-            encoded = self.core.get_image_features(
-                pixel_values=kw["pixel_values"], image_grid_thw=self._image_grid(kw), return_dict=True
-            )
-        self._deepstack = encoded.deepstack_features
-        return super()._compress_prefill(kw, encoded, placeholders)
-
-    def _rewrite_per_image(
-        self,
-        kw: dict[str, Any],
-        placeholders: Placeholders,
-        results: list[dict[str, Any]],
-        deferred: list[DeferredCheck],
-    ) -> tuple[Compaction, Tensor, Tensor, Tensor | None, list[int]]:
-        """Qwen2-VL's rewrite; the kept units' DeepStack features go to the new image columns."""
-        out = super()._rewrite_per_image(kw, placeholders, results, deferred)
-        features = deepstack_kept(self._deepstack, [r["kept"] for r in results], [r["weights"] for r in results])
-        self._deepstack, self._injection = [], DeepStackInjection(out[2], features)
-        return out
-
-    def _prune_deepstack(self, comp: Compaction, layout: ImageLayout, reduction: Reduction, columns: Tensor) -> None:
-        if self._injection is not None:  # None: the stage runs after the last DeepStack layer
-            self._injection.prune(comp, layout, reduction, columns)
-
-    def _add_deepstack(self, layer: int, injected: int) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
-        """Forward hook of decoder layer `layer` (of the first `injected`): add the prefill's features."""
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            injection = self._injection
-            if injection is None:
-                return None
-            if layer == injected - 1:
-                self._injection = None
-            return injection.add(layer, output)
-
-        return hook
+    family = QWEN3_VL

@@ -120,6 +120,9 @@ def compare_command(
     resume: bool = typer.Option(False, help="Continue the run in --out, skipping its finished rows."),
     overwrite: bool = typer.Option(False, help="Replace the results already in --out."),
     batch_size: int = typer.Option(50, min=1, help="Samples per forward."),
+    reuse_layers: bool = typer.Option(
+        True, help="On the CPU, reuse the unpruned forward's decoder-layer calls a row repeats exactly (same results)."
+    ),
     device: str = typer.Option("cpu", help="Torch device."),
     seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Torch seed (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
@@ -152,6 +155,7 @@ def compare_command(
             limit=limit,
             batch_size=batch_size,
             seed=seed,
+            reuse_layers=reuse_layers,
         )
 
 
@@ -171,6 +175,7 @@ def _compare(
     limit: int,
     batch_size: int,
     seed: int,
+    reuse_layers: bool,
 ) -> None:
     console = Console(stderr=True)
     if shard.is_main:
@@ -206,7 +211,15 @@ def _compare(
     }
     done = shard.broadcast(read_rows(out, meta) if shard.is_main and resume else {})
     evaluation = Evaluation(
-        hf_model, processor, samples, [None] + [p for _, _, p in plan], batch_size, device, shard, metric
+        hf_model,
+        processor,
+        samples,
+        [None] + [p for _, _, p in plan],
+        batch_size,
+        device,
+        shard,
+        metric,
+        reuse_layers=reuse_layers,
     )
     todo: list[tuple[str, int | float | str | None, Pipeline | None]] = [("unpruned", None, None), *plan]
     rows: list[dict[str, Any]] = []

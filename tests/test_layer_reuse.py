@@ -1,0 +1,93 @@
+"""Reusing the unpruned forward's decoder-layer calls: bit-identical results, reuse exactly where a
+pipeline leaves a layer's inputs unchanged and nothing observes its inside, and nothing left behind."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.evaluation import Evaluation, demo_samples
+from tokenprune.layer_reuse import LayerReuse
+from tokenprune.models import load
+from tokenprune.pipeline import Pipeline
+
+SPECS = ["vtc-cls@1.0", "vtc-cls@0.25", "fastv@1.0", "fastv@0.25", "dart@0.5", "vtw@0@llm:2", "tome@0.5@vision:1"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, processor = load("demo")
+    inputs = processor(
+        images=[s.image for s in demo_samples(2)],
+        text=[f"USER: <image>\n{s.question} ASSISTANT:" for s in demo_samples(2)],
+        return_tensors="pt",
+        padding=True,
+    )
+    return model, dict(inputs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "reused"),
+    [
+        ("vtc-cls@1.0", 4),  # keep-all at the projector: every layer sees the unpruned inputs
+        ("vtc-cls@0.25", 0),  # the prompt is shorter from layer 0 on
+        ("vtw@0@llm:2", 2),  # layers 0 and 1 run before the stage, which reads no signal
+        ("fastv@0.25", 1),  # layer 1 is observed: the stage captures its queries and keys
+    ],
+)
+def test_reuses_exactly_the_layers_a_pipeline_leaves_unchanged(demo, spec, reused):
+    model, inputs = demo
+    layers = model.get_decoder().layers
+    memo = LayerReuse(layers)
+    with torch.inference_mode():
+        with memo.record(0):
+            want_unpruned = model(**inputs, use_cache=False).logits
+        with tp.apply(model, spec):
+            want = model(**inputs, use_cache=False).logits
+        with memo.reuse(0) as got_reused, tp.apply(model, spec):
+            got = model(**inputs, use_cache=False).logits
+        with memo.reuse(0):
+            assert torch.equal(model(**inputs, use_cache=False).logits, want_unpruned)
+    assert got_reused.calls == reused
+    assert torch.equal(got, want)
+    assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_a_changed_element_is_not_reused(demo):
+    model, inputs = demo
+    memo = LayerReuse(model.get_decoder().layers)
+    with torch.inference_mode():
+        with memo.record(0):
+            model(**inputs, use_cache=False)
+        changed = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+        changed["pixel_values"][1, 0, 0, 0] += 1.0
+        with memo.reuse(0) as reused:
+            got = model(**changed, use_cache=False).logits
+        want = model(**changed, use_cache=False).logits
+    assert reused.calls == 0
+    assert torch.equal(got, want)
+
+
+def test_a_batch_over_the_memory_budget_is_not_recorded(demo):
+    model, inputs = demo
+    memo = LayerReuse(model.get_decoder().layers, keep=lambda nbytes: False)
+    with torch.inference_mode():
+        with memo.record(0):
+            model(**inputs, use_cache=False)
+        with memo.reuse(0) as reused:
+            model(**inputs, use_cache=False)
+    assert reused.calls == 0
+
+
+def test_evaluation_with_reuse_equals_every_row_in_full():
+    model, processor = load("demo")
+    samples = demo_samples(6)
+    pipelines = [None] + [Pipeline.from_spec(s) for s in SPECS]
+    runner = Evaluation(model, processor, samples, pipelines, 3, "cpu")
+    assert runner.layers is not None
+    got = [r for p in pipelines for r in runner.run(p)]
+    full = Evaluation(model, processor, samples, pipelines, 3, "cpu", reuse_layers=False)
+    assert full.layers is None
+    want = [r for p in pipelines for r in full.run(p)]
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.pred, b.pred) and torch.equal(a.kl, b.kl)
+        assert a.lengths == b.lengths and a.kept == b.kept

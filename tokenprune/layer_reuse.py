@@ -1,0 +1,173 @@
+"""Reusing the unpruned forward's decoder layers where a pipeline leaves their inputs unchanged.
+
+A comparison runs many pipelines on the same batches. Where a pipeline changes nothing before a
+decoder layer (a keep-all row at the projector; the layers before an `llm:K` stage), that layer
+receives exactly the unpruned forward's inputs and would compute exactly its output. `LayerReuse`
+records each layer's inputs and output in the unpruned forward of a batch, and in a later forward of
+the same batch returns the recorded output for a layer whose inputs are bit-identical, instead of
+running it again. Results are unchanged bit for bit; a reused layer's time is its recorded time, so
+latencies stay what a full run measures.
+
+A layer is never reused while anything observes its inside: a forward hook on the layer or any hook
+on one of its submodules (e.g. an `llm:K` stage capturing a layer's queries and keys), or a global
+module hook. Calls with a KV cache are never reused (only cache-free prefills are recorded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+
+from .compat import cache_of
+
+Forward = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One decoder layer's call in the unpruned forward: its inputs, output and wall time."""
+
+    inputs: dict[str, Any]
+    output: Any
+    seconds: float
+
+
+@dataclass
+class Reused:
+    """What one forward reused: the number of layer calls and their recorded seconds."""
+
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class LayerReuse:
+    """Records and reuses the calls of `layers` per batch (see the module doc).
+
+    Args:
+        layers: the LLM's decoder layers, in order.
+        keep: asked with a batch's recorded bytes; `False` drops that batch's record (memory budget).
+    """
+
+    layers: Sequence[nn.Module] | nn.ModuleList
+    keep: Callable[[int], bool] = lambda nbytes: True
+    _calls: dict[int, list[LayerCall | None]] = field(default_factory=dict)
+
+    @contextmanager
+    def record(self, batch: int) -> Iterator[None]:
+        """Inside, the layers' cache-free calls are recorded as batch `batch`'s unpruned forward."""
+        calls: list[LayerCall | None] = [None] * len(self.layers)
+
+        def wrap(index: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+            def recording(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                output = forward(*args, **kwargs)
+                inputs = _inputs(args, kwargs)
+                if cache_of(kwargs) is None:
+                    calls[index] = LayerCall(inputs, output, time.perf_counter() - start)
+                return output
+
+            return recording
+
+        with _patched(self.layers, wrap):
+            yield
+        if all(call is not None for call in calls) and self.keep(_nbytes(calls)):
+            self._calls[batch] = calls
+
+    @contextmanager
+    def reuse(self, batch: int) -> Iterator[Reused]:
+        """Inside, a layer called with the inputs it had in batch `batch`'s recorded forward returns
+        the recorded output; the yielded `Reused` counts what was reused."""
+        reused = Reused()
+        calls = self._calls.get(batch)
+        if calls is None:
+            yield reused
+            return
+
+        def wrap(index: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+            layer, call = self.layers[index], calls[index]
+
+            def reusing(*args: Any, **kwargs: Any) -> Any:
+                if call is not None and not _observed(layer) and _same(_inputs(args, kwargs), call.inputs):
+                    reused.calls += 1
+                    reused.seconds += call.seconds
+                    return call.output
+                return forward(*args, **kwargs)
+
+            return reusing
+
+        with _patched(self.layers, wrap):
+            yield reused
+
+
+@contextmanager
+def _patched(layers: Sequence[nn.Module] | nn.ModuleList, wrap: Callable[[int, Forward], Forward]) -> Iterator[None]:
+    """Each layer's `forward` replaced by `wrap(index, forward)` inside (an instance attribute,
+    removed on exit; hooks still run around it)."""
+    for index, layer in enumerate(layers):
+        layer.forward = wrap(index, layer.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {str(i): a for i, a in enumerate(args)} | kwargs
+
+
+def _observed(layer: nn.Module) -> bool:
+    """Whether a hook would see the inside or the output of `layer` (its own pre-hooks, which run
+    before the call and whose result is what is compared, do not count)."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    if layer._forward_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments are the same: tensors equal in shape, dtype, device and every
+    element; containers element-wise; plain values by `==`; anything else only if identical."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and (a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if a is None or isinstance(a, bool | int | float | str):
+        return type(a) is type(b) and a == b
+    return a is b
+
+
+def _nbytes(calls: Sequence[LayerCall | None]) -> int:
+    """Bytes of the distinct tensors the recorded calls hold."""
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Tensor):
+            seen[value.data_ptr()] = value.nbytes
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                visit(v)
+
+    for call in calls:
+        if call is not None:
+            visit(call.inputs)
+            visit(call.output)
+    return sum(seen.values())
