@@ -5,6 +5,8 @@ kept units, through its `mm_encoder_outputs` input, with the kept columns' origi
 keep-all bit-identical, batch equals single prompts, generate() equals a manual decode loop,
 FastV against the eager attention of a QK-normed decoder, and the refusals."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import sized_images
@@ -13,6 +15,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 
 import tokenprune as tp
 from tokenprune.adapters.qwen3_vl import deepstack_kept
+from tokenprune.budget import parse_rule
 
 SIZES = [(40, 70), (64, 48)]  # merged grids 2x4 and 4x3
 EQUAL = [(40, 70), (40, 70)]  # both images 8 merged tokens
@@ -74,6 +77,28 @@ def test_logits_equal_the_unmodified_model_fed_the_kept_tokens_by_hand(tiny_qwen
     # the DeepStack features matter here: without them the logits differ (so the test above can fail)
     without = fed_by_hand(model, inputs, stage.kept, weights, deepstack=False)
     assert (without - expected).abs().max() > 1e-3
+
+
+class FeatureNorm(tp.ScoringStrategy):
+    """A scorer that needs no [CLS] (unregistered, for this test): each token's feature norm."""
+
+    name: ClassVar[str] = "test-qwen3-feature-norm"
+
+    def score(self, ctx):
+        return ctx.tokens.float().norm(dim=-1)
+
+
+@torch.no_grad()
+def test_a_budget_rule_keeps_different_counts_per_image_and_their_own_deepstack_features(tiny_qwen3):
+    model = tiny_qwen3.model
+    inputs = tiny_qwen3.inputs(QUESTIONS, sized_images(SIZES, seed=9))
+    pipe = tp.Pipeline([tp.Stage(scorer=FeatureNorm(), budget=parse_rule("mass(0.5)"))])
+    with tp.apply(model, pipe) as run:
+        got = model(**inputs).logits[:, -1]
+    stage = run.trace[0].stages[0]
+    assert stage.counts is not None and [c[0] for c in stage.counts] == [8, 12]
+    assert len(set(stage.kept_per_image())) > 1
+    torch.testing.assert_close(got, fed_by_hand(model, inputs, stage.kept, [None, None]), atol=1e-5, rtol=1e-5)
 
 
 def test_deepstack_kept_gathers_a_dropped_image_and_merges_a_merged_one():

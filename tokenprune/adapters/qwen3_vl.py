@@ -185,6 +185,7 @@ QWEN3_VL = Family(
     packing=DeepStackMerged(),
     layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
     positions=MRope(),
+    ragged_places=("projector",),
     vision_signals=False,
 )
 
