@@ -29,6 +29,7 @@ from tokenprune.testing import (  # noqa: F401  (re-exported to the tests)
     build_tiny_next,
     build_tiny_onevision,
     build_tiny_qwen,
+    build_tiny_qwen3,
     images,
     sized_images,
 )
@@ -125,3 +126,14 @@ def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> TinyGemma3:
     path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
     model, processor = load(str(path))
     return TinyGemma3(path, model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> TinyQwen:
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    path = build_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return TinyQwen(
+        path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )

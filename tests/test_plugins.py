@@ -142,7 +142,8 @@ def vipllava_registered(monkeypatch):
 
 def test_vipllava_is_unsupported_without_the_plugin(tiny_vipllava):
     with pytest.raises(
-        UnsupportedModelError, match=r"VipLlavaForConditionalGeneration; supported models: .*LlavaForConditionalGeneration \(llava\)"
+        UnsupportedModelError,
+        match=r"VipLlavaForConditionalGeneration; supported models: .*LlavaForConditionalGeneration \(llava\)",
     ):
         with tp.apply(tiny_vipllava.model, "vtc-cls@4"):
             pass

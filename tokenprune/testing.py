@@ -173,6 +173,14 @@ def build_tiny_next(root: Path, name: str = "llava-next", seed: int = 3) -> Path
     return path
 
 
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of one `token` in `tokenizer`'s vocabulary."""
+    index = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(index, int):
+        raise ValueError(f"{token!r} is not one token of the tokenizer")
+    return index
+
+
 def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded with id 0 into `[B, P]` ids and their attention mask."""
     width = max(map(len, rows))
@@ -293,6 +301,64 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower
     torch.manual_seed(seed)
     path = root / family
     model_cls(config).save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+        patch_size=PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_qwen3(root: Path, seed: int = 11) -> Path:
+    """A tiny random Qwen3-VL: 8-px patches merged 2x2, DeepStack features from tower blocks 0 and 1
+    added after LLM layers 0 and 1 (of 4), QK-normed attention, interleaved M-RoPE sections (1, 1, 2)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = word_tokenizer(WORDS)
+    config = Qwen3VLConfig(
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=32,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            in_channels=3,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+            },
+        ),
+        image_token_id=token_id(tok, "<image>"),
+        vision_start_token_id=2,
+        vision_end_token_id=3,
+    )
+    torch.manual_seed(seed)
+    path = root / "qwen3-vl"
+    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
     Qwen2VLImageProcessorPil(
         min_pixels=32 * 32,
         max_pixels=64 * 64,
@@ -462,12 +528,10 @@ def build_tiny_internvl(root: Path, seed: int = 11, **vision_kwargs: Any) -> Pat
         bos_token_id=2,
         eos_token_id=3,
     )
-    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert isinstance(context, int)
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=context,
+        image_token_id=token_id(tok, "<IMG_CONTEXT>"),
         image_seq_length=(IMAGE // INTERNVL_PATCH // 2) ** 2,
     )
     torch.manual_seed(seed)

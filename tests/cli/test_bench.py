@@ -61,8 +61,8 @@ def test_bench_unknown_arch_lists_known(tmp_path):
         result.exit_code == 2
         and (
             "known: llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, tiny-next, llava-onevision-qwen2-7b, "
-            "tiny-onevision, qwen2-vl-7b, tiny-qwen, tiny, internvl3-8b, tiny-internvl, gemma-3-4b-it, gemma-3-12b-it, "
-            "tiny-gemma3"
+            "tiny-onevision, qwen2-vl-7b, tiny-qwen, qwen3-vl-8b, tiny-qwen3, tiny, internvl3-8b, tiny-internvl, "
+            "gemma-3-4b-it, gemma-3-12b-it, tiny-gemma3"
         )
         in result.stderr
     )
@@ -213,6 +213,46 @@ def test_bench_in_tower_rows_take_their_place_after_the_budget(tmp_path):
     refused = CliRunner().invoke(app, [*args, "divprune@4"])
     assert refused.exit_code != 0 and "optionally with a place" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_bench_tiny_qwen3_vl_rows_and_flops(tmp_path):
+    """Qwen3-VL: 16 merged tokens for the 64x64 image; the oracle keeps k (DeepStack features cut with
+    them); FastV at its default llm:2, right after the last DeepStack layer (1) of the tiny arch."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny-qwen3",
+            "--strategies",
+            "pool,fastv",
+            "--budgets",
+            "4",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["row"], r["kept"]) for r in rows] == [("unpruned", 16), ("oracle", 4), ("pool", 4), ("fastv", 4)]
+    text = ARCHS["tiny-qwen3"]["qwen"]["text"]
+    d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    assert [r["llm_flops"] for r in rows] == [
+        prefill_flops([TEXT_TOKENS + 16] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 4] * layers, d, m),
+        prefill_flops([TEXT_TOKENS + 16] * 2 + [TEXT_TOKENS + 4] * 2, d, m),
+    ]
 
 
 def test_bench_tiny_llava_onevision_rows(tmp_path):

@@ -9,6 +9,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 __all__ = [
     "Engine",
@@ -21,5 +22,6 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
     "find_adapter",
 ]

@@ -1,6 +1,8 @@
 """Stages inside a decoder-only LLM (`llm:K`), for HF decoders whose layers take
 `(hidden_states, attention_mask=4D|None, position_embeddings=(cos, sin), position_ids, past_key_values)`
-and whose attention has `q_proj`/`k_proj`, rotary embeddings, `head_dim` and `scaling` (Llama family).
+and whose attention has `q_proj`/`k_proj`, rotary embeddings, `head_dim` and `scaling` (Llama family),
+optionally with a per-head RMS norm of queries and keys before the rotary embedding (`q_norm`/`k_norm`,
+as in Qwen3): the signals read the normed projections then.
 
 Layers `0..K-1` see every token; before layer `K` the stage picks the image tokens to keep, and
 layers `K..` get the shortened hidden states, 4D mask, rotary embeddings and position ids (kept
@@ -28,6 +30,7 @@ from ..errors import InputError, SignalError
 from ..execute import required_signals, run_stage, stage_info
 from ..flops import signal_flops
 from ..pipeline import Stage
+from ..reduction import Reduction
 from ..signals import KeyNorm, NormedTokens, Signal, TextAttention, TextPivots
 from ..strategy import ModelInfo
 from ..trace import StageRecord
@@ -71,6 +74,14 @@ def received_attention(
     return ((probs * valid_q).sum(dim=2) / valid_q.sum(dim=2)).mean(dim=1)
 
 
+def query_key_module(attn: Any, part: str) -> nn.Module:
+    """The module whose output is the attention's query (`part="q"`) or key (`"k"`) before the
+    rotary embedding: its per-head norm (`q_norm`/`k_norm`, output `[B, S, H, d]`) where it has one,
+    else its projection (`q_proj`/`k_proj`, output `[B, S, H*d]`). `attn`: an HF attention module."""
+    norm = getattr(attn, f"{part}_norm", None)
+    return norm if isinstance(norm, nn.Module) else getattr(attn, f"{part}_proj")
+
+
 @dataclass
 class ImageLayout:
     """The current prefill's image layout in the sequence entering the stage's layer."""
@@ -107,6 +118,10 @@ class DecoderStage:
         self.read_layer = next(iter(layers_read), None)
         self.query = next((s.query for s in self.wanted if isinstance(s, TextAttention)), None)
         self.next: DecoderStage | None = None  # the following llm:K stage, fed by this one's output
+        self.on_prune: Callable[[Compaction, ImageLayout, Reduction, Tensor], None] | None = None
+        """Told after the stage prunes a prefill: its compaction, its input layout, the image tokens'
+        reduction and their columns `[I, k]` in the output; a family that keeps per-column state beside
+        the hidden states (Qwen3-VL's DeepStack features) prunes that state alike."""
         self._offset = 0
         self._prefill: ImageLayout | None = None
         self._keep: Compaction | None = None
@@ -118,8 +133,8 @@ class DecoderStage:
             attn: Any = self.layers[self.read_layer].self_attn  # an HF attention module, read by name
             handles.append(attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
             if self.query is not None:
-                handles.append(attn.q_proj.register_forward_hook(self._capture("q")))
-            handles.append(attn.k_proj.register_forward_hook(self._capture("k")))
+                handles.append(query_key_module(attn, "q").register_forward_hook(self._capture("q")))
+            handles.append(query_key_module(attn, "k").register_forward_hook(self._capture("k")))
         for index in range(self.k, len(self.layers)):
             handles.append(self.layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
         return handles
@@ -139,6 +154,7 @@ class DecoderStage:
     def _capture(self, part: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._prefill is not None:
+                output = output.flatten(2)  # a per-head norm's `[B, S, H, d]` -> `[B, S, H*d]`
                 self._captured[part] = output[:, -1:] if part == "q" and self.query == "last" else output
 
         return hook
@@ -225,6 +241,8 @@ class DecoderStage:
         out = comp.gather(hidden)
         out[p.rows[:, None], new_col[p.rows[:, None], kept_cols]] = reduction.tokens.to(out.dtype)
         origin = p.origin.gather(1, reduction.index)
+        if self.on_prune is not None:
+            self.on_prune(comp, p, reduction, new_col[p.rows[:, None], kept_cols])
         p.record(
             StageRecord(
                 stage=self.stage.to_spec(),

@@ -154,6 +154,80 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-qwen": {
         "qwen": dict(vision=TINY_QWEN_VISION, text={**TINY_BENCH_TEXT, "rope_parameters": TINY_MROPE}, image=(64, 64)),
     },
+    # Qwen3-VL-8B-Instruct's config.json (text 36 layers x 4096, 32 heads, 8 KV heads, head_dim 128,
+    # MLP 12288, rope theta 5e6, interleaved M-RoPE sections 24/20/20; SigLIP-2-style tower 27 blocks x
+    # 1152, 16 heads, MLP 4304, 16-px patches, DeepStack from blocks 8, 16, 24): the tower matches
+    # transformers' Qwen3VLVisionConfig defaults; 768x768 images give 576 merged tokens, as qwen2-vl-7b's.
+    "qwen3-vl-8b": {
+        "qwen": dict(
+            family="qwen3-vl",
+            vision=dict(
+                depth=27,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_heads=16,
+                out_hidden_size=4096,
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[8, 16, 24],
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                vocab_size=151936,
+                max_position_embeddings=262144,
+                rope_parameters={
+                    "rope_type": "default",
+                    "mrope_section": [24, 20, 20],
+                    "mrope_interleaved": True,
+                    "rope_theta": 5e6,
+                },
+            ),
+            image=(768, 768),
+        ),
+    },
+    "tiny-qwen3": {
+        "qwen": dict(
+            family="qwen3-vl",
+            vision=dict(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                out_hidden_size=32,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1],
+                in_channels=3,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                vocab_size=64,
+                max_position_embeddings=512,
+                rope_parameters={
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "mrope_interleaved": True,
+                    "rope_theta": 1e4,
+                },
+            ),
+            image=(64, 64),
+        ),
+    },
     "tiny": {"vision": TINY_VISION, "text": TINY_BENCH_TEXT},
     # InternVL3-8B (arXiv 2504.10479, Table 1: InternViT-300M-448px-V2.5 + Qwen2.5-7B): the tower is
     # transformers' InternVLVisionConfig defaults (documented as the InternVL3 -hf geometry); the LLM is
@@ -268,7 +342,7 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    """A random-weight LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL, InternVL or Gemma 3 of the shapes named."""
+    """A random-weight LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL, Qwen3-VL, InternVL or Gemma 3 of the shapes named."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     shapes = ARCHS[arch]
@@ -320,18 +394,25 @@ def build(arch: str, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Modul
         )
         cls, image = Gemma3ForConditionalGeneration, None
     elif "qwen" in shapes:
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers import (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen3VLConfig,
+            Qwen3VLForConditionalGeneration,
+        )
 
         spec = shapes["qwen"]
         vocab = spec["text"]["vocab_size"]
-        config = Qwen2VLConfig(
+        qwen3 = spec.get("family") == "qwen3-vl"
+        config = (Qwen3VLConfig if qwen3 else Qwen2VLConfig)(
             vision_config=spec["vision"],
             text_config={**spec["text"], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
             image_token_id=vocab - 1,
             vision_start_token_id=vocab - 2,
             vision_end_token_id=vocab - 3,
+            video_token_id=vocab - 4,
         )
-        cls, image = Qwen2VLForConditionalGeneration, spec["image"]
+        cls, image = (Qwen3VLForConditionalGeneration if qwen3 else Qwen2VLForConditionalGeneration), spec["image"]
     else:
         llama = LlamaConfig(**shapes["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
         common: dict[str, Any] = dict(

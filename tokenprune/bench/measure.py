@@ -11,9 +11,10 @@ reference rows measured in the same run:
 LLaVA-NeXT architectures (`llava-v1.6-vicuna-7b`) are benchmarked on one `image` (height, width) per
 prompt, encoded with anyres; their oracle cuts each image's packed tokens to the first k. LLaVA-OneVision
 (`llava-onevision-qwen2-7b`) takes the same path with its own packing (anyres_max_9). Qwen2-VL
-architectures (`qwen2-vl-7b`) encode one image of that size into merged tokens; their oracle cuts
-them to k and gives the prompt k placeholders with text-style positions (positions do not change the
-cost; the tower still encodes the whole image). Gemma 3 architectures (`gemma-3-4b-it`,
+architectures (`qwen2-vl-7b`) and Qwen3-VL ones (`qwen3-vl-8b`) encode one image of that size into
+merged tokens; their oracle cuts them (and Qwen3-VL's DeepStack features) to k and gives the prompt k
+placeholders with text-style positions (positions do not change the cost; the tower still encodes the
+whole image). Gemma 3 architectures (`gemma-3-4b-it`,
 `gemma-3-12b-it`) encode one square image into `mm_tokens_per_image` pooled soft tokens; their oracle
 cuts the projector's output to the first k.
 """
@@ -80,14 +81,17 @@ def features_cut_to(model: Any, select: Callable[[torch.Tensor], torch.Tensor]) 
 
 @contextmanager
 def packed_cut_to(model: Any, k: int) -> Iterator[None]:
-    """Inside, LLaVA-NeXT's `get_image_features` returns each image's first k packed tokens (the
-    oracle: no scoring, the LLM sees k tokens per image); wrapped on the instance, removed on exit."""
+    """Inside, the core's `get_image_features` returns each image's first k packed tokens (and, on
+    Qwen3-VL, each DeepStack layer's first k) (the oracle: no scoring, the LLM sees k tokens per
+    image); wrapped on the instance, removed on exit."""
     original = model.model.get_image_features
 
     @wraps(original)  # generate inspects its signature to pre-encode images
     def cut(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         out.pooler_output = [features[:k] for features in out.pooler_output]
+        if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: each DeepStack layer's too
+            out.deepstack_features = [[features[:k] for features in layer] for layer in out.deepstack_features]
         return out
 
     object.__setattr__(model.model, "get_image_features", cut)
