@@ -25,7 +25,20 @@ def test_list_json_names_roles_origins_params():
         "Gemma3ForConditionalGeneration",
         ["projector"],
     )
-    assert runner.invoke(app, ["list"]).exit_code == 0
+    places = {name: rows[name]["places"] for name in ("qwen2-vl", "qwen3-vl", "internvl")}
+    assert places == {
+        "qwen2-vl": ["vision", "projector", "llm"],
+        "qwen3-vl": ["projector", "llm"],
+        "internvl": ["projector", "llm"],
+    }
+
+
+def test_list_table_shows_each_adapters_places_as_specs_write_them():
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 4}
+    assert "places: vision:L, projector, llm:K" in lines["qwen2-vl"]
+    assert "places: projector, llm:K" in lines["internvl"] and "places: projector " in lines["gemma3"]
 
 
 @pytest.mark.parametrize("command", ["list", "run", "compare", "visualize", "bench"])

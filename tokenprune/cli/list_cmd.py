@@ -12,6 +12,9 @@ from ..adapters.base import adapter_class
 from ..registry import Entry, list_adapters, list_strategies
 from .common import print_json, user_errors
 
+PLACE_FORMS = {"vision": "vision:L", "projector": "projector", "llm": "llm:K"}
+"""How each place kind is written in a spec."""
+
 
 def describe(entry: Entry) -> dict[str, Any]:
     """A JSON-compatible row: name, role, origin, doc, parameters (type and default)."""
@@ -44,5 +47,7 @@ def list_command(
         table.add_column(column)
     for row in rows:
         params = ", ".join(f"{k}={v['default']!r}" for k, v in row["params"].items())
+        if row["role"] == "adapter":
+            params = "places: " + ", ".join(PLACE_FORMS.get(p, p) for p in row["places"])
         table.add_row(row["name"], row["role"], row["origin"], params, row["doc"])
     Console().print(table)
