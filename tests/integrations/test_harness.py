@@ -159,6 +159,8 @@ def test_bad_arguments_are_refused_clearly(pruned):
         PrunedLMM(pipeline="vtc-cls@4", pipeline_file="p.yaml")
     with pytest.raises(PlaceError, match="cannot run at projector"):
         PrunedLMM(pipeline="fastv@0.5@projector", device="cpu")
+    with pytest.raises(InputError, match="llm:K needs 1 <= K < 4"):  # refused by attach: the model runs tp.check
+        PrunedLMM(pipeline="vtc-cls@36 > fastv@16@llm:4", device="cpu")
     video = [Request(("q", dict(UNTIL), lambda doc: ["clip.mp4"], 0, "demo", "eval"))]
     with pytest.raises(InputError, match="image tasks.*str"):
         pruned.generate_until(video)

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..adapters.base import find_adapter
-from ..apply import apply
+from ..apply import apply, check
 from ..distributed import Shard
 from ..errors import InputError, SpecError
 from ..models import DEMO, build_prompt, load
@@ -107,7 +106,7 @@ class PrunedLMM:
             else None
         )
         if self.pipeline is not None:
-            find_adapter(self.model, positions=positions).check(self.pipeline)
+            check(self.model, self.pipeline, positions=positions)
         self.positions = positions
         self.batch_size = int(batch_size) if batch_size not in (None, "auto") else 1
         self.max_new_tokens = max_new_tokens
