@@ -1,10 +1,11 @@
 """Where a pruned prefill's time goes, next to the oracle's (a device-tool run; see docs/benchmarks.md).
 
 Times one prefill forward (as `generate` runs it: logits of the last position only) for the unpruned
-model, the oracle at k and `vtc-cls@k`, at each batch size, then profiles the pruned prefill at the
-first batch size: Python functions (cProfile, by own time) and device-runtime calls (torch.profiler).
+model, the oracle at k (as `tokenprune bench` builds it for the architecture) and `SPEC@k`, at each
+batch size, then profiles the pruned prefill and the oracle's at the first batch size: Python
+functions (cProfile) and device-runtime calls and kernels (torch.profiler, by host and by device time).
 
-Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--k 64] [--batch 1,16]
+Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--spec vtc-cls] [--k 64] [--batch 1,16]
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--arch", default="llava-1.5-7b")
+    parser.add_argument("--spec", default="vtc-cls", help="a strategy spec without budget")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = bench.build(args.arch, torch.bfloat16, "cuda")
-    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    spec = f"vtc-cls@{args.k}"
+    n = bench.image_tokens(model)
+    spec = bench.budgeted(args.spec, args.k)
     rows = []
 
     def prefill(inputs: dict[str, torch.Tensor]) -> None:
@@ -42,9 +44,10 @@ def main() -> None:
             model(**inputs, logits_to_keep=1)
 
     for batch in (int(b) for b in args.batch.split(",")):
-        full, short = bench.inputs(model, batch, n), bench.inputs(model, batch, args.k)
+        full = bench.inputs(model, batch, n)
+        short = {**bench.inputs(model, batch, args.k), "pixel_values": full["pixel_values"]}
         row = {"batch": batch, "unpruned_ms": bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)}
-        with bench.features_cut_to(model, lambda f: f[:, : args.k]):
+        with bench.oracle_route(model, args.k):
             row["oracle_ms"] = bench.timed(lambda short=short: prefill(short), args.repeats, "cuda", 3)
         with apply(model, spec):
             row["pruned_ms"] = bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)
@@ -54,7 +57,20 @@ def main() -> None:
         print(json.dumps(row))
 
     batch = int(args.batch.split(",")[0])
-    full, short = bench.inputs(model, batch, n), bench.inputs(model, batch, args.k)
+    full = bench.inputs(model, batch, n)
+    short = {**bench.inputs(model, batch, args.k), "pixel_values": full["pixel_values"]}
+
+    def device_profile(inputs: dict[str, torch.Tensor], name: str) -> None:
+        """torch.profiler over 5 prefills: by host time, and by device time (the kernels)."""
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                prefill(inputs)
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        (args.out / f"torch_profile{name}.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=45))
+        (args.out / f"torch_profile{name}_device.txt").write_text(
+            averages.table(sort_by="self_device_time_total", row_limit=45)
+        )
 
     def python_profile(inputs: dict[str, torch.Tensor]) -> str:
         """cProfile of `repeats` prefills: tokenprune's functions by cumulative time, then every
@@ -73,17 +89,12 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(30)
         return text.getvalue()
 
-    with bench.features_cut_to(model, lambda f: f[:, : args.k]):
+    with bench.oracle_route(model, args.k):
         (args.out / "cprofile_oracle.txt").write_text(python_profile(short))
+        device_profile(short, "_oracle")
     with apply(model, spec):
         (args.out / "cprofile.txt").write_text(python_profile(full))
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                prefill(full)
-            torch.cuda.synchronize()
-        (args.out / "torch_profile.txt").write_text(
-            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45)
-        )
+        device_profile(full, "")
     (args.out / "prefill.json").write_text(
         json.dumps({"rows": rows, "spec": spec, "arch": args.arch, **environment()}, indent=2)
     )
