@@ -58,6 +58,11 @@ def main() -> None:
         ("qwen2", "Qwen2-VL-7B, batch 8 (in-tower rows: `name@vision:L`)"),
         ("qwen3", "Qwen3-VL-8B, batch 8"),
         ("next", "LLaVA-NeXT (vicuna-7b), 672x672, batch 8"),
+        (
+            "next-same",
+            "LLaVA-NeXT, batch 8, with oracles of the same LLM tokens (`vtc-cls@320` feeds 368 with its "
+            "newlines, `vtc-cls@160` 206)",
+        ),
         ("internvl", "InternVL3-8B, one 448-px tile, batch 8"),
         ("gemma3", "Gemma-3-4b-it, batch 8"),
     ]:
