@@ -53,17 +53,17 @@ def unpruned() -> PrunedLMM:
     return with_tasks(PrunedLMM(device="cpu", batch_size=4))
 
 
-def reference_answers(lmm: PrunedLMM, spec: str | None) -> list[str]:
+def reference_answers(lmm: PrunedLMM, spec: str | None, **generation: Any) -> list[str]:
     """One sample at a time through the public API."""
     answers = []
     for s in SAMPLES:
         inputs = lmm.processor(images=[s.image], text=build_prompt(lmm.processor, s.question), return_tensors="pt")
         with torch.inference_mode():
             if spec is None:
-                ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+                ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False, **generation)
             else:
                 with tp.apply(lmm.model, spec):
-                    ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+                    ids = lmm.model.generate(**inputs, max_new_tokens=3, do_sample=False, **generation)
         answers.append(lmm.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return answers
 
@@ -72,6 +72,12 @@ def test_generate_until_matches_the_public_api_per_sample_in_batches_of_four(pru
     got = pruned.generate_until(generation_requests())
     assert got == reference_answers(pruned, "vtc-cls@36")
     assert len(pruned.traces) == 2 and all(f.stages[0].tokens_out == 36 for f in pruned.traces)
+
+
+def test_beam_search_requests_match_the_public_api():
+    lmm = with_tasks(PrunedLMM(pipeline="vtc-cls@36", device="cpu", batch_size=1))
+    got = lmm.generate_until(generation_requests({**UNTIL, "num_beams": 3}))
+    assert got == reference_answers(lmm, "vtc-cls@36", num_beams=3)
 
 
 def test_unpruned_baseline_answers_the_demo_questions(unpruned):
@@ -164,8 +170,8 @@ def test_bad_arguments_are_refused_clearly(pruned):
     video = [Request(("q", dict(UNTIL), lambda doc: ["clip.mp4"], 0, "demo", "eval"))]
     with pytest.raises(InputError, match="image tasks.*str"):
         pruned.generate_until(video)
-    with pytest.raises(InputError, match="num_beams=1"):
-        pruned.generate_until(generation_requests({"num_beams": 4}))
+    with pytest.raises(InputError, match="num_beams a positive integer"):
+        pruned.generate_until(generation_requests({"num_beams": 0}))
     with pytest.raises(InputError, match="multi-round"):
         pruned.generate_until_multi_round([])
 

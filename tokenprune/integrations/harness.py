@@ -168,10 +168,11 @@ class PrunedLMM:
         for indices in groups.values():
             settings = dict(requests[indices[0]].args[1])
             unknown = sorted(set(settings) - set(GENERATION_KEYS))
-            if unknown or int(settings.get("num_beams", 1)) != 1:
+            beams = 1 if settings.get("num_beams") is None else settings["num_beams"]
+            if unknown or isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
                 raise InputError(
-                    f"unsupported generation settings {unknown or {'num_beams': settings['num_beams']}}; "
-                    f"supported: {', '.join(GENERATION_KEYS)} with num_beams=1"
+                    f"unsupported generation settings {unknown or {'num_beams': beams}}; "
+                    f"supported: {', '.join(GENERATION_KEYS)}, num_beams a positive integer"
                 )
             until = settings.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -190,6 +191,7 @@ class PrunedLMM:
                         **inputs,
                         max_new_tokens=int(settings.get("max_new_tokens", self.max_new_tokens)),
                         pad_token_id=self.processor.tokenizer.pad_token_id,
+                        num_beams=beams,
                         **sampling,
                     )
                 self._keep_trace(run)
