@@ -82,6 +82,28 @@ TINY_QWEN25_VISION: dict[str, Any] = dict(
     fullatt_block_indexes=[1],
     in_channels=3,
 )
+TINY_QWEN3_VISION: dict[str, Any] = dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=4,
+    out_hidden_size=32,
+    patch_size=PATCH,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+    deepstack_visual_indexes=[0, 1],
+    in_channels=3,
+)
+TINY_QWEN3_TEXT: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True, "rope_theta": 1e4},
+)
 """Qwen2.5-VL's tower: as Qwen2-VL's, with window attention in block 0."""
 TINY_MROPE: dict[str, Any] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
 """M-RoPE sections (1, 1, 2) of the tiny Qwen LLMs' 8-wide heads."""
@@ -277,7 +299,6 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
     )
 
     tok = word_tokenizer(WORDS)
@@ -301,6 +322,14 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower
     torch.manual_seed(seed)
     path = root / family
     model_cls(config).save_pretrained(path)
+    _save_qwen_processor(path, tok)
+    return path
+
+
+def _save_qwen_processor(path: Path, tok: Any) -> None:
+    """Save the tiny Qwen image processor (8-px patches merged 2x2, 32-64 px images) and `tok` at `path`."""
+    from transformers import Qwen2VLImageProcessorPil
+
     Qwen2VLImageProcessorPil(
         min_pixels=32 * 32,
         max_pixels=64 * 64,
@@ -311,47 +340,17 @@ def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower
         image_std=[0.5] * 3,
     ).save_pretrained(path)
     tok.save_pretrained(path)
-    return path
 
 
 def build_tiny_qwen3(root: Path, seed: int = 11) -> Path:
     """A tiny random Qwen3-VL: 8-px patches merged 2x2, DeepStack features from tower blocks 0 and 1
     added after LLM layers 0 and 1 (of 4), QK-normed attention, interleaved M-RoPE sections (1, 1, 2)."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = word_tokenizer(WORDS)
     config = Qwen3VLConfig(
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=32,
-            patch_size=PATCH,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0, 1],
-            in_channels=3,
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=len(tok),
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
-            rope_parameters={
-                "rope_type": "default",
-                "mrope_section": [1, 1, 2],
-                "mrope_interleaved": True,
-                "rope_theta": 10000.0,
-            },
-        ),
+        vision_config=TINY_QWEN3_VISION,
+        text_config=dict(**TINY_QWEN3_TEXT, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3),
         image_token_id=token_id(tok, "<image>"),
         vision_start_token_id=2,
         vision_end_token_id=3,
@@ -359,16 +358,7 @@ def build_tiny_qwen3(root: Path, seed: int = 11) -> Path:
     torch.manual_seed(seed)
     path = root / "qwen3-vl"
     Qwen3VLForConditionalGeneration(config).save_pretrained(path)
-    Qwen2VLImageProcessorPil(
-        min_pixels=32 * 32,
-        max_pixels=64 * 64,
-        patch_size=PATCH,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    ).save_pretrained(path)
-    tok.save_pretrained(path)
+    _save_qwen_processor(path, tok)
     return path
 
 

@@ -17,7 +17,16 @@ from transformers import (
 )
 
 from ..errors import InputError
-from ..testing import OV_PINPOINTS, PINPOINTS, TINY_MROPE, TINY_QWEN_VISION, TINY_TEXT, TINY_VISION
+from ..testing import (
+    OV_PINPOINTS,
+    PINPOINTS,
+    TINY_MROPE,
+    TINY_QWEN3_TEXT,
+    TINY_QWEN3_VISION,
+    TINY_QWEN_VISION,
+    TINY_TEXT,
+    TINY_VISION,
+)
 
 TEXT_TOKENS = 32  # prompt words around the image
 TINY_BENCH_TEXT = {**TINY_TEXT, "vocab_size": 64, "max_position_embeddings": 512}
@@ -196,35 +205,8 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-qwen3": {
         "qwen": dict(
             family="qwen3-vl",
-            vision=dict(
-                depth=3,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=4,
-                out_hidden_size=32,
-                patch_size=8,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                num_position_embeddings=16,
-                deepstack_visual_indexes=[0, 1],
-                in_channels=3,
-            ),
-            text=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                vocab_size=64,
-                max_position_embeddings=512,
-                rope_parameters={
-                    "rope_type": "default",
-                    "mrope_section": [1, 1, 2],
-                    "mrope_interleaved": True,
-                    "rope_theta": 1e4,
-                },
-            ),
+            vision=TINY_QWEN3_VISION,
+            text={**TINY_QWEN3_TEXT, "vocab_size": 64, "max_position_embeddings": 512},
             image=(64, 64),
         ),
     },
