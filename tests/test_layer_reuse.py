@@ -6,7 +6,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.evaluation import Evaluation, demo_samples
-from tokenprune.layer_reuse import LayerReuse
+from tokenprune.layer_reuse import LayerReuse, _same_call
 from tokenprune.models import load
 from tokenprune.pipeline import Pipeline
 
@@ -32,6 +32,8 @@ def demo():
         ("vtc-cls@0.25", 0),  # the prompt is shorter from layer 0 on
         ("vtw@0@llm:2", 2),  # layers 0 and 1 run before the stage, which reads no signal
         ("fastv@0.25", 1),  # layer 1 is observed: the stage captures its queries and keys
+        ("fastv@1.0", 3),  # keep-all at llm:2: layers 2 and 3 get per-row positions equal to the shared row
+        ("dart@1.0", 3),
     ],
 )
 def test_reuses_exactly_the_layers_a_pipeline_leaves_unchanged(demo, spec, reused):
@@ -91,3 +93,21 @@ def test_evaluation_with_reuse_equals_every_row_in_full():
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a.pred, b.pred) and torch.equal(a.kl, b.kl)
         assert a.lengths == b.lengths and a.kept == b.kept
+
+
+def test_positions_match_up_to_broadcasting_and_hidden_states_only_exactly():
+    hidden = torch.randn(3, 5, 4)
+    positions = torch.arange(5)[None]
+    cos = torch.randn(1, 5, 2)
+    recorded = {"0": hidden, "position_ids": positions, "position_embeddings": (cos, cos + 1)}
+    per_row = {
+        "0": hidden.clone(),
+        "position_ids": positions.expand(3, -1),
+        "position_embeddings": (cos.expand(3, -1, -1), (cos + 1).repeat(3, 1, 1)),
+    }
+    assert _same_call(per_row, recorded)
+    shifted = dict(per_row, position_ids=torch.stack([positions[0], positions[0], positions[0] + 1]))
+    assert not _same_call(shifted, recorded)
+    one_row = hidden[:1].clone()
+    assert not _same_call({"0": one_row}, {"0": one_row.expand(3, -1, -1)})  # hidden states never broadcast
+    assert not _same_call(dict(per_row, position_ids=positions.expand(3, -1).double()), recorded)

@@ -29,6 +29,7 @@ from .adapters.base import Encoding, find_adapter
 from .apply import apply
 from .distributed import Shard
 from .flops import llm_flops
+from .last_token import LastToken, per_token_modules
 from .layer_reuse import LayerReuse, Reused
 from .models import build_prompt
 from .pipeline import Pipeline
@@ -118,6 +119,9 @@ class Evaluation:
         share: reuse one encoding per batch where the adapter can (False: every pipeline encodes).
         reuse_layers: reuse the unpruned forward's decoder-layer calls that a pipeline repeats exactly
             (first-token metric on the CPU only: elsewhere every row runs in full).
+        last_position: compute the modules after the last layer's attention for the last position
+            only, the one the first-token metric reads, where that is bit-identical
+            (`tokenprune.last_token`; first-token metric on the CPU only).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class Evaluation:
         cache_bytes: int = CACHE_BYTES,
         share: bool = True,
         reuse_layers: bool = True,
+        last_position: bool = True,
     ) -> None:
         self.model: Any = model
         self.processor, self.device, self.metric, self.share = processor, device, metric, share
@@ -146,9 +151,13 @@ class Evaluation:
         self._reference: dict[int, _Output] = {}
         self._cached = 0
         layers = _decoder_layers(model)
+        cpu_first_token = metric != EXACT_MATCH and torch.device(device).type == "cpu"
         self.layers = (
-            LayerReuse(layers, self._keep)
-            if layers is not None and reuse_layers and metric != EXACT_MATCH and torch.device(device).type == "cpu"
+            LayerReuse(layers, self._keep) if layers is not None and cpu_first_token and reuse_layers else None
+        )
+        self.last_token = (
+            LastToken(per_token_modules(model, layers))
+            if layers is not None and cpu_first_token and last_position
             else None
         )
         if metric == EXACT_MATCH:
@@ -253,7 +262,8 @@ class Evaluation:
     def _call(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[str] | None]:
         """First-token log-probabilities `[m, V]` (and, for exact-match, the greedy generations)."""
         if self.metric != EXACT_MATCH:
-            logits = self.model(**kwargs, use_cache=False).logits[:, -1]
+            with self.last_token.trimmed() if self.last_token is not None else nullcontext():
+                logits = self.model(**kwargs, use_cache=False).logits[:, -1]
             return torch.log_softmax(logits.float(), dim=-1).cpu(), None
         out = self.model.generate(
             **kwargs,

@@ -4,9 +4,9 @@ A comparison runs many pipelines on the same batches. Where a pipeline changes n
 decoder layer (a keep-all row at the projector; the layers before an `llm:K` stage), that layer
 receives exactly the unpruned forward's inputs and would compute exactly its output. `LayerReuse`
 records each layer's inputs and output in the unpruned forward of a batch, and in a later forward of
-the same batch returns the recorded output for a layer whose inputs are bit-identical, instead of
-running it again. Results are unchanged bit for bit; a reused layer's time is its recorded time, so
-latencies stay what a full run measures.
+the same batch returns the recorded output for a layer whose inputs are bit-identical (positions up to
+broadcasting, see `_same_call`), instead of running it again. Results are unchanged bit for bit; a
+reused layer's time is its recorded time, so latencies stay what a full run measures.
 
 A layer is never reused while anything observes its inside: a forward hook on the layer or any hook
 on one of its submodules (e.g. an `llm:K` stage capturing a layer's queries and keys), or a global
@@ -95,7 +95,7 @@ class LayerReuse:
             layer, call = self.layers[index], calls[index]
 
             def reusing(*args: Any, **kwargs: Any) -> Any:
-                if call is not None and not _observed(layer) and _same(_inputs(args, kwargs), call.inputs):
+                if call is not None and not _observed(layer) and _same_call(_inputs(args, kwargs), call.inputs):
                     reused.calls += 1
                     reused.seconds += call.seconds
                     return call.output
@@ -134,22 +134,50 @@ def _observed(layer: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Whether two call arguments are the same: tensors equal in shape, dtype, device and every
-    element; containers element-wise; plain values by `==`; anything else only if identical."""
+HIDDEN = ("0", "hidden_states")
+"""The names `_inputs` gives a decoder layer's hidden states (first positional, or by keyword)."""
+
+
+def _same_call(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two calls of a layer (`_inputs`) compute the same output: the hidden states `_same`,
+    every other argument `_same` up to broadcasting. After an `llm:K` stage the engine passes
+    per-row positions (`[B, L]`, cos/sin `[B, L, d]`) where the unpruned forward passed one row
+    for the whole batch (`[1, L]`); decoder layers combine those with the hidden states only by
+    broadcasting, so equal rows give the same output."""
+    return a.keys() == b.keys() and all(_same(a[k], b[k], broadcast=k not in HIDDEN) for k in a)
+
+
+def _same(a: Any, b: Any, broadcast: bool = False) -> bool:
+    """Whether two call arguments are the same: tensors equal in shape (or, with `broadcast`, after
+    broadcasting one against the other), dtype, device and every element; containers element-wise;
+    plain values by `==`; anything else only if identical."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (
-            isinstance(a, Tensor)
-            and isinstance(b, Tensor)
-            and (a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)))
-        )
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and (a is b or _equal(a, b, broadcast))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same(a[k], b[k], broadcast) for k in a)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return (
+            type(a) is type(b) and len(a) == len(b) and all(_same(x, y, broadcast) for x, y in zip(a, b, strict=True))
+        )
     if a is None or isinstance(a, bool | int | float | str):
         return type(a) is type(b) and a == b
     return a is b
+
+
+def _equal(a: Tensor, b: Tensor, broadcast: bool) -> bool:
+    """Tensors equal element for element, in dtype and device, and in shape unless `broadcast`
+    (then each dimension is equal or 1 on one side)."""
+    if a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.shape == b.shape:
+        return torch.equal(a, b)
+    if (
+        not broadcast
+        or a.dim() != b.dim()
+        or any(x != y and 1 not in (x, y) for x, y in zip(a.shape, b.shape, strict=True))
+    ):
+        return False
+    return torch.equal(*torch.broadcast_tensors(a, b))
 
 
 def _nbytes(calls: Sequence[LayerCall | None]) -> int:

@@ -123,6 +123,13 @@ def compare_command(
     reuse_layers: bool = typer.Option(
         True, help="On the CPU, reuse the unpruned forward's decoder-layer calls a row repeats exactly (same results)."
     ),
+    last_position: bool = typer.Option(
+        True,
+        "--last-position/--all-positions",
+        help="On the CPU, run the last layer's MLP and output projections and the LM head on the last position "
+        "only, the one the first-token metric reads (same results, checked per shape); --all-positions times "
+        "the full prefill.",
+    ),
     device: str = typer.Option("cpu", help="Torch device."),
     seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Torch seed (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
@@ -156,6 +163,7 @@ def compare_command(
             batch_size=batch_size,
             seed=seed,
             reuse_layers=reuse_layers,
+            last_position=last_position,
         )
 
 
@@ -176,6 +184,7 @@ def _compare(
     batch_size: int,
     seed: int,
     reuse_layers: bool,
+    last_position: bool,
 ) -> None:
     console = Console(stderr=True)
     if shard.is_main:
@@ -220,6 +229,7 @@ def _compare(
         shard,
         metric,
         reuse_layers=reuse_layers,
+        last_position=last_position,
     )
     todo: list[tuple[str, int | float | str | None, Pipeline | None]] = [("unpruned", None, None), *plan]
     rows: list[dict[str, Any]] = []
