@@ -396,7 +396,7 @@ class Engine(ModelAdapter):
         llm: Any = resolve(self.core, self.family.layout.llm)
         decoders = [DecoderStage(llm.layers, llm.norm, s, info) for s in by_kind["llm"]]
         for decoder in decoders:
-            assign(self.providers, decoder.wanted, "llm", f"at {decoder.stage.to_spec()!r}", self.name)
+            assign(self.providers, decoder.wanted, "llm", f"at {decoder.stage.to_spec()!r} inside the LLM", self.name)
         for before, after in zip(decoders, decoders[1:], strict=False):
             before.next = after
         self.attached = Attached(pipeline, run, info, probe, by_kind["projector"], encoder, decoders)

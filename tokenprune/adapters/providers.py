@@ -9,8 +9,9 @@ asks each vision provider for a `Probe`: the removable hooks that compute its si
 runs. Strategies never learn which provider answered.
 
 Built-in providers: `QK_PROBE` (the tower blocks' own query/key projections: `ClsAttention`,
-`PatchAttention`, `PatchKeys`, `PatchKeyNorm`), `DECODER` (the `llm:K` stages: `TextAttention`,
-`KeyNorm`, `TextPivots`, `NormedTokens`) and, for Qwen2-VL, its tower packing (`qwen_tower.QWEN_TOWER`).
+`PatchAttention`, `PatchKeys`, `PatchKeyNorm`; `QK_PATCHES` without [CLS]), `DECODER` (the `llm:K`
+stages: `TextAttention`, `KeyNorm`, `TextPivots`, `NormedTokens`) and, for Qwen2-VL, its tower
+packing (`qwen_tower.QWEN_TOWER`).
 `BlockOutputs` is the plugin hook: a signal computed from a tower block's output hidden states.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from torch import Tensor, nn
 
@@ -111,6 +112,8 @@ class QKProbe:
 
 
 QK_PROBE = QKProbe()
+QK_PATCHES = QKProbe(provides=(PatchAttention, PatchKeys, PatchKeyNorm))
+"""The q/k probe of a tower without [CLS] (SigLIP): no [CLS] attention row."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,10 @@ _EXTRA: dict[str, list[Provider]] = {}
 _LOCK = threading.Lock()
 
 
-def register_provider(provider: Provider, adapters: Iterable[str]) -> Provider:
+P = TypeVar("P", bound=Provider)
+
+
+def register_provider(provider: P, adapters: Iterable[str]) -> P:
     """Add a vision `provider` (e.g. a `BlockOutputs`) to the tables of the built-in or plugin
     families registered as `adapters` (e.g. `("llava", "llava-next")`): their pipelines may then ask
     for its signal types. A family's own providers come first; registering a provider again for the
@@ -248,7 +254,9 @@ def _refusal(signal: Signal, place: str, where: str, adapter: str, table: list[P
     if signal.place != place:
         other = "an llm:K stage" if signal.place == "llm" else "the projector or a vision:L stage"
         return (
-            f"{signal!r} is a {signal.place} signal (computed in {_WHERE[signal.place]}), but it is asked for {where}, "
-            f"in {_WHERE[place]}; {there}; read it at {other}"
+            f"{signal!r} is computed in {_WHERE[signal.place]} (place {signal.place!r}), but a stage {where} "
+            f"(place {place!r}) asks for it; {there}; read it at {other}"
         )
-    return f"the {adapter} adapter cannot compute {signal!r} {where}: {there}" + (f"; {advice}" if advice else "")
+    return f"the {adapter} adapter cannot compute {signal!r} {where} (place {place!r}): {there}" + (
+        f"; {advice}" if advice else ""
+    )
