@@ -20,7 +20,7 @@ from test_contract import check_contract
 
 import tokenprune as tp
 import tokenprune.signals
-from tokenprune.adapters import providers
+from tokenprune.adapters import find_adapter, providers
 from tokenprune.errors import SignalError, UnsupportedModelError
 from tokenprune.models import load
 from tokenprune.registry import REGISTRY
@@ -288,3 +288,39 @@ def test_plugin_family_lists_the_plugin_provider(example_registered, vipllava_re
         tiny_vipllava.model(**inputs)
     rows = hidden_norms(tiny_vipllava, inputs["pixel_values"], 1)
     assert [x.tolist() for x in run.trace[0].stages[0].kept] == [topk_reference(r.tolist(), 5) for r in rows]
+
+
+@pytest.mark.parametrize("family", ["tiny_next", "tiny_onevision"])
+def test_plugin_signal_runs_per_crop_on_the_anyres_families(example_registered, family, request):
+    """On LLaVA-NeXT ([CLS]) and OneVision (SigLIP, none) the provider runs on every crop; each
+    image's first packed tokens are its base crop, whose scores are that crop's hidden-state norms."""
+    tiny = request.getfixturevalue(family)
+    inputs = tiny.inputs(["what colour is the square", "how many"], images(2, seed=4))
+    with torch.no_grad(), tp.apply(tiny.model, "example-hidden-norm@6") as run:
+        tiny.model(**inputs)
+    stage = run.trace[0].stages[0]
+    assert stage.tokens_out == 6 and [len(k) for k in stage.kept] == [6, 6]
+    pixels = inputs["pixel_values"]
+    with torch.no_grad():
+        out = tiny.model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
+    first = 1 if family == "tiny_next" else 0
+    depth = tiny.model.config.vision_config.num_hidden_layers
+    norms = out.hidden_states[depth - 1][:, first:].float().norm(dim=-1).view(*pixels.shape[:2], -1)
+    for i in range(2):
+        torch.testing.assert_close(stage.scores[i][: norms.shape[-1]], norms[i, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_plugin_signal_through_a_shared_encoding_equals_apply(example_registered, tiny):
+    """`compare` encodes each batch once for every pipeline: the plugin provider computes its signal then too."""
+    from tokenprune_example.signals import PatchHiddenNorm
+
+    inputs = tiny.inputs(["what colour is the square", "how many"], images(2, seed=3))
+    pipeline = tp.Pipeline.from_spec("example-hidden-norm@5")
+    encoding = find_adapter(tiny.model).encode(inputs, [pipeline])
+    depth = tiny.model.config.vision_config.num_hidden_layers
+    assert encoding is not None and set(encoding.signals) == {PatchHiddenNorm(layer=depth - 2)}
+    with torch.no_grad(), tp.apply(tiny.model, pipeline) as run:
+        direct = tiny.model(**inputs).logits
+        shared = tiny.model(**run.adapter.reuse(encoding, inputs)).logits
+    assert torch.equal(direct, shared)
+    assert [x.tolist() for x in run.trace[1].stages[0].kept] == [x.tolist() for x in run.trace[0].stages[0].kept]
