@@ -93,8 +93,13 @@ def test_a_block_provider_is_refused_where_the_packing_computes_the_tower_signal
 
     register_provider(BlockOutputs((TestOnlyBlockMean,), lambda s, h: h.mean(-1)), adapters=("qwen2-vl",))
     pipeline = stage(TestOnlyBlockMean(layer=0), "projector")
-    with pytest.raises(SignalError, match="packing runs the tower and computes its signals itself"):
+    with pytest.raises(SignalError) as refused:
         tp.check(tiny_qwen.model, pipeline)
+    assert str(refused.value) == (
+        "the qwen2-vl adapter's packing runs the tower and computes its signals itself, so the provider "
+        "registered for TestOnlyBlockMean cannot hook its blocks; its packing provides: PatchAttention, PatchKeys, "
+        "PatchKeyNorm"
+    )
 
 
 def test_a_registered_provider_feeds_a_built_in_family_and_re_registering_replaces_it(tiny):

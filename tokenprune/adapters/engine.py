@@ -430,9 +430,11 @@ class Engine(ModelAdapter):
         probes = [(provider, provider.probe(self, wanted, info)) for provider, wanted in plan]
         foreign = [provider for provider, probe in probes if probe is not None and self.family.tower_stages]
         if foreign:
+            names = ", ".join(t.__name__ for t in foreign[0].provides)
             raise SignalError(
-                f"the {self.name} adapter's packing runs the tower and computes its signals itself, so "
-                f"{foreign[0]!r} cannot hook its blocks; ask for the signals its packing provides"
+                f"the {self.name} adapter's packing runs the tower and computes its signals itself, so the "
+                f"provider registered for {names} cannot hook its blocks; its packing provides: "
+                + ", ".join(t.__name__ for p in self.family.providers if p.place == "vision" for t in p.provides)
             )
         return Probes(probe for _, probe in probes if probe is not None)
 
