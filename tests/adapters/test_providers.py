@@ -41,7 +41,7 @@ def stage(signal: tp.Signal, at: str) -> tp.Pipeline:
 
 
 def test_assign_splits_signals_by_provider_in_table_order():
-    extra = Computed("vision", (PatchAttention, PatchKeys), "elsewhere")
+    extra = Computed("vision", (PatchAttention, PatchKeys))
     signals = {ClsAttention(layer=1), PatchAttention(layer=0), PatchKeys(layer=2), PatchKeyNorm(layer=1)}
     plan = assign((DECODER, extra, QK_PROBE), signals, "vision", "here", "x")
     assert [(p, sorted(map(repr, s))) for p, s in plan] == [
@@ -127,9 +127,34 @@ def test_bad_providers_are_refused_clearly():
     with pytest.raises(RegistryError, match="is no signal provider"):
         register_provider(object(), adapters=("llava",))  # type: ignore[type-var]
     with pytest.raises(RegistryError, match="register for place 'vision' only"):
-        register_provider(Computed("llm", (TextAttention,), "me"), adapters=("llava",))
+        register_provider(Computed("llm", (TextAttention,)), adapters=("llava",))
     with pytest.raises(RegistryError, match="not only Signal types of place 'vision'"):
         register_provider(BlockOutputs((TextAttention,), lambda s, h: h), adapters=("llava",))
     with pytest.raises(RegistryError, match="needs the names of the adapters"):
         register_provider(block, adapters=())
     assert providers._EXTRA == before  # nothing registered
+
+
+def test_a_block_provider_refuses_a_signal_without_a_block_of_the_tower(tiny, tiny_next):
+    """No block named (llava), or one past the tower (llava-next, whose packing has no block check of its own)."""
+
+    @tp.register_signal
+    class TestOnlyNoBlock(tp.Signal):
+        place = "vision"
+
+    @tp.register_signal
+    class TestOnlyAnyBlock(tp.Signal):
+        place = "vision"
+        layer: int
+
+    provider = BlockOutputs((TestOnlyNoBlock, TestOnlyAnyBlock), lambda s, h: h.mean(-1))
+    register_provider(provider, adapters=("llava", "llava-next"))
+    for model, name, signal in ((tiny.model, "llava", TestOnlyNoBlock()), (tiny_next.model, "llava-next", None)):
+        depth = model.config.vision_config.num_hidden_layers
+        signal = signal or TestOnlyAnyBlock(layer=depth)
+        with pytest.raises(SignalError) as refused:
+            tp.check(model, stage(signal, "projector"))
+        assert str(refused.value) == (
+            f"{signal!r} is computed from a vision block's output, but it names block {signal.read_layer()}; the "
+            f"{name} adapter's tower has blocks 0..{depth - 1} (give the signal type a `layer` field)"
+        )

@@ -80,17 +80,17 @@ class Provider(Protocol):
 
 @dataclass(frozen=True)
 class Computed:
-    """Signal types a family computes in its own machinery (`by`: which), with no probe of their own."""
+    """Signal types a family computes in its own machinery (its packing, its `llm:K` stages), with no
+    probe of their own."""
 
     place: Literal["vision", "llm"]
     provides: tuple[type[Signal], ...]
-    by: str
 
     def probe(self, engine: Engine, signals: set[Signal], info: ModelInfo) -> Probe | None:
         return None
 
 
-DECODER = Computed("llm", (TextAttention, KeyNorm, TextPivots, NormedTokens), "the llm:K stages")
+DECODER = Computed("llm", (TextAttention, KeyNorm, TextPivots, NormedTokens))
 """The LLM signals, computed by each `llm:K` stage at the decoder layer it reads (`decoder.DecoderStage`)."""
 
 
@@ -134,6 +134,19 @@ class BlockOutputs:
     place: Literal["vision", "llm"] = "vision"
 
     def probe(self, engine: Engine, signals: set[Signal], info: ModelInfo) -> Probe | None:
+        """A `BlockProbe` on `engine`'s tower blocks.
+
+        Raises:
+            SignalError: a signal names no block (`read_layer()` is `None`) or one the tower lacks.
+        """
+        depth = len(engine.blocks)
+        for signal in signals:
+            block = signal.read_layer()
+            if block is None or not 0 <= block < depth:
+                raise SignalError(
+                    f"{signal!r} is computed from a vision block's output, but it names block {block}; the "
+                    f"{engine.name} adapter's tower has blocks 0..{depth - 1} (give the signal type a `layer` field)"
+                )
         return BlockProbe(engine.blocks, signals, self.compute, 1 if info.has_cls else 0)
 
 
@@ -146,9 +159,8 @@ class BlockProbe:
         self.blocks, self.signals, self.compute, self.first = blocks, signals, compute, first
         self.by_block: dict[int, list[Signal]] = {}
         for signal in sorted(signals, key=repr):
-            self.by_block.setdefault(require_state(signal.read_layer(), f"the block {signal!r} reads"), []).append(
-                signal
-            )
+            block = require_state(signal.read_layer(), f"the block {signal!r} reads")  # checked by `BlockOutputs`
+            self.by_block.setdefault(block, []).append(signal)
         self._values: dict[Signal, Tensor] = {}
 
     def attach(self) -> list[Handle]:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 TowerSignal = PatchAttention | PatchKeys | PatchKeyNorm
-QWEN_TOWER = Computed("vision", (PatchAttention, PatchKeys, PatchKeyNorm), "Qwen's tower packing (`TowerMerged`)")
+QWEN_TOWER = Computed("vision", (PatchAttention, PatchKeys, PatchKeyNorm))
 """The vision signals a Qwen tower computes per merge unit, from its blocks' fused `qkv` (`QwenTower`)."""
 
 
