@@ -5,11 +5,12 @@ model, the oracle at k (as `tokenprune bench` builds it for the architecture) an
 batch size, then profiles the pruned prefill and the oracle's at the first batch size: Python
 functions (cProfile) and device-runtime calls and kernels (torch.profiler, by host and by device time).
 
-`--oracle-k`: the oracle's LLM tokens per image, when they differ from `k` (LLaVA-NeXT keeps its kept
+`--generate`: time and profile `generate(max_new_tokens=1)` (the TTFT `tokenprune bench` reports) instead
+of one forward. `--oracle-k`: the oracle's LLM tokens per image, when they differ from `k` (LLaVA-NeXT keeps its kept
 rows' newlines: an oracle of the same LLM tokens).
 
 Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--spec vtc-cls] [--k 64]
-    [--oracle-k K] [--batch 1,16]
+    [--oracle-k K] [--batch 1,16] [--generate]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--oracle-k", type=int, default=None, help="the oracle's tokens per image (default: k)")
     parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--generate", action="store_true", help="generate one token instead of one forward")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,10 @@ def main() -> None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(3, ids.shape[0], -1)
             inputs = {**inputs, "position_ids": positions}
         with torch.inference_mode():
-            model(**inputs, logits_to_keep=1)
+            if args.generate:
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            else:
+                model(**inputs, logits_to_keep=1)
 
     for batch in (int(b) for b in args.batch.split(",")):
         full = bench.inputs(model, batch, n)
@@ -106,7 +111,17 @@ def main() -> None:
         (args.out / "cprofile.txt").write_text(python_profile(full))
         device_profile(full, "")
     (args.out / "prefill.json").write_text(
-        json.dumps({"rows": rows, "spec": spec, "oracle_k": oracle_k, "arch": args.arch, **environment()}, indent=2)
+        json.dumps(
+            {
+                "rows": rows,
+                "spec": spec,
+                "oracle_k": oracle_k,
+                "generate": args.generate,
+                "arch": args.arch,
+                **environment(),
+            },
+            indent=2,
+        )
     )
 
 
