@@ -328,6 +328,7 @@ class TowerMerged(Merged):
             raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
         if kw.get("pixel_values_videos") is not None:
             raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+        grids = grid.tolist()  # read before the tower is queued: the host does not wait for it
         if encoded is None:
             encoded = engine.core.get_image_features(
                 pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
@@ -338,7 +339,7 @@ class TowerMerged(Merged):
         present = run.kept() if run is not None else [torch.arange(len(p), device=p.device) for p in packed]
         merge = resolve(engine.core, self.merge)
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
-        for i, (t, h, w) in enumerate(grid.tolist()):
+        for i, (t, h, w) in enumerate(grids):
             groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
         state = engine.state
         stage = state.projector_stages[0] if state.projector_stages else None
