@@ -35,6 +35,7 @@ from .decoder import ImageLayout
 from .engine import Engine
 from .family import Family, Layout, MRope, resolve
 from .packing import Merged
+from .providers import DECODER
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ QWEN3_VL = Family(
     layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
     positions=MRope(),
     ragged_places=("projector",),
-    vision_signals=False,
+    providers=(DECODER,),  # no vision signals yet: DeepStack's tower is not read
 )
 
 
