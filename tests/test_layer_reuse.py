@@ -31,9 +31,9 @@ def demo():
         ("vtc-cls@1.0", 4),  # keep-all at the projector: every layer sees the unpruned inputs
         ("vtc-cls@0.25", 0),  # the prompt is shorter from layer 0 on
         ("vtw@0@llm:2", 2),  # layers 0 and 1 run before the stage, which reads no signal
-        ("fastv@0.25", 1),  # layer 1 is observed: the stage captures its queries and keys
-        ("fastv@1.0", 3),  # keep-all at llm:2: layers 2 and 3 get per-row positions equal to the shared row
-        ("dart@1.0", 3),
+        ("fastv@0.25", 2),  # layer 1 is observed (the stage captures its queries and keys): only its MLP reused
+        ("fastv@1.0", 4),  # and keep-all at llm:2: layers 2 and 3 get per-row positions equal to the shared row
+        ("dart@1.0", 4),
     ],
 )
 def test_reuses_exactly_the_layers_a_pipeline_leaves_unchanged(demo, spec, reused):
@@ -51,7 +51,8 @@ def test_reuses_exactly_the_layers_a_pipeline_leaves_unchanged(demo, spec, reuse
             assert torch.equal(model(**inputs, use_cache=False).logits, want_unpruned)
     assert got_reused.calls == reused
     assert torch.equal(got, want)
-    assert all("forward" not in vars(layer) for layer in layers)
+    assert all("forward" not in vars(module) for module in memo.units)
+    assert len(memo.units) == 2 * len(layers)  # the layers and their MLPs
 
 
 def test_a_changed_element_is_not_reused(demo):

@@ -59,13 +59,17 @@ class LastToken:
     @contextmanager
     def trimmed(self) -> Iterator[None]:
         """Inside, calls of the modules compute the last position only (see the module doc)."""
+        before = [module.__dict__.get("forward") for module in self.modules]
         for index, module in enumerate(self.modules):
             module.forward = self._wrap(index, module, module.forward)  # type: ignore[method-assign]
         try:
             yield
         finally:
-            for module in self.modules:
-                module.__dict__.pop("forward", None)
+            for module, held in zip(self.modules, before, strict=True):
+                if held is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = held  # type: ignore[method-assign]
 
     def _wrap(self, index: int, module: nn.Module, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def last_only(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:

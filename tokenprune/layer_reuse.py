@@ -10,7 +10,10 @@ reused layer's time is its recorded time, so latencies stay what a full run meas
 
 A layer is never reused while anything observes its inside: a forward hook on the layer or any hook
 on one of its submodules (e.g. an `llm:K` stage capturing a layer's queries and keys), or a global
-module hook. Calls with a KV cache are never reused (only cache-free prefills are recorded).
+module hook. Such a layer runs, but its MLP (`layer.mlp`, where the layer has one) is recorded and
+reused the same way: its input is bit-identical when nothing before it changed, so a layer observed
+only for its attention costs no MLP time. Calls with a KV cache are never reused (only cache-free
+prefills are recorded).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class LayerCall:
 
 @dataclass
 class Reused:
-    """What one forward reused: the number of layer calls and their recorded seconds."""
+    """What one forward reused: the number of layer (or MLP) calls and their recorded seconds."""
 
     calls: int = 0
     seconds: float = 0.0
@@ -49,7 +52,7 @@ class Reused:
 
 @dataclass
 class LayerReuse:
-    """Records and reuses the calls of `layers` per batch (see the module doc).
+    """Records and reuses the calls of `layers`, and of their MLPs, per batch (see the module doc).
 
     Args:
         layers: the LLM's decoder layers, in order.
@@ -59,11 +62,16 @@ class LayerReuse:
     layers: Sequence[nn.Module] | nn.ModuleList
     keep: Callable[[int], bool] = lambda nbytes: True
     _calls: dict[int, list[LayerCall | None]] = field(default_factory=dict)
+    units: list[nn.Module] = field(init=False)
+
+    def __post_init__(self) -> None:
+        mlps = [getattr(layer, "mlp", None) for layer in self.layers]
+        self.units = [*self.layers, *(mlp for mlp in mlps if isinstance(mlp, nn.Module))]
 
     @contextmanager
     def record(self, batch: int) -> Iterator[None]:
-        """Inside, the layers' cache-free calls are recorded as batch `batch`'s unpruned forward."""
-        calls: list[LayerCall | None] = [None] * len(self.layers)
+        """Inside, the units' cache-free calls are recorded as batch `batch`'s unpruned forward."""
+        calls: list[LayerCall | None] = [None] * len(self.units)
 
         def wrap(index: int, forward: Callable[..., Any]) -> Callable[..., Any]:
             def recording(*args: Any, **kwargs: Any) -> Any:
@@ -76,15 +84,16 @@ class LayerReuse:
 
             return recording
 
-        with _patched(self.layers, wrap):
+        with _patched(self.units, wrap):
             yield
         if all(call is not None for call in calls) and self.keep(_nbytes(calls)):
             self._calls[batch] = calls
 
     @contextmanager
     def reuse(self, batch: int) -> Iterator[Reused]:
-        """Inside, a layer called with the inputs it had in batch `batch`'s recorded forward returns
-        the recorded output; the yielded `Reused` counts what was reused."""
+        """Inside, a layer (or an MLP of a layer that runs) called with the inputs it had in batch
+        `batch`'s recorded forward returns the recorded output; the yielded `Reused` counts what was
+        reused."""
         reused = Reused()
         calls = self._calls.get(batch)
         if calls is None:
@@ -92,10 +101,10 @@ class LayerReuse:
             return
 
         def wrap(index: int, forward: Callable[..., Any]) -> Callable[..., Any]:
-            layer, call = self.layers[index], calls[index]
+            unit, call = self.units[index], calls[index]
 
             def reusing(*args: Any, **kwargs: Any) -> Any:
-                if call is not None and not _observed(layer) and _same_call(_inputs(args, kwargs), call.inputs):
+                if call is not None and not _observed(unit) and _same_call(_inputs(args, kwargs), call.inputs):
                     reused.calls += 1
                     reused.seconds += call.seconds
                     return call.output
@@ -103,21 +112,25 @@ class LayerReuse:
 
             return reusing
 
-        with _patched(self.layers, wrap):
+        with _patched(self.units, wrap):
             yield reused
 
 
 @contextmanager
-def _patched(layers: Sequence[nn.Module] | nn.ModuleList, wrap: Callable[[int, Forward], Forward]) -> Iterator[None]:
-    """Each layer's `forward` replaced by `wrap(index, forward)` inside (an instance attribute,
-    removed on exit; hooks still run around it)."""
-    for index, layer in enumerate(layers):
-        layer.forward = wrap(index, layer.forward)  # type: ignore[method-assign]
+def _patched(modules: Sequence[nn.Module], wrap: Callable[[int, Forward], Forward]) -> Iterator[None]:
+    """Each module's `forward` replaced by `wrap(index, forward)` inside (an instance attribute; on
+    exit, what the instance held before is put back; hooks still run around it)."""
+    before = [module.__dict__.get("forward") for module in modules]
+    for index, module in enumerate(modules):
+        module.forward = wrap(index, module.forward)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for module, held in zip(modules, before, strict=True):
+            if held is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = held  # type: ignore[method-assign]
 
 
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
