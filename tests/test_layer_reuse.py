@@ -88,7 +88,7 @@ def test_evaluation_with_reuse_equals_every_row_in_full():
     runner = Evaluation(model, processor, samples, pipelines, 3, "cpu")
     assert runner.layers is not None
     got = [r for p in pipelines for r in runner.run(p)]
-    full = Evaluation(model, processor, samples, pipelines, 3, "cpu", reuse_layers=False)
+    full = Evaluation(model, processor, samples, pipelines, 3, "cpu", reuse_layers=False, last_position=False)
     assert full.layers is None
     want = [r for p in pipelines for r in full.run(p)]
     for a, b in zip(got, want, strict=True):
