@@ -59,3 +59,32 @@ def test_pareto_front_is_the_set_no_point_beats():
     front = pareto_front(points)
     beaten = {p for p, q in itertools.permutations(points, 2) if q[0] <= p[0] and q[1] >= p[1] and q != p}
     assert front == sorted(set(points) - beaten)
+
+
+def test_a_row_applies_its_pipeline_once_when_references_are_at_hand(monkeypatch):
+    import tokenprune.evaluation as evaluation
+
+    model, processor = load("demo")
+    samples = demo_samples(6)
+    pipelines = [Pipeline.from_spec(s) for s in ("vtc-cls@0.25", "fastv@0.5", "tome@0.5@vision:1")]
+    applied = []
+
+    def counting(model, pipeline, **kwargs):
+        applied.append(pipeline.to_spec())
+        return tp_apply(model, pipeline, **kwargs)
+
+    tp_apply = evaluation.apply
+    monkeypatch.setattr(evaluation, "apply", counting)
+    cold = [Evaluation(model, processor, samples, [None, p], 3, "cpu") for p in pipelines]
+    per_batch = [runner.run(p) for runner, p in zip(cold, pipelines, strict=True)]
+    specs = [p.to_spec() for p in pipelines]
+    assert applied == [s for s in specs for _ in range(2)]  # no reference yet: each batch applies around its forward
+    applied.clear()
+    warm = Evaluation(model, processor, samples, [None, *pipelines], 3, "cpu")
+    warm.run(None)
+    once = [warm.run(p) for p in pipelines]
+    assert applied == specs  # once per row, around both batches
+    for mine, theirs in zip(once, per_batch, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a.pred, b.pred) and torch.equal(a.kl, b.kl)
+            assert a.lengths == b.lengths and a.kept == b.kept

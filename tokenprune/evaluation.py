@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Encoding, find_adapter
-from .apply import apply
+from .apply import Run, apply
 from .distributed import Shard
 from .flops import llm_flops
 from .last_token import LastToken, per_token_modules
@@ -175,28 +175,48 @@ class Evaluation:
         """`pipeline` (`None`: unpruned) on this shard's batches, in batch order; `stop` is asked
         before each batch and ends the run early (its results so far are returned)."""
         out = []
-        for index in self.indices:
-            if stop is not None and stop():
-                break
-            ref = self.reference(index)
-            got = ref if pipeline is None else self._forward(index, pipeline)
-            kl = (ref.logprobs.exp() * (ref.logprobs - got.logprobs)).sum(-1).clamp_min(0)
-            out.append(
-                BatchResult(
-                    index,
-                    got.logprobs.argmax(-1),
-                    ref.logprobs.argmax(-1),
-                    kl,
-                    got.seconds,
-                    got.lengths,
-                    got.kept,
-                    got.texts,
-                    ref.texts,
+        with self._attached(pipeline) as attached:
+            for index in self.indices:
+                if stop is not None and stop():
+                    break
+                ref = self.reference(index)
+                got = ref if pipeline is None else self._forward(index, pipeline, attached)
+                kl = (ref.logprobs.exp() * (ref.logprobs - got.logprobs)).sum(-1).clamp_min(0)
+                out.append(
+                    BatchResult(
+                        index,
+                        got.logprobs.argmax(-1),
+                        ref.logprobs.argmax(-1),
+                        kl,
+                        got.seconds,
+                        got.lengths,
+                        got.kept,
+                        got.texts,
+                        ref.texts,
+                    )
                 )
-            )
-            if progress is not None:
-                progress(len(self.batches[index]))
+                if progress is not None:
+                    progress(len(self.batches[index]))
         return out
+
+    @contextmanager
+    def _attached(self, pipeline: Pipeline | None) -> Iterator[Run | None]:
+        """`pipeline` applied once around all of this shard's batches when every batch's unpruned
+        reference and shared encoding are at hand (so no unpruned forward has to run inside it);
+        else `None`, and each batch applies it around its own forward."""
+        ready = pipeline is not None and all(
+            index in self._reference and (not self._shares(pipeline) or index in self._encodings)
+            for index in self.indices
+        )
+        if pipeline is None or not ready:
+            yield None
+            return
+        with apply(self.model, pipeline) as run:
+            yield run
+
+    def _shares(self, pipeline: Pipeline | None) -> bool:
+        """Whether `pipeline` reads the batches' shared encodings (see `encoding`)."""
+        return self.share and self.metric != EXACT_MATCH and self.adapter.shares_encoding(pipeline)
 
     def reference(self, index: int) -> _Output:
         """The unpruned model on batch `index` (computed once)."""
@@ -233,7 +253,9 @@ class Evaluation:
             self._encodings[index] = encoding
         return encoding
 
-    def _forward(self, index: int, pipeline: Pipeline | None) -> _Output:
+    def _forward(self, index: int, pipeline: Pipeline | None, attached: Run | None = None) -> _Output:
+        """Batch `index` unpruned (`pipeline` None) or under `pipeline`, inside `attached` (its
+        `apply`, open around every batch) or else inside an `apply` of its own."""
         inputs = self.inputs(index)
         shared = self.encoding(index) if self.adapter.shares_encoding(pipeline) else None
         reused = 0.0
@@ -247,13 +269,15 @@ class Evaluation:
                 kept = None
             else:
                 with (
+                    nullcontext(attached) if attached is not None else apply(self.model, pipeline) as run,
                     self.layers.reuse(index) if self.layers is not None else nullcontext(Reused()) as layers,
-                    apply(self.model, pipeline) as run,
                 ):
                     kwargs = run.adapter.reuse(shared, inputs) if shared is not None else inputs
                     logprobs, texts = self._call(kwargs)
+                record = run.trace[0]
+                run.trace.clear()  # one forward's record at a time
                 reused = layers.seconds
-                lengths, kept = run.trace[0].tokens_per_layer(), run.trace[0].stages[-1].kept_per_image()
+                lengths, kept = record.tokens_per_layer(), record.stages[-1].kept_per_image()
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start + reused + (shared.seconds if shared is not None else 0.0)
