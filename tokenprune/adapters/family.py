@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..pipeline import Stage
 from ..strategy import ModelInfo
 from .base import require_state
+from .mrope import rope_index
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -149,18 +150,21 @@ class Sequential:
 
 @dataclass(frozen=True)
 class MRope:
-    """Multimodal RoPE (Qwen2-VL family): the model's own `get_rope_index` over the full prompt (or
-    `generate`'s position ids), gathered at the kept columns, `[R, B, P']`; later tokens continue at
-    their original text position plus the row's delta. Kept tokens always keep their original positions."""
+    """Multimodal RoPE (Qwen2-VL family): kept tokens always keep their positions in the full prompt,
+    `[R, B, P']` at the kept columns: the caller's position ids where given (`generate` passes its own,
+    `R = 4` with text positions first), else the model's rule for images computed on the device
+    (`mrope.rope_index`: no host read, unlike the model's own `get_rope_index`). Later tokens continue
+    at their original text position plus the row's M-RoPE delta (`rope_index`'s, equal to the model's).
+    Videos never get here (the packings refuse them), so the model's `get_rope_index` is not used."""
 
     fixed: str | None = "original"
 
     def prefill(self, engine: Engine, kw: dict[str, Any], comp: Compaction) -> tuple[Tensor | None, Tensor | None]:
-        ids, mask = kw["input_ids"], kw.get("attention_mask")
-        types = kw.get("mm_token_type_ids")
-        types = types if types is not None else (ids == getattr(engine.config, engine.family.layout.image_token)).int()
+        ids, types = kw["input_ids"], kw.get("mm_token_type_ids")
+        image = types == 1 if types is not None else ids == getattr(engine.config, engine.family.layout.image_token)
         grid = engine.image_argument(kw, "image_grid_thw", per_copy=True)
-        positions, deltas = engine.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+        merge = engine.config.vision_config.spatial_merge_size
+        positions, deltas = rope_index(image, grid, merge, kw.get("attention_mask"))
         if kw.get("position_ids") is not None:
             positions = kw["position_ids"]
         index = comp.source[None].expand(positions.shape[0], -1, -1)

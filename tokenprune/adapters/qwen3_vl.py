@@ -13,8 +13,9 @@ tokens before the LLM, plus its DeepStack features kept aligned with them.
   it add each kept token's own features at its new column, and pruned tokens get none.
 * On the engine: a `Family` record with `DeepStackMerged`, Qwen2-VL's `Merged` packing plus the
   DeepStack hooks; positions are `MRope`.
-* Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's own
-  `get_rope_index` over the full prompt, gathered at the kept columns).
+* Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's rule
+  for images over the full prompt, computed on the device by `mrope.rope_index`, gathered at the
+  kept columns). Videos are refused.
 * No [CLS] (Qwen's ViT): [CLS]-based scorers are refused, as on Qwen2-VL; no vision signals yet.
 """
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..checks import DeferredCheck
-from ..errors import InputError, SignalError
+from ..errors import SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..signals import PatchAttention, PatchKeyNorm, PatchKeys, Signal
@@ -48,7 +48,7 @@ from .base import require_state
 from .encoder import check_signal_blocks
 from .engine import ImageTokens
 from .family import resolve
-from .packing import ImagePass, Merged, _reduce, per_image
+from .packing import ImagePass, Merged, _reduce, image_grid, per_image
 from .vision import QUERY_CHUNK
 
 if TYPE_CHECKING:
@@ -325,11 +325,7 @@ class TowerMerged(Merged):
     def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
         """As `Merged.prune`, on the units the tower kept (each image's merged tokens at them), with
         the tower's signals; the trace starts with the tower's stages."""
-        grid = engine.image_argument(kw, "image_grid_thw")
-        if grid is None:
-            raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
-        if kw.get("pixel_values_videos") is not None:
-            raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+        grid = image_grid(engine, kw)
         if encoded is None:
             encoded = engine.core.get_image_features(
                 pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
