@@ -11,7 +11,7 @@ transformers 5.23 and 5.24), per prompt row and over its unpadded tokens only:
   largest position plus 1 minus its unpadded length.
 
 `rope_index` computes this for the whole batch at once: a few element-wise kernels, cumulative
-sums and a `searchsorted`, with no host read, no Python loop over rows or images, and shapes known
+sums and gathers, with no host read, no Python loop over rows or images, and shapes known
 from the inputs' shapes alone. Images sit in `image_grid_thw` in prompt order, rows first (as the
 model scatters their features). Unlike `get_rope_index`, two images with no text between them are
 told apart by their grids (Qwen's processors always put `<|vision_start|>` and `<|vision_end|>`
@@ -47,15 +47,24 @@ def rope_index(image: Tensor, grid: Tensor, merge: int, mask: Tensor | None = No
     sizes = t * h * w
     ends = sizes.cumsum(0)  # [I] each image's end among all images' tokens
     rank = image.flatten().long().cumsum(0).view_as(image) - 1  # [B, P] each image token's rank among them
-    which = torch.searchsorted(ends, rank, right=True).clamp(max=grid.shape[0] - 1)  # [B, P] its image
-    offset = rank - (ends - sizes)[which]  # [B, P] its raster index in that image
-    rows, cols = h[which], w[which]
+    # its image: how many images end at or before its rank (ends marked on the ranks, counted by a cumsum)
+    marks = torch.zeros(image.numel() + 1, dtype=torch.long, device=image.device)
+    marks.scatter_add_(0, ends.clamp(max=image.numel()), torch.ones_like(ends))
+    which = _at(marks.cumsum(0), rank.clamp(min=0)).clamp(max=grid.shape[0] - 1)  # [B, P]
+    offset = rank - _at(ends - sizes, which)  # [B, P] its raster index in that image
+    rows, cols = _at(h, which), _at(w, which)
     frame, row, col = offset // (rows * cols), offset // cols % rows, offset % cols
-    last = image & (offset == sizes[which] - 1)
-    advance = torch.maximum(h, w)[which]  # an image moves the running position by max(h, w) ...
+    last = image & (offset == _at(sizes, which) - 1)
+    advance = _at(torch.maximum(h, w), which)  # an image moves the running position by max(h, w) ...
     step = torch.where(image, torch.where(last, advance, 0), valid.long())  # ... once, at its last token
     start = step.cumsum(1) - step  # [B, P] the running position before each token
     within = torch.stack([frame, row, col]) * image  # [3, B, P] an image token's offsets, 0 for text
     positions = (start + within).masked_fill(~valid, 0)
     deltas = positions.amax(dim=(0, 2)) + 1 - valid.sum(1)
     return positions, deltas[:, None]
+
+
+def _at(values: Tensor, index: Tensor) -> Tensor:
+    """`values` `[N]` at `index` `[B, P]` (`index_select`: on a CPU, `take` and advanced indexing split
+    even a few thousand reads over threads, and stall for milliseconds when another process holds a core)."""
+    return values.index_select(0, index.flatten()).view_as(index)
