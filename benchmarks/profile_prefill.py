@@ -5,7 +5,12 @@ model, the oracle at k (as `tokenprune bench` builds it for the architecture) an
 batch size, then profiles the pruned prefill and the oracle's at the first batch size: Python
 functions (cProfile) and device-runtime calls and kernels (torch.profiler, by host and by device time).
 
-Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--spec vtc-cls] [--k 64] [--batch 1,16]
+`--generate`: time and profile `generate(max_new_tokens=1)` (the TTFT `tokenprune bench` reports) instead
+of one forward. `--oracle-k`: the oracle's LLM tokens per image, when they differ from `k` (LLaVA-NeXT keeps its kept
+rows' newlines: an oracle of the same LLM tokens).
+
+Usage: python benchmarks/profile_prefill.py OUT_DIR [--arch llava-1.5-7b] [--spec vtc-cls] [--k 64]
+    [--oracle-k K] [--batch 1,16] [--generate]
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ def main() -> None:
     parser.add_argument("--arch", default="llava-1.5-7b")
     parser.add_argument("--spec", default="vtc-cls", help="a strategy spec without budget")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--oracle-k", type=int, default=None, help="the oracle's tokens per image (default: k)")
     parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--generate", action="store_true", help="generate one token instead of one forward")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = bench.build(args.arch, torch.bfloat16, "cuda")
     n = bench.image_tokens(model)
     spec = bench.budgeted(args.spec, args.k)
+    oracle_k = args.k if args.oracle_k is None else args.oracle_k
     rows = []
 
     def prefill(inputs: dict[str, torch.Tensor]) -> None:
@@ -45,13 +53,16 @@ def main() -> None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(3, ids.shape[0], -1)
             inputs = {**inputs, "position_ids": positions}
         with torch.inference_mode():
-            model(**inputs, logits_to_keep=1)
+            if args.generate:
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            else:
+                model(**inputs, logits_to_keep=1)
 
     for batch in (int(b) for b in args.batch.split(",")):
         full = bench.inputs(model, batch, n)
-        short = {**bench.inputs(model, batch, args.k), "pixel_values": full["pixel_values"]}
+        short = {**bench.inputs(model, batch, oracle_k), "pixel_values": full["pixel_values"]}
         row = {"batch": batch, "unpruned_ms": bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)}
-        with bench.oracle_route(model, args.k):
+        with bench.oracle_route(model, oracle_k):
             row["oracle_ms"] = bench.timed(lambda short=short: prefill(short), args.repeats, "cuda", 3)
         with apply(model, spec):
             row["pruned_ms"] = bench.timed(lambda full=full: prefill(full), args.repeats, "cuda", 3)
@@ -62,7 +73,7 @@ def main() -> None:
 
     batch = int(args.batch.split(",")[0])
     full = bench.inputs(model, batch, n)
-    short = {**bench.inputs(model, batch, args.k), "pixel_values": full["pixel_values"]}
+    short = {**bench.inputs(model, batch, oracle_k), "pixel_values": full["pixel_values"]}
 
     def device_profile(inputs: dict[str, torch.Tensor], name: str) -> None:
         """torch.profiler over 5 prefills: by host time, and by device time (the kernels)."""
@@ -93,14 +104,24 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(30)
         return text.getvalue()
 
-    with bench.oracle_route(model, args.k):
+    with bench.oracle_route(model, oracle_k):
         (args.out / "cprofile_oracle.txt").write_text(python_profile(short))
         device_profile(short, "_oracle")
     with apply(model, spec):
         (args.out / "cprofile.txt").write_text(python_profile(full))
         device_profile(full, "")
     (args.out / "prefill.json").write_text(
-        json.dumps({"rows": rows, "spec": spec, "arch": args.arch, **environment()}, indent=2)
+        json.dumps(
+            {
+                "rows": rows,
+                "spec": spec,
+                "oracle_k": oracle_k,
+                "generate": args.generate,
+                "arch": args.arch,
+                **environment(),
+            },
+            indent=2,
+        )
     )
 
 

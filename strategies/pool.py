@@ -11,12 +11,13 @@ from tokenprune.registry import register
 from tokenprune.strategy import SelectContext, Selector
 
 
-def bins(n_in: int, n_out: int) -> Tensor:
-    """`[n_out, n_in]` adaptive-average-pooling weights (PyTorch's bins: floor/ceil edges)."""
-    i = torch.arange(n_out)
+def bins(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
+    """`[n_out, n_in]` adaptive-average-pooling weights (PyTorch's bins: floor/ceil edges), built on
+    `device` (no host-to-device copy)."""
+    i = torch.arange(n_out, device=device)
     start = torch.div(i * n_in, n_out, rounding_mode="floor")
     end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode="floor")
-    j = torch.arange(n_in)
+    j = torch.arange(n_in, device=device)
     member = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
     return member.float() / member.sum(dim=1, keepdim=True)
 
@@ -33,17 +34,16 @@ class Pool(Selector):
         b, n, _ = tokens.shape
         side = math.isqrt(k)
         if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
-            rows, cols = bins(grid[0], side), bins(grid[1], side)
+            rows, cols = bins(grid[0], side, tokens.device), bins(grid[1], side, tokens.device)
             weights = torch.einsum("ih,jw->ijhw", rows, cols).reshape(k, n)  # separable 2D bins
             centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2  # noqa: E731
             index = (centre(rows)[:, None] * grid[1] + centre(cols)[None, :]).flatten()
         else:
-            weights = bins(n, k)
+            weights = bins(n, k, tokens.device)
             index = (weights > 0).float().argmax(1) + ((weights > 0).sum(1) - 1) // 2
-        weights = weights.to(tokens.device)
         merged = torch.einsum("kn,bnd->bkd", weights.to(tokens.dtype), tokens)
         return Reduction(
             tokens=merged,
-            index=repeat(index.to(tokens.device), "k -> b k", b=b),
+            index=repeat(index, "k -> b k", b=b),
             weights=repeat(weights, "k n -> b k n", b=b),
         )

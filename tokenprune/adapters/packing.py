@@ -317,27 +317,27 @@ class Anyres:
         if sizes is None:
             raise InputError(f"{engine.model_class} inputs need image_sizes (as the model's processor returns them)")
         extra = {k: kw[k] for k in ("batch_num_images",) if kw.get(k) is not None}
+        crops = self.crops(engine, sizes, arguments)  # host reads of image_sizes: before the tower is queued
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
+        for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops, strict=False)):
+            groups.setdefault((*size, n_crops), []).append(i)
         features = _encode(engine, kw, encoded, image_sizes=sizes, **extra)
         packed = list(getattr(features, "pooler_output", features))
-        crops = self.crops(engine, sizes, arguments)
         state = engine.state
         signals = {s: v.flatten(0, 1) for s, v in state.probe.values().items()}  # [C * P] or [C * P, d]
         stage = state.projector_stages[0] if state.projector_stages else None
         info, deferred = replace(state.info, grid=None), list[DeferredCheck]()
         firsts = [sum(crops[:i]) for i in range(len(crops))]
-        groups: dict[tuple[int, ...], list[int]] = {}  # images of one size and crop count share a layout
-        for i, (size, n_crops) in enumerate(zip(sizes.tolist(), crops, strict=False)):
-            groups.setdefault((*size, n_crops), []).append(i)
         passes: list[ImagePass] = []
         by_image: dict[int, ImagePass] = {}
         for key, members in groups.items():
             if key not in engine.memo:  # a layout depends on size and crop count only: built once per context
-                engine.memo[key] = self.layout(engine, sizes[members[:1]], crops[members[0] : members[0] + 1])[0]
+                where = self.layout(engine, sizes[members[:1]], crops[members[0] : members[0] + 1])[0]
+                rows, cols = engine.patch_grid()
+                engine.memo[key] = PackedLayout.of(where, key[-1], rows * cols)
             tokens = torch.stack([packed[i] for i in members])
             firsts_g = [firsts[i] for i in members]
-            outputs = self._prune_group(
-                engine, stage, info, tokens, engine.memo[key], key[-1], firsts_g, signals, deferred
-            )
+            outputs = self._prune_group(stage, info, tokens, engine.memo[key], firsts_g, signals, deferred)
             by_image.update(zip(members, outputs, strict=True))
         passes = [by_image[i] for i in range(len(packed))]
         rows, cols = engine.patch_grid()
@@ -354,48 +354,43 @@ class Anyres:
 
     @staticmethod
     def _prune_group(
-        engine: Engine,
         stage: Stage | None,
         info: ModelInfo,
         tokens: Tensor,
-        where: Tensor,
-        n_crops: int,
+        layout: PackedLayout,
         firsts: list[int],
         signals: dict[Any, Tensor],
         deferred: list[DeferredCheck],
     ) -> list[ImagePass]:
-        """Run `stage` on `G` images of one layout: packed `tokens` `[G, n, D]`, `where` `[n]` their
-        `crop * P + patch` counted from the image's first crop (`-1` at newlines), `firsts` each
-        image's first crop in the batch."""
-        rows, cols = engine.patch_grid()
-        patches = rows * cols
-        patch = (where >= 0).nonzero()[:, 0]  # packed positions of patch tokens
-        ids = where[patch][None] + torch.tensor(firsts, device=where.device)[:, None] * patches  # [G, m]
+        """Run `stage` on `G` images of one `layout`: packed `tokens` `[G, n, D]`, `firsts` each
+        image's first crop in the batch. One host read (each image's kept count, newlines included)."""
+        patch = layout.patch
+        offsets = torch.as_tensor(firsts).to(patch.device, non_blocking=True) * layout.patches
+        ids = layout.where[patch][None] + offsets[:, None]  # [G, m] the signals' rows
         reduction, scores = _reduce(stage, tokens[:, patch], info, {s: v[ids] for s, v in signals.items()}, deferred)
         kept_at = patch[reduction.index]  # [G, k] packed positions
-        newline = where < 0
-        row = newline.long().cumsum(0) - newline.long()  # each token's grid row (its newline's index)
-        if n_crops > 1:
-            row = row.masked_fill((where >= 0) & (where < patches), -1)  # the base image has no rows
         kept = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device).scatter_(1, kept_at, True)
-        rows_hit = torch.zeros(tokens.shape[0], len(where) + 1, dtype=torch.bool, device=tokens.device)
-        rows_hit.scatter_(1, row[kept_at] + 1, True)  # column 0 collects the base image's tokens
-        kept[:, newline] |= rows_hit[:, row[newline] + 1]
+        rows_hit = torch.zeros(tokens.shape[0], len(layout.where) + 1, dtype=torch.bool, device=tokens.device)
+        rows_hit.scatter_(1, layout.row[kept_at] + 1, True)  # column 0 collects the base image's tokens
+        kept[:, layout.newlines] |= rows_hit[:, layout.row[layout.newlines] + 1]
         out = tokens.clone()
         out.scatter_(1, kept_at[..., None].expand(-1, -1, tokens.shape[-1]), reduction.tokens.to(out.dtype))
-        features = out[kept].split(kept.sum(1).tolist())
+        order = torch.sort(kept.to(torch.uint8), dim=1, descending=True, stable=True).indices  # kept first, in order
+        packed = out.gather(1, order[..., None].expand(-1, -1, out.shape[-1]))
+        llm_tokens = layout.where[order] >= 0
+        sizes = kept.sum(1).tolist()
         counts = reduction.row_counts()  # a ragged row's padding repeats its last output: the scatters above hold
         return [
             ImagePass(
                 slots=kept[g],
-                features=features[g],
-                llm_tokens=(where >= 0)[kept[g]],
+                features=packed[g, :size],
+                llm_tokens=llm_tokens[g, :size],
                 tokens_in=len(patch),
                 kept=ids[g][reduction.index[g, : counts[g]]],
                 weights=None if reduction.weights is None else reduction.weights[g, : counts[g]],
                 scores=None if scores is None else scores[g],
             )
-            for g in range(tokens.shape[0])
+            for g, size in enumerate(sizes)
         ]
 
 
@@ -413,6 +408,35 @@ def image_grid(engine: Engine, kw: dict[str, Any]) -> Any:
     if kw.get("pixel_values_videos") is not None or (kw.get("mm_encoder_outputs") or {}).get("video") is not None:
         raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
     return grid
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each packed token of one anyres layout (an image size and crop count) comes from.
+
+    Attributes:
+        where: `[n]` long, each packed token's `crop * P + patch` counted from the image's first crop,
+            `-1` at newlines.
+        patch: `[m]` long, the packed positions of the patch tokens.
+        newlines: `[n - m]` long, the packed positions of the newline tokens.
+        row: `[n]` long, each token's grid row (its newline's index); `-1` for the base image's
+            tokens when the image has high-resolution crops (the base image has no newlines).
+        patches: `P`, patches per crop.
+    """
+
+    where: Tensor
+    patch: Tensor
+    newlines: Tensor
+    row: Tensor
+    patches: int
+
+    @classmethod
+    def of(cls, where: Tensor, n_crops: int, patches: int) -> PackedLayout:
+        newline = where < 0
+        row = newline.long().cumsum(0) - newline.long()
+        if n_crops > 1:
+            row = row.masked_fill((where >= 0) & (where < patches), -1)
+        return cls(where, (~newline).nonzero()[:, 0], newline.nonzero()[:, 0], row, patches)
 
 
 @dataclass(frozen=True)

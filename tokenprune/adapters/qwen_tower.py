@@ -326,6 +326,7 @@ class TowerMerged(Merged):
         """As `Merged.prune`, on the units the tower kept (each image's merged tokens at them), with
         the tower's signals; the trace starts with the tower's stages."""
         grid = image_grid(engine, kw)
+        grids = grid.tolist()  # read before the tower is queued: the host does not wait for it
         if encoded is None:
             encoded = engine.core.get_image_features(
                 pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
@@ -336,7 +337,7 @@ class TowerMerged(Merged):
         present = run.kept() if run is not None else [torch.arange(len(p), device=p.device) for p in packed]
         merge = resolve(engine.core, self.merge)
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
-        for i, (t, h, w) in enumerate(grid.tolist()):
+        for i, (t, h, w) in enumerate(grids):
             groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
         state = engine.state
         stage = state.projector_stages[0] if state.projector_stages else None
