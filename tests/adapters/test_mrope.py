@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenprune as tp
-from tokenprune.adapters.mrope import rope_index
+from tokenprune.adapters.mrope import rope_deltas, rope_index
 from tokenprune.testing import QWEN_FAMILIES, sized_images, tiny_qwen_config
 
 IMAGE, TEXT = 5, 9  # token ids: the image placeholder, a word
@@ -76,6 +76,7 @@ def test_positions_and_deltas_equal_the_models_get_rope_index(core, rows, left, 
     assert got.dtype == expected.dtype and got_deltas.dtype == deltas.dtype
     assert torch.equal(got, expected)
     assert torch.equal(got_deltas, deltas)
+    assert torch.equal(rope_deltas(expected, given_mask), deltas)  # the deltas of positions a caller gives
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,17 +119,28 @@ def test_no_host_read():
 
 
 def keep_all_without_get_rope_index(tiny, monkeypatch) -> None:
-    """Keep-all logits of a left-padded batch are bit-identical to the unpruned model's, with the
-    model's `get_rope_index` unavailable inside the context."""
+    """Inside the context, the model's `get_rope_index` unavailable: `generate`'s prompt positions
+    (`MRope.generation`) equal the model's own `_prepare_position_ids_for_generation` and its
+    `rope_deltas`, and keep-all forward logits and `generate` (greedy, and 2 beams) of a left-padded
+    batch of prompts with images of different sizes are bit-identical to the unpruned model's."""
     inputs = tiny.inputs(["what colour is the square", "how many"], sized_images([(40, 70), (64, 48)], seed=4))
-    reference = tiny.model(**inputs).logits
+    model = tiny.model
+    reference = model(**inputs).logits
+    greedy, beams = (model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=n) for n in (1, 2))
+    expected = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+    deltas = model.model.rope_deltas
+    model.model.rope_deltas = None
 
     def unavailable(*args, **kwargs):
         raise AssertionError("get_rope_index was called")
 
-    monkeypatch.setattr(tiny.model.model, "get_rope_index", unavailable)
-    with tp.apply(tiny.model, "divprune@1.0"):
-        assert torch.equal(tiny.model(**inputs).logits, reference)
+    monkeypatch.setattr(model.model, "get_rope_index", unavailable)
+    with tp.apply(model, "divprune@1.0") as run:
+        assert torch.equal(run.adapter.generation_positions(dict(inputs)), expected)
+        assert torch.equal(model.model.rope_deltas, deltas)
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), greedy)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2), beams)
 
 
 @torch.no_grad()

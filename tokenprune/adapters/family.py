@@ -22,8 +22,6 @@ from torch import Tensor, nn
 
 from ..pipeline import Stage
 from ..strategy import ModelInfo
-from .base import require_state
-from .mrope import rope_index
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -133,6 +131,11 @@ class PositionRule(Protocol):
         (`mask`: its original-frame 2D attention mask, or `None`)."""
         ...
 
+    def generation(self, engine: Engine, kwargs: dict[str, Any]) -> Tensor | None:
+        """Position ids for `generate`'s keyword arguments `kwargs`, equal to those `generate` would
+        compute itself, where this rule computes them faster; `None`: `generate` computes them."""
+        ...
+
 
 @dataclass(frozen=True)
 class Sequential:
@@ -147,39 +150,8 @@ class Sequential:
         source = prefill.compaction.source
         return (torch.arange(step, device=source.device) + start).expand(source.shape[0], -1)
 
-
-@dataclass(frozen=True)
-class MRope:
-    """Multimodal RoPE (Qwen2-VL family): kept tokens always keep their positions in the full prompt,
-    `[R, B, P']` at the kept columns: the caller's position ids where given (`generate` passes its own,
-    `R = 4` with text positions first), else the model's rule for images computed on the device
-    (`mrope.rope_index`: no host read, unlike the model's own `get_rope_index`). Later tokens continue
-    at their original text position plus the row's M-RoPE delta (`rope_index`'s, equal to the model's).
-    Videos never get here (the packings refuse them), so the model's `get_rope_index` is not used."""
-
-    fixed: str | None = "original"
-
-    def prefill(self, engine: Engine, kw: dict[str, Any], comp: Compaction) -> tuple[Tensor | None, Tensor | None]:
-        ids, types = kw["input_ids"], kw.get("mm_token_type_ids")
-        image = types == 1 if types is not None else ids == getattr(engine.config, engine.family.layout.image_token)
-        grid = engine.image_argument(kw, "image_grid_thw", per_copy=True)
-        merge = engine.config.vision_config.spatial_merge_size
-        positions, deltas = rope_index(image, grid, merge, kw.get("attention_mask"))
-        if kw.get("position_ids") is not None:
-            positions = kw["position_ids"]
-        index = comp.source[None].expand(positions.shape[0], -1, -1)
-        return positions.gather(2, index).masked_fill(~comp.valid[None], 0), deltas
-
-    def decode(self, prefill: Prefill, mask: Tensor | None, start: int, step: int) -> Tensor:
-        """`[3, B, step]`: each row's text position (counted on its original mask, as HF counts it,
-        padding excluded) plus its M-RoPE delta."""
-        batch = prefill.compaction.source.shape[0]
-        deltas = require_state(prefill.deltas, "the M-RoPE deltas")
-        if mask is not None:
-            text = (mask.long().cumsum(-1) - 1)[:, -step:].to(deltas.device)
-        else:
-            text = (torch.arange(step, device=deltas.device) + start)[None].expand(batch, -1)
-        return (text + deltas.view(batch, 1))[None].expand(3, -1, -1)
+    def generation(self, engine: Engine, kwargs: dict[str, Any]) -> Tensor | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -190,7 +162,7 @@ class Family:
         model_classes: the transformers class names it drives (looked up in `transformers`).
         packing: how features become LLM tokens (`Plain()`, `Anyres(...)`, `Merged()`).
         layout: where the parts live.
-        positions: the position rule (`Sequential()`, `MRope()`).
+        positions: the position rule (`Sequential()`, `mrope.MRope()`).
         places: the place kinds stages may run at (`vision` needs `Plain` packing and a CLIP-style tower,
             or a packing with `tower_stages`).
         ragged_places: places where images of one batch may keep different counts (a budget rule).

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from ..registry import register_adapter
 from .engine import Engine
-from .family import Family, Layout, MRope
+from .family import Family, Layout
+from .mrope import MRope
 from .qwen_tower import TowerMerged
 
 QWEN2_VL = Family(
