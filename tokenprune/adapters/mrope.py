@@ -17,7 +17,8 @@ from the inputs' shapes alone. Images sit in `image_grid_thw` in prompt order, r
 model scatters their features). Unlike `get_rope_index`, two images with no text between them are
 told apart by their grids (Qwen's processors always put `<|vision_start|>` and `<|vision_end|>`
 around an image, so its rule never meets them). Videos (Qwen2.5-VL's temporal spacing, Qwen3-VL's
-per-frame grids) are not covered: the caller keeps the model's own rule for them.
+per-frame grids) are not covered: the packings refuse them, and `generate` numbers a prompt with
+videos itself.
 """
 
 from __future__ import annotations
