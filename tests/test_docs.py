@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import tokenprune as tp
+import tokenprune.signals
+from tokenprune.adapters import providers
 from tokenprune.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,9 @@ def test_mkdocs_build_strict(tmp_path):
         assert (tmp_path / "site" / page / "index.html").is_file()
 
 
-def test_writing_strategies_tutorial_runs(capsys):
+def test_writing_strategies_tutorial_runs(capsys, monkeypatch):
+    monkeypatch.setattr(tokenprune.signals, "_TYPES", dict(tokenprune.signals._TYPES))  # the tutorial's
+    monkeypatch.setattr(providers, "_EXTRA", {k: list(v) for k, v in providers._EXTRA.items()})  # leave with it
     REGISTRY.ensure_loaded()
     saved = dict(REGISTRY._strategies)
     try:
@@ -51,6 +55,7 @@ def test_writing_strategies_tutorial_runs(capsys):
         ]
         red = tp.create("topk-plus-rest").reduce(tp.SelectContext(tokens=_case()[0], scores=_case()[1], k=3))
         assert red.index.shape == (1, 3) and abs(float(red.weights.sum()) - 3.0) < 1e-5
+        assert scope["spread_run"].trace[0].scoring_flops > 0  # the tutorial's signal counted its cost
         assert scope["ValueNorm"].place == "vision" and tp.create("value-norm").signals(
             tp.ModelInfo(vision_layers=4)
         ) == (scope["ValueNorm"](layer=2),)

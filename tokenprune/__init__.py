@@ -10,6 +10,7 @@ run.trace
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .adapters.providers import register_provider
 from .apply import Run, apply, check
 from .budget import BudgetRule, IqrRule, MassRule
 from .errors import TokenpruneError
@@ -49,6 +50,7 @@ __all__ = [
     "list_strategies",
     "register",
     "register_adapter",
+    "register_provider",
     "register_signal",
     "signal_types",
 ]

@@ -37,8 +37,6 @@ from ..trace import StageRecord
 from .base import require_state
 from .sequence import Compaction, compact
 
-LLM_SIGNALS = (TextAttention, KeyNorm, TextPivots, NormedTokens)
-
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding of `x` `[B, H, S, d]` with `cos`/`sin` `[B, S, d]` (rotate-half layout)."""
@@ -103,14 +101,9 @@ class DecoderStage:
         if not 1 <= self.k < len(layers):
             raise InputError(f"{stage.to_spec()!r}: llm:K needs 1 <= K < {len(layers)} (the LLM's depth)")
         self.info = stage_info(stage, info)
-        wanted = required_signals([stage], info)
-        self.wanted = {s for s in wanted if isinstance(s, LLM_SIGNALS)}
-        unknown = [s for s in wanted if s not in self.wanted]
-        if unknown:
-            raise SignalError(
-                f"{stage.to_spec()!r} asks for {unknown}, which do not exist inside the LLM; run it at the projector"
-            )
-        layers_read = {s.layer for s in self.wanted if not isinstance(s, NormedTokens)}
+        self.wanted = required_signals([stage], info)
+        """The signals the stage reads (the engine refuses any its family's `DECODER` provider does not compute)."""
+        layers_read = {layer for s in self.wanted if (layer := s.read_layer()) is not None}
         if len(layers_read) > 1:
             raise SignalError(
                 f"{stage.to_spec()!r}: one llm:K stage reads one decoder layer, not {sorted(layers_read)}"

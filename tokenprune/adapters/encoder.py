@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,9 @@ from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..strategy import ModelInfo
 from .base import require_state
-from .vision import VisionProbe
+
+if TYPE_CHECKING:
+    from .providers import Probe
 
 
 @dataclass
@@ -72,8 +74,8 @@ def check_signal_blocks(stages: list[Stage], info: ModelInfo, feature_block: int
             )
         end = place.layer if place.kind == "vision" else info.vision_layers
         for signal in required_signals([stage], info):
-            block = getattr(signal, "layer", None)
-            if place.kind in ("vision", "projector") and block is not None and not start <= block < end:
+            block = signal.read_layer()
+            if signal.place == "vision" and block is not None and not start <= block < end:
                 raise SignalError(
                     f"{stage.to_spec()!r} reads vision block {block}, but the tokens it receives exist in "
                     f"blocks {start}..{end - 1} only (after the vision stages before it)"
@@ -85,7 +87,7 @@ def check_signal_blocks(stages: list[Stage], info: ModelInfo, feature_block: int
 class EncoderStages:
     """The `vision:L` stages of a pipeline on one encoder's blocks; `state` describes the last run."""
 
-    def __init__(self, layers: nn.ModuleList, stages: list[Stage], info: ModelInfo, probe: VisionProbe) -> None:
+    def __init__(self, layers: nn.ModuleList, stages: list[Stage], info: ModelInfo, probe: Probe) -> None:
         self.layers, self.stages, self.info, self.probe = layers, stages, info, probe
         self.state: EncoderState | None = None
 

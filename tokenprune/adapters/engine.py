@@ -44,8 +44,8 @@ from .base import Encoding, Handle, ModelAdapter, require_state
 from .decoder import DecoderStage, ImageLayout
 from .encoder import EncoderStages
 from .family import Family, resolve
+from .providers import Probes, Provider, assign, providers_of
 from .sequence import Compaction, compact
-from .vision import QKView, VisionProbe, split_vision_signals
 
 if TYPE_CHECKING:
     from ..apply import Run
@@ -76,7 +76,7 @@ class Attached:
     pipeline: Pipeline
     run: Run
     info: ModelInfo
-    probe: VisionProbe
+    probe: Probes
     projector_stages: list[Stage]
     encoder: EncoderStages | None
     decoders: list[DecoderStage]
@@ -389,13 +389,14 @@ class Engine(ModelAdapter):
         }
         before_llm = by_kind["vision"] + by_kind["projector"]
         self.family.packing.check(self, before_llm, info)
+        where = "in the vision encoder or before the projector"
+        probe = self.probe_for(required_signals(before_llm, info), info, where)
         own = self.family.tower_stages  # the packing runs the tower's stages and signals itself
-        probe = self.probe_for(
-            set() if own else required_signals(before_llm, info), info, "in the vision encoder or before the projector"
-        )
         encoder = EncoderStages(self.blocks, by_kind["vision"], info, probe) if by_kind["vision"] and not own else None
         llm: Any = resolve(self.core, self.family.layout.llm)
         decoders = [DecoderStage(llm.layers, llm.norm, s, info) for s in by_kind["llm"]]
+        for decoder in decoders:
+            assign(self.providers, decoder.wanted, "llm", f"at {decoder.stage.to_spec()!r} inside the LLM", self.name)
         for before, after in zip(decoders, decoders[1:], strict=False):
             before.next = after
         self.attached = Attached(pipeline, run, info, probe, by_kind["projector"], encoder, decoders)
@@ -412,25 +413,30 @@ class Engine(ModelAdapter):
             self.core.register_forward_hook(self._after_core),
         ]
 
-    def probe_for(self, signals: set[Signal], info: ModelInfo, where: str) -> VisionProbe:
-        """A `VisionProbe` computing the vision `signals` on this family's tower.
+    @property
+    def providers(self) -> tuple[Provider, ...]:
+        """This family's signal providers: its own, then those plugins registered for this adapter."""
+        return providers_of(self.name, self.family.providers)
+
+    def probe_for(self, signals: set[Signal], info: ModelInfo, where: str) -> Probes:
+        """The probes computing the vision `signals` on this family's tower, one per provider.
 
         Raises:
-            SignalError: some signal is none a probe computes, or the family provides no vision signals.
+            SignalError: no provider of this family computes some signal at the vision place (the
+                message names the signal and the types provided), or a provider hooks the tower's
+                blocks where the family's packing computes the tower's signals itself.
         """
-        vision, unknown = split_vision_signals(signals)
-        if unknown:
-            raise SignalError(f"the {self.name} adapter cannot provide {unknown} {where}")
-        if vision and not self.family.vision_signals:
+        plan = assign(self.providers, signals, "vision", where, self.name, self.family.no_signals)
+        probes = [(provider, provider.probe(self, wanted, info)) for provider, wanted in plan]
+        foreign = [provider for provider, probe in probes if probe is not None and self.family.tower_stages]
+        if foreign:
+            names = ", ".join(t.__name__ for t in foreign[0].provides)
             raise SignalError(
-                f"the {self.name} adapter provides no vision signals yet (asked for {sorted(map(repr, vision))}); "
-                + self.family.no_signals
+                f"the {self.name} adapter's packing runs the tower and computes its signals itself, so the "
+                f"provider registered for {names} cannot hook its blocks; its packing provides: "
+                + ", ".join(t.__name__ for p in self.family.providers if p.place == "vision" for t in p.provides)
             )
-        layout = self.family.layout
-        attention = {s.layer: self.attention(s.layer) for s in vision}
-        if (layout.query, layout.key) != ("q_proj", "k_proj"):  # q/k read elsewhere, e.g. after a qk-norm
-            attention = {block: QKView.of(a, layout.query, layout.key) for block, a in attention.items()}
-        return VisionProbe(attention, vision, info.has_cls)
+        return Probes(probe for _, probe in probes if probe is not None)
 
     @property
     def state(self) -> Attached:
@@ -735,8 +741,8 @@ class Engine(ModelAdapter):
 
     def encode(self, inputs: Mapping[str, Any], pipelines: Sequence[Pipeline | None]) -> Encoding | None:
         """The tower once on `inputs["pixel_values"]`: the projector's input, captured by a
-        pre-hook, and every vision signal the sharing pipelines' projector stages read, from one
-        `VisionProbe`."""
+        pre-hook, and every vision signal the sharing pipelines' projector stages read, from the
+        family's providers."""
         sharing = [p for p in pipelines if self.shares_encoding(p)]
         if not sharing or inputs.get("pixel_values") is None:
             return None

@@ -1,6 +1,7 @@
 """A model family as data: where its parts live (`Layout`), how its image features become LLM tokens
 (a `Packing`, see `tokenprune.adapters.packing`), how kept tokens are numbered (a `PositionRule`), and
-which signals it can compute. The engine (`tokenprune.adapters.engine`) runs every family the same way.
+which signals it computes, where and how (its provider table, see `tokenprune.adapters.providers`).
+The engine (`tokenprune.adapters.engine`) runs every family the same way.
 
 A family module is a `Family(...)` value and a one-line adapter class:
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from ..pipeline import Stage
 from ..strategy import ModelInfo
+from .providers import DECODER, QK_PROBE, Provider
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -167,13 +169,15 @@ class Family:
             or a packing with `tower_stages`).
         ragged_places: places where images of one batch may keep different counts (a budget rule).
         feature_keys: config fields that shape the image features; per-call overrides are refused.
-        vision_signals: whether the tower's attention has `q_proj`/`k_proj` for vision signals
-            (`ClsAttention`, `PatchAttention`, `PatchKeys`); `False`: stages asking for them are refused.
+        providers: the signal providers, first match wins (a plugin's, `providers.register_provider`,
+            come after): by default the tower blocks' q/k (`QK_PROBE`: `ClsAttention`,
+            `PatchAttention`, `PatchKeys`, `PatchKeyNorm`) and the `llm:K` stages (`DECODER`); a
+            family whose tower has no q/k to read lists `(DECODER,)`. A signal none provides is refused.
         keeps_cls: whether the projector's input starts with the [CLS] feature, from the config.
-        no_signals: the refusal's advice when `vision_signals` is False.
-        tower_stages: whether the packing runs the `vision:L` stages and provides the vision signals
-            itself (its `check` refuses what it cannot give): the engine then sets up no probe or
-            encoder stages (Qwen's tower, `qwen_tower.TowerMerged`).
+        no_signals: the advice of the refusal of a vision signal no provider computes.
+        tower_stages: whether the packing runs the `vision:L` stages and computes the vision signals
+            itself (its providers are `providers.Computed`): the engine then sets up no encoder stages,
+            and refuses providers that hook the tower's blocks (Qwen's tower, `qwen_tower.TowerMerged`).
     """
 
     model_classes: tuple[str, ...]
@@ -183,7 +187,7 @@ class Family:
     places: tuple[str, ...] = ("projector", "llm")
     ragged_places: tuple[str, ...] = ("projector",)
     feature_keys: tuple[str, ...] = ()
-    vision_signals: bool = True
+    providers: tuple[Provider, ...] = (QK_PROBE, DECODER)
     keeps_cls: Callable[[Any], bool] = lambda config: False
     no_signals: str = "use score-free selectors (divprune, tome, pool, uniform) or random"
     tower_stages: bool = False

@@ -39,6 +39,7 @@ from .engine import Engine, ImageTokens
 from .family import Family, Layout
 from .packing import ImagePass, _encode, _reduce, per_image
 from .pooled import PooledGrid
+from .providers import QK_PATCHES
 
 _NO_LLM = (
     "llm:K stages are not supported on Gemma 3: its decoder normalises queries and keys (q_norm, k_norm) "
@@ -115,6 +116,7 @@ GEMMA3 = Family(
     layout=Layout(feature_layer=None),  # the projector reads the tower's last (post-layernormed) output
     places=("projector",),
     ragged_places=("projector",),
+    providers=(QK_PATCHES,),  # SigLIP: no [CLS] row; no llm:K stages
 )
 
 

@@ -20,6 +20,7 @@ from ..registry import register_adapter
 from . import llava_next
 from .engine import Engine
 from .packing import Anyres
+from .providers import DECODER, QK_PATCHES
 
 
 def pack(engine: Any, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
@@ -39,6 +40,7 @@ LLAVA_ONEVISION = replace(
     model_classes=("LlavaOnevisionForConditionalGeneration",),
     packing=Anyres(pack=pack, crops=crops),
     feature_keys=("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"),
+    providers=(QK_PATCHES, DECODER),  # SigLIP: no [CLS] row
 )
 
 

@@ -103,7 +103,7 @@ class Plain:
         depth = state.info.vision_layers or 0
         block_tokens = state.encoder.tokens_per_block() if state.encoder is not None else [rows * cols + 1] * depth
         hidden = engine.config.vision_config.hidden_size
-        scoring = sum(signal_flops(s, block_tokens[s.layer], hidden) for s in state.probe.signals)
+        scoring = sum(signal_flops(s, block_tokens[s.read_layer() or 0], hidden) for s in state.probe.signals)
         engine.projected = Projected(
             records=records,
             slots=slots,

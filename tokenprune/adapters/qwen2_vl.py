@@ -23,7 +23,8 @@ from ..registry import register_adapter
 from .engine import Engine
 from .family import Family, Layout
 from .mrope import MRope
-from .qwen_tower import TowerMerged
+from .providers import DECODER
+from .qwen_tower import QWEN_TOWER, TowerMerged
 
 QWEN2_VL = Family(
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
@@ -32,7 +33,8 @@ QWEN2_VL = Family(
     positions=MRope(),
     places=("vision", "projector", "llm"),
     ragged_places=("projector",),
-    vision_signals=False,
+    providers=(QWEN_TOWER, DECODER),
+    no_signals="use e.g. fopru, visionzip(dominant=received) or a score-free selector (divprune, tome, pool, uniform)",
     tower_stages=True,
 )
 

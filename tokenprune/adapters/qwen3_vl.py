@@ -37,6 +37,7 @@ from .engine import Engine
 from .family import Family, Layout, resolve
 from .mrope import MRope
 from .packing import Merged
+from .providers import DECODER
 from .sequence import Compaction
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ QWEN3_VL = Family(
     layout=Layout(tower=("visual",), blocks=("blocks",), attention="attn", embeddings=(), feature_layer=None),
     positions=MRope(),
     ragged_places=("projector",),
-    vision_signals=False,
+    providers=(DECODER,),  # no vision signals yet: DeepStack's tower is not read
 )
 
 

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..checks import DeferredCheck
-from ..errors import SignalError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..signals import PatchAttention, PatchKeyNorm, PatchKeys, Signal
@@ -49,13 +48,15 @@ from .encoder import check_signal_blocks
 from .engine import ImageTokens
 from .family import resolve
 from .packing import ImagePass, Merged, _reduce, image_grid, per_image
+from .providers import Computed
 from .vision import QUERY_CHUNK
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 TowerSignal = PatchAttention | PatchKeys | PatchKeyNorm
-TOWER_SIGNALS = (PatchAttention, PatchKeys, PatchKeyNorm)
+QWEN_TOWER = Computed("vision", (PatchAttention, PatchKeys, PatchKeyNorm))
+"""The vision signals a Qwen tower computes per merge unit, from its blocks' fused `qkv` (`QwenTower`)."""
 
 
 def tower_order(visual: Any, grid: Tensor) -> Tensor:
@@ -287,31 +288,27 @@ def build_tower(visual: Any, stages: list[Stage], info: ModelInfo) -> QwenTower 
     """The tower hooks `stages` need (their `vision:L` stages and the signals of those and the
     projector stages), or `None` when they need none.
 
+    The engine refuses the signals no provider of the family computes (`QWEN_TOWER` here).
+
     Raises:
-        PlaceError, SignalError: a stage runs after the last block, reads a block before or after its
-            tokens existed, or asks for a signal a Qwen tower cannot give.
+        PlaceError, SignalError: a stage runs after the last block, or reads a block before or after
+            its tokens existed.
     """
     before_llm = [s for s in stages if s.place.kind in ("vision", "projector")]
     check_signal_blocks(before_llm, info, len(visual.blocks) - 1)
-    signals = required_signals(before_llm, info)
-    unknown = sorted(repr(s) for s in signals if not isinstance(s, TOWER_SIGNALS))
-    if unknown:
-        raise SignalError(
-            f"a Qwen vision tower has no [CLS] token and gives only attention received or given, keys and key "
-            f"norms per merge unit (asked for {', '.join(unknown)}); use e.g. fopru, visionzip(dominant=received) "
-            "or a score-free selector (divprune, tome, pool, uniform)"
-        )
+    signals = {s for s in required_signals(before_llm, info) if isinstance(s, TowerSignal)}
     vision = [s for s in before_llm if s.place.kind == "vision"]
     if not vision and not signals:
         return None
-    return QwenTower(visual, vision, info, {s for s in signals if isinstance(s, TOWER_SIGNALS)})
+    return QwenTower(visual, vision, info, signals)
 
 
 @dataclass(frozen=True)
 class TowerMerged(Merged):
     """`Merged` packing with stages and signals inside Qwen's tower (`QwenTower`): `vision:L` stages
     keep whole merge units, and projector stages get the per-unit signals and the units the tower kept
-    (the family sets `tower_stages`, so the engine leaves both to this packing)."""
+    (the family sets `tower_stages` and lists `QWEN_TOWER` as its vision provider, so the engine
+    leaves both to this packing)."""
 
     def check(self, engine: Engine, stages: list[Stage], info: ModelInfo) -> None:
         build_tower(engine.tower, stages, info)

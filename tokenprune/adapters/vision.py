@@ -38,14 +38,6 @@ def cls_attention_row(query: Tensor, keys: Tensor, heads: int, scale: float) -> 
     return probs.mean(dim=1)[:, 0, 1:]
 
 
-def split_vision_signals(signals: set[Signal]) -> tuple[set[VisionSignal], list[Signal]]:
-    """`signals` split into those a `VisionProbe` computes and the rest (which it cannot provide)."""
-    vision: set[VisionSignal] = {
-        s for s in signals if isinstance(s, ClsAttention | PatchKeys | PatchAttention | PatchKeyNorm)
-    }
-    return vision, [s for s in signals if s not in vision]
-
-
 def patch_attention(
     query: Tensor,
     keys: Tensor,
@@ -80,6 +72,14 @@ def patch_attention(
         parts.append(probs.sum(dim=2) if axis == "col" else probs.mean(dim=-1))
     out = torch.stack(parts).sum(0) / q.shape[2] if axis == "col" else torch.cat(parts, dim=-1)
     return out.mean(dim=1)
+
+
+def _block(signal: Signal) -> int:
+    """The tower block whose forward computes `signal` (a vision signal always names one)."""
+    block = signal.read_layer()
+    if block is None:
+        raise RuntimeError(f"tokenprune internal error: {signal!r} names no vision block")
+    return block
 
 
 def _cls_row_of(query: Tensor, keys: Tensor, heads: int, scale: float | None) -> Tensor:
@@ -119,21 +119,21 @@ class VisionProbe:
         self.first_patch = 1 if has_cls else 0
         self.signals = signals
         self.attention_signals = [s for s in signals if isinstance(s, ClsAttention | PatchAttention)]
-        self.query_layers = {s.layer for s in self.attention_signals}
-        self.full_query = {s.layer for s in signals if isinstance(s, PatchAttention)}
-        self.key_layers = {s.layer for s in signals if isinstance(s, PatchKeys | PatchKeyNorm)}
+        self.query_layers = {_block(s) for s in self.attention_signals}
+        self.full_query = {_block(s) for s in signals if isinstance(s, PatchAttention)}
+        self.key_layers = {_block(s) for s in signals if isinstance(s, PatchKeys | PatchKeyNorm)}
         # per block, each attention signal's index and computation, fixed here so that the hooks
         # (traced by dynamo under `bench --compile`) see plain functions and ints, not signal objects
         self._plans: dict[int, list[tuple[int, Callable[[Tensor, Tensor], Tensor]]]] = {}
         for index, signal in enumerate(self.attention_signals):
-            self._plans.setdefault(signal.layer, []).append((index, self._computation(signal)))
+            self._plans.setdefault(_block(signal), []).append((index, self._computation(signal)))
         self._computed: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
 
     def _computation(self, signal: ClsAttention | PatchAttention) -> Callable[[Tensor, Tensor], Tensor]:
         """`(query, keys) -> [B, N]` for one attention signal of its block."""
-        attn = self.attention[signal.layer]
+        attn = self.attention[_block(signal)]
         if isinstance(signal, PatchAttention):
             return partial(
                 patch_attention,
@@ -183,12 +183,12 @@ class VisionProbe:
                 index = self.attention_signals.index(signal)
                 if index in self._computed:
                     out[signal] = self._computed[index]
-            elif isinstance(signal, PatchKeys) and signal.layer in self.keys:
-                keys = self.keys[signal.layer]
-                heads = self.attention[signal.layer].num_heads
+            elif isinstance(signal, PatchKeys) and _block(signal) in self.keys:
+                keys = self.keys[_block(signal)]
+                heads = self.attention[_block(signal)].num_heads
                 out[signal] = (
                     keys if signal.heads == "concat" else rearrange(keys, "b n (h d) -> b n h d", h=heads).mean(2)
                 )
-            elif isinstance(signal, PatchKeyNorm) and signal.layer in self.keys:
-                out[signal] = self.keys[signal.layer].float().norm(p=signal.p, dim=-1)
+            elif isinstance(signal, PatchKeyNorm) and _block(signal) in self.keys:
+                out[signal] = self.keys[_block(signal)].float().norm(p=signal.p, dim=-1)
         return out

@@ -1,4 +1,7 @@
-"""Strategies of the example plugin; importing this module registers them."""
+"""Strategies of the example plugin; importing this module registers them (and the plugin's signal
+type with its provider, which `example-hidden-norm` reads)."""
+
+from typing import ClassVar
 
 import torch
 from einops import repeat
@@ -7,6 +10,8 @@ from torch import Tensor
 import tokenprune as tp
 from tokenprune.reduction import Reduction
 
+from .signals import PatchHiddenNorm
+
 
 @tp.register("example-norm")
 class ExampleNorm(tp.ScoringStrategy):
@@ -14,6 +19,21 @@ class ExampleNorm(tp.ScoringStrategy):
 
     def score(self, ctx: tp.ScoringContext) -> Tensor:
         return ctx.tokens.float().norm(dim=-1)
+
+
+@tp.register("example-hidden-norm")
+class ExampleHiddenNorm(tp.ScoringStrategy):
+    """Plugin example: keep the patches whose hidden state leaving vision block `layer` has the largest
+    L2 norm (the plugin's own signal, `PatchHiddenNorm`)."""
+
+    places: ClassVar[tuple[str, ...]] = ("projector", "vision")
+    layer: int = -2
+
+    def signals(self, info: tp.ModelInfo) -> tuple[tp.Signal, ...]:
+        return (PatchHiddenNorm(layer=info.vision_block(self.layer)),)
+
+    def score(self, ctx: tp.ScoringContext) -> Tensor:
+        return ctx.signal()
 
 
 @tp.register("example-chunk-mean")
