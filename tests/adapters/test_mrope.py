@@ -1,6 +1,7 @@
 """M-RoPE positions on the device (`tokenprune.adapters.mrope.rope_index`) equal each Qwen model
 class's own `get_rope_index` on random prompts (several images with random grids, text between,
-left or right padding, batch > 1), without a host read; the adapters use them instead of it."""
+left or right padding, batch > 1), without a host read; the adapters use them instead of it, for the
+prefill and for `generate`'s prompt positions (keep-all forward and `generate` stay bit-identical)."""
 
 import pytest
 import torch
