@@ -331,19 +331,27 @@ class TowerMerged(Merged):
         packed = list(getattr(encoded, "pooler_output", encoded))
         tower: QwenTower | None = engine.memo.get("tower")
         run = tower.run if tower is not None else None
-        present = run.kept() if run is not None else [torch.arange(len(p), device=p.device) for p in packed]
+        present = run.kept() if run is not None else None  # None: every unit reached the projector
         merge = resolve(engine.core, self.merge)
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
         for i, (t, h, w) in enumerate(grids):
-            groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
+            groups.setdefault(
+                (t, h // merge, w // merge, len(packed[i] if present is None else present[i])), []
+            ).append(i)
         state = engine.state
         stage = state.projector_stages[0] if state.projector_stages else None
         deferred: list[DeferredCheck] = list(run.deferred) if run is not None else []
         by_image: dict[int, ImagePass] = {}
         for (t, rows, cols, n), members in groups.items():
             info = replace(state.info, grid=(rows, cols) if t == 1 and n == rows * cols else None)
-            at = torch.stack([present[i] for i in members])  # [G, n] the units reaching the stage
-            tokens = torch.stack([packed[i][present[i]] for i in members])
+            if present is None:
+                tokens = torch.stack([packed[i] for i in members])
+                at = torch.arange(n, device=tokens.device).expand(
+                    len(members), -1
+                )  # [G, n] the units reaching the stage
+            else:
+                at = torch.stack([present[i] for i in members])
+                tokens = torch.stack([packed[i][present[i]] for i in members])
             signals = run.signal_rows(run.rows(members)) if run is not None and stage is not None else {}
             reduction, scores = _reduce(stage, tokens, info, signals, deferred)
             kept = at.gather(1, reduction.index)  # raster indices among the image's merged tokens
@@ -355,11 +363,12 @@ class TowerMerged(Merged):
                     2, at[:, None].expand(-1, weights.shape[1], -1), weights
                 )
             counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
+            image_tokens = slots.new_ones(max(counts))
             for g, i in enumerate(members):
                 by_image[i] = ImagePass(
                     slots=slots[g],
                     features=reduction.tokens[g, : counts[g]],
-                    llm_tokens=slots.new_ones(counts[g]),
+                    llm_tokens=image_tokens[: counts[g]],
                     tokens_in=n,
                     kept=kept[g, : counts[g]],
                     weights=None if weights is None else weights[g, : counts[g]],
