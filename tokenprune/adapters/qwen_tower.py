@@ -324,11 +324,9 @@ class TowerMerged(Merged):
         the tower's signals; the trace starts with the tower's stages."""
         grid = image_grid(engine, kw)
         grids = grid.tolist()  # read before the tower is queued: the host does not wait for it
-        if encoded is None:
-            encoded = engine.core.get_image_features(
-                pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
-            )
-        packed = list(getattr(encoded, "pooler_output", encoded))
+        packed = encode_images(engine.core.visual, kw["pixel_values"], grid, grids) if encoded is None else None
+        if packed is None:
+            packed = list(getattr(encoded, "pooler_output", encoded))
         tower: QwenTower | None = engine.memo.get("tower")
         run = tower.run if tower is not None else None
         present = run.kept() if run is not None else None  # None: every unit reached the projector
@@ -376,6 +374,16 @@ class TowerMerged(Merged):
                 )
         tokens_out = per_image(stage, [by_image[i] for i in range(len(packed))], deferred)
         return replace(tokens_out, records=_tower_records(run) + tokens_out.records)
+
+
+def encode_images(visual: Any, pixel_values: Tensor, grid: Tensor, grids: list[list[int]]) -> list[Tensor]:
+    """The model's `get_image_features` for Qwen2-VL / Qwen2.5-VL (the tower on `pixel_values`, its
+    merged tokens split per image), split by `grids` (`image_grid_thw` already read to the host)
+    instead of reading the grid again once the tower is queued: the host can queue the pruning and
+    the LLM while the tower's last blocks run. Per image `[t * h * w / merge^2, D]`."""
+    out = visual(pixel_values.type(visual.dtype), grid_thw=grid, return_dict=True)
+    merge = visual.spatial_merge_size
+    return list(torch.split(out.pooler_output, [t * h * w // merge**2 for t, h, w in grids]))
 
 
 def _tower_records(run: TowerRun | None) -> list[StageRecord]:
