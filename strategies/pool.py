@@ -1,5 +1,6 @@
 """Average pooling over the patch grid (VCC, arXiv 2406.20092; LLaVA's pooled variants)."""
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,20 @@ def bins(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
     return member.float() / member.sum(dim=1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=64)
+def pooling(n: int, k: int, grid: tuple[int, int] | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The pooling of `n` tokens (on a `grid` of rows x columns, or none) to `k`: weights `[k, n]` and
+    each output's centre patch `[k]`, on `device`. Cached: a shape's plan is built once (read-only)."""
+    side = math.isqrt(k)
+    if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
+        rows, cols = bins(grid[0], side, device), bins(grid[1], side, device)
+        weights = torch.einsum("ih,jw->ijhw", rows, cols).reshape(k, n)  # separable 2D bins
+        centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2  # noqa: E731
+        return weights, (centre(rows)[:, None] * grid[1] + centre(cols)[None, :]).flatten()
+    weights = bins(n, k, device)
+    return weights, (weights > 0).float().argmax(1) + ((weights > 0).sum(1) - 1) // 2
+
+
 @register("pool")
 class Pool(Selector):
     """Average pooling to k tokens: 2D over the patch grid when k is a square (e.g. 24x24 -> 8x8),
@@ -30,17 +45,9 @@ class Pool(Selector):
     needs_scores = False
 
     def select(self, ctx: SelectContext) -> Reduction:
-        tokens, k, grid = ctx.tokens, ctx.k, ctx.grid
+        tokens = ctx.tokens
         b, n, _ = tokens.shape
-        side = math.isqrt(k)
-        if grid is not None and grid[0] * grid[1] == n and side * side == k and side <= min(grid):
-            rows, cols = bins(grid[0], side, tokens.device), bins(grid[1], side, tokens.device)
-            weights = torch.einsum("ih,jw->ijhw", rows, cols).reshape(k, n)  # separable 2D bins
-            centre = lambda w: (w > 0).float().argmax(1) + ((w > 0).sum(1) - 1) // 2  # noqa: E731
-            index = (centre(rows)[:, None] * grid[1] + centre(cols)[None, :]).flatten()
-        else:
-            weights = bins(n, k, tokens.device)
-            index = (weights > 0).float().argmax(1) + ((weights > 0).sum(1) - 1) // 2
+        weights, index = pooling(n, ctx.k, None if ctx.grid is None else tuple(ctx.grid), tokens.device)
         merged = torch.einsum("kn,bnd->bkd", weights.to(tokens.dtype), tokens)
         return Reduction(
             tokens=merged,

@@ -137,3 +137,22 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> TinyQwen:
     return TinyQwen(
         path, model, Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
     )
+
+
+def with_video(inputs: dict, frames: list[int]) -> dict:
+    """One prompt's `inputs` with a video of two frames of 4x4 patches appended after it: `frames`
+    are the text tokens before each frame's 4 placeholders (word id 4; `mm_token_type_ids` 2)."""
+    row, types = [], []
+    for text in frames:
+        row += [4] * (text + 4)
+        types += [0] * text + [2] * 4
+    ids = torch.cat([inputs["input_ids"], torch.tensor([row])], dim=1)
+    return inputs | {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.tensor([types])], dim=1),
+        "pixel_values_videos": torch.randn(
+            32, inputs["pixel_values"].shape[1], generator=torch.Generator().manual_seed(0)
+        ),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+    }

@@ -64,9 +64,11 @@ def _keep_multimodal_outputs(input_ids: Any, outputs: Any, expand_size: int = 1,
 
 
 class GenerateGuard:
-    """Wraps `model.generate` on the instance: unsupported settings are refused before any work, and
-    for the call's duration the adapter learns how many copies of each prompt `generate` makes
-    (`ModelAdapter.copies`); `remove()` deletes the wrapper, so the class's method shows through again."""
+    """Wraps `model.generate` on the instance: unsupported settings are refused before any work; the
+    prompt's position ids come from the adapter where it computes them faster than `generate` would
+    (`ModelAdapter.generation_positions`, e.g. M-RoPE's on the device); and for the call's duration
+    the adapter learns how many copies of each prompt `generate` makes (`ModelAdapter.copies`).
+    `remove()` deletes the wrapper, so the class's method shows through again."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
         self.model = model
@@ -82,6 +84,9 @@ class GenerateGuard:
                     f"{SUPPORTED if adapter.shares_copies else 'greedy or sampling, one sequence per prompt'}; "
                     "run it outside the context"
                 )
+            if kwargs.get("position_ids") is None:
+                positions = adapter.generation_positions(kwargs)
+                kwargs = kwargs if positions is None else {**kwargs, "position_ids": positions}
             n = copies(kwargs, config)
             if n == 1:
                 return original(*args, **kwargs)

@@ -291,34 +291,36 @@ class TinyQwen(TinyHandBuilt):
         return out | {"mm_token_type_ids": (out["input_ids"] == self.model.config.image_token_id).int()}
 
 
-def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower: Any) -> Path:
-    """A tiny random Qwen2-VL or Qwen2.5-VL (window attention in the tower): 8-px patches merged 2x2,
-    M-RoPE sections (1, 1, 2); `tower` overrides vision-config fields (e.g. `depth`)."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
+QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+"""The tiny Qwen families `tiny_qwen_config` builds."""
+
+
+def tiny_qwen_config(family: str, vocab_size: int, image_token_id: int, **tower: Any) -> Any:
+    """The config of a tiny Qwen2-VL, Qwen2.5-VL (window attention in the tower) or Qwen3-VL (DeepStack
+    from tower blocks 0 and 1, interleaved M-RoPE) `family` (one of `QWEN_FAMILIES`): 8-px patches
+    merged 2x2, M-RoPE sections (1, 1, 2); `tower` overrides vision-config fields (e.g. `depth`)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    tokens: dict[str, Any] = dict(image_token_id=image_token_id, vision_start_token_id=2, vision_end_token_id=3)
+    special = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family == "qwen3-vl":
+        return Qwen3VLConfig(
+            vision_config=TINY_QWEN3_VISION | tower, text_config=dict(**TINY_QWEN3_TEXT, **special), **tokens
+        )
+    config_cls: Any = Qwen2VLConfig if family == "qwen2-vl" else Qwen2_5_VLConfig
+    vision = TINY_QWEN_VISION if family == "qwen2-vl" else TINY_QWEN25_VISION
+    return config_cls(
+        vision_config=vision | tower, text_config=dict(**TINY_TEXT, **special, rope_parameters=TINY_MROPE), **tokens
     )
 
+
+def build_tiny_qwen(root: Path, family: str = "qwen2-vl", seed: int = 7, **tower: Any) -> Path:
+    """A tiny random Qwen2-VL or Qwen2.5-VL (`tiny_qwen_config`) saved with its processor."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
     tok = word_tokenizer(WORDS)
-    config_cls: Any  # the two families' config and model classes (transformers' signatures differ)
-    model_cls: Any
-    if family == "qwen2-vl":
-        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-        vision = TINY_QWEN_VISION
-    else:
-        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        vision = TINY_QWEN25_VISION
-    config = config_cls(
-        vision_config=vision | tower,
-        text_config=dict(
-            **TINY_TEXT, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3, rope_parameters=TINY_MROPE
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_start_token_id=2,
-        vision_end_token_id=3,
-    )
+    model_cls: Any = Qwen2VLForConditionalGeneration if family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+    config = tiny_qwen_config(family, len(tok), token_id(tok, "<image>"), **tower)
     torch.manual_seed(seed)
     path = root / family
     model_cls(config).save_pretrained(path)
@@ -343,18 +345,11 @@ def _save_qwen_processor(path: Path, tok: Any) -> None:
 
 
 def build_tiny_qwen3(root: Path, seed: int = 11) -> Path:
-    """A tiny random Qwen3-VL: 8-px patches merged 2x2, DeepStack features from tower blocks 0 and 1
-    added after LLM layers 0 and 1 (of 4), QK-normed attention, interleaved M-RoPE sections (1, 1, 2)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    """A tiny random Qwen3-VL (`tiny_qwen_config`) saved with its processor."""
+    from transformers import Qwen3VLForConditionalGeneration
 
     tok = word_tokenizer(WORDS)
-    config = Qwen3VLConfig(
-        vision_config=TINY_QWEN3_VISION,
-        text_config=dict(**TINY_QWEN3_TEXT, vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3),
-        image_token_id=token_id(tok, "<image>"),
-        vision_start_token_id=2,
-        vision_end_token_id=3,
-    )
+    config = tiny_qwen_config("qwen3-vl", len(tok), token_id(tok, "<image>"))
     torch.manual_seed(seed)
     path = root / "qwen3-vl"
     Qwen3VLForConditionalGeneration(config).save_pretrained(path)

@@ -3,9 +3,11 @@ position. Checked against the compressed prompt built by hand (kept features, po
 model's own `get_rope_index` over the full prompt), keep-all bit-identical, batch equals single
 prompts, generate() equals a manual decode loop, and the refusals."""
 
+from functools import partial
+
 import pytest
 import torch
-from conftest import sized_images
+from conftest import sized_images, with_video
 from reference import teacher_forced_logits
 
 import tokenprune as tp
@@ -159,3 +161,16 @@ def test_keep_all_inside_the_llm_is_bit_identical(tiny_qwen):
     reference = tiny_qwen.model(**inputs).logits
     with tp.apply(tiny_qwen.model, "fastv@1.0@llm:1 > fastv@1.0@llm:2"):
         assert torch.equal(tiny_qwen.model(**inputs).logits, reference)
+
+
+@torch.no_grad()
+def test_videos_are_refused_also_when_generate_encodes_them(tiny_qwen):
+    """`generate` encodes a video itself (`mm_encoder_outputs`): the core call has no `pixel_values_videos`,
+    and is refused all the same (not an error inside the model's `get_rope_index`, nor video tokens
+    left without their features)."""
+    model = tiny_qwen.model
+    inputs = with_video(tiny_qwen.inputs(QUESTIONS[:1], sized_images(SIZES[:1])), [1, 0])
+    for call in (model, partial(model.generate, max_new_tokens=2, do_sample=False)):
+        with pytest.raises(tp.errors.InputError, match="prunes images; videos are not supported yet"):
+            with tp.apply(model, "pool@4"):
+                call(**inputs)

@@ -5,11 +5,12 @@ kept units, through its `mm_encoder_outputs` input, with the kept columns' origi
 keep-all bit-identical, batch equals single prompts, generate() equals a manual decode loop,
 FastV against the eager attention of a QK-normed decoder, and the refusals."""
 
+from functools import partial
 from typing import ClassVar
 
 import pytest
 import torch
-from conftest import sized_images
+from conftest import sized_images, with_video
 from reference import teacher_forced_logits, topk_reference
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
@@ -279,3 +280,14 @@ def test_keep_all_inside_the_llm_is_bit_identical(tiny_qwen3):
     reference = tiny_qwen3.model(**inputs).logits
     with tp.apply(tiny_qwen3.model, "fastv@1.0@llm:1 > fastv@1.0@llm:2"):
         assert torch.equal(tiny_qwen3.model(**inputs).logits, reference)
+
+
+@torch.no_grad()
+def test_videos_are_refused_also_when_generate_encodes_them(tiny_qwen3):
+    """As on Qwen2-VL (its frames apart, as Qwen3-VL's `get_rope_index` wants them inside `generate`)."""
+    model = tiny_qwen3.model
+    inputs = with_video(tiny_qwen3.inputs(QUESTIONS[:1], sized_images(SIZES[:1])), [1, 1])
+    for call in (model, partial(model.generate, max_new_tokens=2, do_sample=False)):
+        with pytest.raises(tp.errors.InputError, match="prunes images; videos are not supported yet"):
+            with tp.apply(model, "pool@4"):
+                call(**inputs)

@@ -120,6 +120,12 @@ class ModelAdapter(ABC):
         inside it and not validated yet (nothing by default)."""
         return None
 
+    def generation_positions(self, kwargs: dict[str, Any]) -> Tensor | None:
+        """Position ids for a `generate` call's keyword arguments `kwargs`, equal to those `generate`
+        would compute itself and passed to it in their place (the guard of `generate` asks); `None`
+        (the default): `generate` computes them."""
+        return None
+
     def shares_encoding(self, pipeline: Pipeline | None) -> bool:
         """Whether `pipeline` (`None`: unpruned) can run on an `Encoding` made by `encode`: none by
         default; an adapter that can says so for pipelines without stages inside the vision tower."""

@@ -728,6 +728,9 @@ class Engine(ModelAdapter):
             kw["cache_position"] = kw["cache_position"] - (comp.length_in - comp.length_out)
         return kw
 
+    def generation_positions(self, kwargs: dict[str, Any]) -> Tensor | None:
+        return self.family.positions.generation(self, kwargs)
+
     # -- shared encodings (plain packing) ---------------------------------------------------------
     def shares_encoding(self, pipeline: Pipeline | None) -> bool:
         return (

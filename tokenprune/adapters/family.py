@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..pipeline import Stage
 from ..strategy import ModelInfo
-from .base import require_state
 from .providers import DECODER, QK_PROBE, Provider
 from .sequence import Compaction
 
@@ -134,6 +133,11 @@ class PositionRule(Protocol):
         (`mask`: its original-frame 2D attention mask, or `None`)."""
         ...
 
+    def generation(self, engine: Engine, kwargs: dict[str, Any]) -> Tensor | None:
+        """Position ids for `generate`'s keyword arguments `kwargs`, equal to those `generate` would
+        compute itself, where this rule computes them faster; `None`: `generate` computes them."""
+        ...
+
 
 @dataclass(frozen=True)
 class Sequential:
@@ -148,36 +152,8 @@ class Sequential:
         source = prefill.compaction.source
         return (torch.arange(step, device=source.device) + start).expand(source.shape[0], -1)
 
-
-@dataclass(frozen=True)
-class MRope:
-    """Multimodal RoPE (Qwen2-VL family): the model's own `get_rope_index` over the full prompt (or
-    `generate`'s position ids), gathered at the kept columns, `[R, B, P']`; later tokens continue at
-    their original text position plus the row's delta. Kept tokens always keep their original positions."""
-
-    fixed: str | None = "original"
-
-    def prefill(self, engine: Engine, kw: dict[str, Any], comp: Compaction) -> tuple[Tensor | None, Tensor | None]:
-        ids, mask = kw["input_ids"], kw.get("attention_mask")
-        types = kw.get("mm_token_type_ids")
-        types = types if types is not None else (ids == getattr(engine.config, engine.family.layout.image_token)).int()
-        grid = engine.image_argument(kw, "image_grid_thw", per_copy=True)
-        positions, deltas = engine.core.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
-        if kw.get("position_ids") is not None:
-            positions = kw["position_ids"]
-        index = comp.source[None].expand(positions.shape[0], -1, -1)
-        return positions.gather(2, index).masked_fill(~comp.valid[None], 0), deltas
-
-    def decode(self, prefill: Prefill, mask: Tensor | None, start: int, step: int) -> Tensor:
-        """`[3, B, step]`: each row's text position (counted on its original mask, as HF counts it,
-        padding excluded) plus its M-RoPE delta."""
-        batch = prefill.compaction.source.shape[0]
-        deltas = require_state(prefill.deltas, "the M-RoPE deltas")
-        if mask is not None:
-            text = (mask.long().cumsum(-1) - 1)[:, -step:].to(deltas.device)
-        else:
-            text = (torch.arange(step, device=deltas.device) + start)[None].expand(batch, -1)
-        return (text + deltas.view(batch, 1))[None].expand(3, -1, -1)
+    def generation(self, engine: Engine, kwargs: dict[str, Any]) -> Tensor | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -188,7 +164,7 @@ class Family:
         model_classes: the transformers class names it drives (looked up in `transformers`).
         packing: how features become LLM tokens (`Plain()`, `Anyres(...)`, `Merged()`).
         layout: where the parts live.
-        positions: the position rule (`Sequential()`, `MRope()`).
+        positions: the position rule (`Sequential()`, `mrope.MRope()`).
         places: the place kinds stages may run at (`vision` needs `Plain` packing and a CLIP-style tower,
             or a packing with `tower_stages`).
         ragged_places: places where images of one batch may keep different counts (a budget rule).

@@ -394,6 +394,22 @@ class Anyres:
         ]
 
 
+def image_grid(engine: Engine, kw: dict[str, Any]) -> Any:
+    """The `image_grid_thw` `[I, 3]` of a Qwen prefill's core call `kw` (or of `generate`'s encoding call).
+
+    Raises:
+        InputError: it is missing, or the prompt has videos, raw (`pixel_values_videos`) or encoded by
+            `generate` (`mm_encoder_outputs["video"]`): their tokens would reach the LLM unpruned but
+            without their features, and their positions follow another rule.
+    """
+    grid = engine.image_argument(kw, "image_grid_thw")
+    if grid is None:
+        raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
+    if kw.get("pixel_values_videos") is not None or (kw.get("mm_encoder_outputs") or {}).get("video") is not None:
+        raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+    return grid
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """Where each packed token of one anyres layout (an image size and crop count) comes from.
@@ -444,11 +460,7 @@ class Merged:
         return [engine.capture_calls()]
 
     def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
-        grid = engine.image_argument(kw, "image_grid_thw")
-        if grid is None:
-            raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
-        if kw.get("pixel_values_videos") is not None:
-            raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+        grid = image_grid(engine, kw)
         features = _encode(engine, kw, encoded, image_grid_thw=grid)
         packed = list(getattr(features, "pooler_output", features))
         merge = resolve(engine.core, self.merge)

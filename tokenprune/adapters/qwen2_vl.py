@@ -6,9 +6,10 @@ LLM (`TowerMerged` packing); kept tokens keep their original 3D (M-RoPE) positio
   merged grid (`h/2 x w/2` for a single frame).
 * Budget per image: `k` tokens, a ratio of the image's merged tokens, or a budget rule on its
   scores; images of one grid run as one batch.
-* Positions: the model's own `get_rope_index` over the full prompt, gathered at the kept columns;
-  later tokens continue at their original position plus the row's M-RoPE delta. The `positions`
-  option of `tp.apply` does not apply.
+* Positions: the model's M-RoPE rule for images over the full prompt, computed on the device
+  (`mrope.rope_index`, equal to its `get_rope_index` without its host reads), gathered at the kept
+  columns; later tokens continue at their original position plus the row's M-RoPE delta. The
+  `positions` option of `tp.apply` does not apply. Videos are refused.
 * Places: `vision:L`, `projector` and `llm:K` (the decoder layers get M-RoPE already combined into
   their rotary tables, so FastV, DART and VTW run as on LLaMA). Inside the tower (`qwen_tower`),
   stages keep or merge whole merge units before block `L`; the LLM gets the kept units at their
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 from ..registry import register_adapter
 from .engine import Engine
-from .family import Family, Layout, MRope
+from .family import Family, Layout
+from .mrope import MRope
 from .providers import DECODER
 from .qwen_tower import QWEN_TOWER, TowerMerged
 

@@ -13,8 +13,9 @@ tokens before the LLM, plus its DeepStack features kept aligned with them.
   it add each kept token's own features at its new column, and pruned tokens get none.
 * On the engine: a `Family` record with `DeepStackMerged`, Qwen2-VL's `Merged` packing plus the
   DeepStack hooks; positions are `MRope`.
-* Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's own
-  `get_rope_index` over the full prompt, gathered at the kept columns).
+* Positions: as Qwen2-VL, the kept units keep their original M-RoPE positions (the model's rule
+  for images over the full prompt, computed on the device by `mrope.rope_index`, gathered at the
+  kept columns). Videos are refused.
 * No [CLS] (Qwen's ViT): [CLS]-based scorers are refused, as on Qwen2-VL; no vision signals yet.
 """
 
@@ -33,7 +34,8 @@ from ..registry import register_adapter
 from .base import require_state
 from .decoder import ImageLayout
 from .engine import Engine
-from .family import Family, Layout, MRope, resolve
+from .family import Family, Layout, resolve
+from .mrope import MRope
 from .packing import Merged
 from .providers import DECODER
 from .sequence import Compaction
@@ -114,10 +116,19 @@ _MEMO = "deepstack"  # the engine's per-context memo key: a `_Pending` or a `Dee
 @dataclass(frozen=True)
 class _Pending:
     """A prefill's kept DeepStack features before the prompt rewrite: `placeholders` `[B, P]` bool, the
-    original prompt's image placeholders; `features` per layer `[M, D]` in kept-slot order."""
+    original prompt's image placeholders; `features` per layer `[M, D]` in kept-slot order; `kept`
+    the kept units per image (`M = sum(kept)`)."""
 
     placeholders: Tensor
     features: list[Tensor]
+    kept: list[int]
+
+    def in_order(self, order: list[int] | None) -> list[Tensor]:
+        """`features` of the images in `order` (the engine's, where `generate` made copies of each
+        prompt: each copy gets its prompt's images), or as they are for `None`."""
+        if order is None:
+            return self.features
+        return [torch.cat([layer.split(self.kept)[i] for i in order]) for layer in self.features]
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,7 @@ class DeepStackMerged(Merged):
         weights = images.records[0].weights if images.records else None
         features = deepstack_kept(encoded.deepstack_features, images.origin, weights or [None] * len(images.origin))
         placeholders = kw["input_ids"] == getattr(engine.config, engine.family.layout.image_token)
-        engine.memo[_MEMO] = _Pending(placeholders, features)
+        engine.memo[_MEMO] = _Pending(placeholders, features, [len(index) for index in images.origin])
         return images
 
     @staticmethod
@@ -160,7 +171,8 @@ class DeepStackMerged(Merged):
         state = engine.memo.get(_MEMO)
         if isinstance(state, _Pending):
             comp = require_state(engine.prefill, "the prefill").compaction
-            state = engine.memo[_MEMO] = DeepStackInjection(comp.gather(state.placeholders, False), state.features)
+            features = state.in_order(engine.order)
+            state = engine.memo[_MEMO] = DeepStackInjection(comp.gather(state.placeholders, False), features)
         return state
 
     def _prune_llm(

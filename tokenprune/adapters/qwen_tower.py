@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..checks import DeferredCheck
-from ..errors import InputError
 from ..execute import required_signals, run_stage
 from ..pipeline import Stage
 from ..signals import PatchAttention, PatchKeyNorm, PatchKeys, Signal
@@ -48,7 +47,7 @@ from .base import require_state
 from .encoder import check_signal_blocks
 from .engine import ImageTokens
 from .family import resolve
-from .packing import ImagePass, Merged, _reduce, per_image
+from .packing import ImagePass, Merged, _reduce, image_grid, per_image
 from .providers import Computed
 from .vision import QUERY_CHUNK
 
@@ -323,32 +322,34 @@ class TowerMerged(Merged):
     def prune(self, engine: Engine, kw: dict[str, Any], encoded: Any) -> ImageTokens:
         """As `Merged.prune`, on the units the tower kept (each image's merged tokens at them), with
         the tower's signals; the trace starts with the tower's stages."""
-        grid = engine.image_argument(kw, "image_grid_thw")
-        if grid is None:
-            raise InputError(f"{engine.model_class} inputs need image_grid_thw (as the model's processor returns them)")
-        if kw.get("pixel_values_videos") is not None:
-            raise InputError(f"the {engine.name} adapter prunes images; videos are not supported yet")
+        grid = image_grid(engine, kw)
         grids = grid.tolist()  # read before the tower is queued: the host does not wait for it
-        if encoded is None:
-            encoded = engine.core.get_image_features(
-                pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True
-            )
-        packed = list(getattr(encoded, "pooler_output", encoded))
+        packed = encode_images(engine.core.visual, kw["pixel_values"], grid, grids) if encoded is None else None
+        if packed is None:
+            packed = list(getattr(encoded, "pooler_output", encoded))
         tower: QwenTower | None = engine.memo.get("tower")
         run = tower.run if tower is not None else None
-        present = run.kept() if run is not None else [torch.arange(len(p), device=p.device) for p in packed]
+        present = run.kept() if run is not None else None  # None: every unit reached the projector
         merge = resolve(engine.core, self.merge)
         groups: dict[tuple[int, ...], list[int]] = {}  # images of one merged grid and count run as one batch
         for i, (t, h, w) in enumerate(grids):
-            groups.setdefault((t, h // merge, w // merge, len(present[i])), []).append(i)
+            groups.setdefault(
+                (t, h // merge, w // merge, len(packed[i] if present is None else present[i])), []
+            ).append(i)
         state = engine.state
         stage = state.projector_stages[0] if state.projector_stages else None
         deferred: list[DeferredCheck] = list(run.deferred) if run is not None else []
         by_image: dict[int, ImagePass] = {}
         for (t, rows, cols, n), members in groups.items():
             info = replace(state.info, grid=(rows, cols) if t == 1 and n == rows * cols else None)
-            at = torch.stack([present[i] for i in members])  # [G, n] the units reaching the stage
-            tokens = torch.stack([packed[i][present[i]] for i in members])
+            if present is None:
+                tokens = torch.stack([packed[i] for i in members])
+                at = torch.arange(n, device=tokens.device).expand(
+                    len(members), -1
+                )  # [G, n] the units reaching the stage
+            else:
+                at = torch.stack([present[i] for i in members])
+                tokens = torch.stack([packed[i][present[i]] for i in members])
             signals = run.signal_rows(run.rows(members)) if run is not None and stage is not None else {}
             reduction, scores = _reduce(stage, tokens, info, signals, deferred)
             kept = at.gather(1, reduction.index)  # raster indices among the image's merged tokens
@@ -360,11 +361,12 @@ class TowerMerged(Merged):
                     2, at[:, None].expand(-1, weights.shape[1], -1), weights
                 )
             counts = reduction.row_counts()  # a ragged row's padding repeats a kept index: the scatter holds
+            image_tokens = slots.new_ones(max(counts))
             for g, i in enumerate(members):
                 by_image[i] = ImagePass(
                     slots=slots[g],
                     features=reduction.tokens[g, : counts[g]],
-                    llm_tokens=slots.new_ones(counts[g]),
+                    llm_tokens=image_tokens[: counts[g]],
                     tokens_in=n,
                     kept=kept[g, : counts[g]],
                     weights=None if weights is None else weights[g, : counts[g]],
@@ -372,6 +374,16 @@ class TowerMerged(Merged):
                 )
         tokens_out = per_image(stage, [by_image[i] for i in range(len(packed))], deferred)
         return replace(tokens_out, records=_tower_records(run) + tokens_out.records)
+
+
+def encode_images(visual: Any, pixel_values: Tensor, grid: Tensor, grids: list[list[int]]) -> list[Tensor]:
+    """The model's `get_image_features` for Qwen2-VL / Qwen2.5-VL (the tower on `pixel_values`, its
+    merged tokens split per image), split by `grids` (`image_grid_thw` already read to the host)
+    instead of reading the grid again once the tower is queued: the host can queue the pruning and
+    the LLM while the tower's last blocks run. Per image `[t * h * w / merge^2, D]`."""
+    out = visual(pixel_values.type(visual.dtype), grid_thw=grid, return_dict=True)
+    merge = visual.spatial_merge_size
+    return list(torch.split(out.pooler_output, [t * h * w // merge**2 for t, h, w in grids]))
 
 
 def _tower_records(run: TowerRun | None) -> list[StageRecord]:
