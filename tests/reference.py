@@ -89,6 +89,20 @@ def teacher_forced_logits(model, inputs: dict, tokens: torch.Tensor, positions: 
     return logits
 
 
+def greedy_with_logits(model, inputs: dict, steps: int, **kwargs):
+    """`generate` for exactly `steps` greedy tokens, with each step's raw logits (`.sequences`,
+    `.logits`); `kwargs`: more `generate` arguments (a cache, a cache implementation)."""
+    return model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
 def assert_generate_matches(tiny, spec: str, questions: list[str], imgs: list, steps: int = 4):
     """Under `spec`, batched `generate()` equals the manual decode loop and each prompt generated
     alone; returns the run."""

@@ -11,6 +11,7 @@ from conftest import IMAGE, INTERNVL_PATCH, TinyInternVL, build_tiny_internvl, s
 from reference import (
     assert_batch_matches_singles_and_loop,
     cls_attention_eager,
+    greedy_with_logits,
     teacher_forced_logits,
     topk_reference,
 )
@@ -140,14 +141,7 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_internvl, spec):
     with tp.apply(model, spec) as run:
         if spec.startswith("fastv@1.0"):
             assert torch.equal(model(**inputs).logits, reference)
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 4)
         new = generated.sequences[:, width:]
         logits = teacher_forced_logits(model, inputs, new[:, :3], positions=False)  # as generate: none given
     for step, step_logits in enumerate(logits):

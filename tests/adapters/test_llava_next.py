@@ -8,6 +8,7 @@ from conftest import PINPOINTS, sized_images
 from reference import (
     assert_batch_matches_singles_and_loop,
     cls_attention_eager,
+    greedy_with_logits,
     newlines_kept_by_hand,
     teacher_forced_logits,
     topk_reference,
@@ -155,14 +156,7 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_next, spec):
     with tp.apply(model, spec):
         if spec.startswith("fastv@1.0"):
             assert torch.equal(model(**inputs).logits, reference)
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 4)
         new = generated.sequences[:, width:]
         logits = teacher_forced_logits(model, inputs, new[:, :3])
     for step, step_logits in enumerate(logits):  # HF's own generate and forward differ by ~5e-4 here

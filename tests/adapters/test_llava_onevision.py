@@ -8,6 +8,7 @@ from conftest import sized_images
 from reference import (
     assert_batch_matches_singles_and_loop,
     divprune_reference,
+    greedy_with_logits,
     newlines_kept_by_hand,
     teacher_forced_logits,
 )
@@ -135,14 +136,7 @@ def test_fastv_inside_its_qwen2_llm(tiny_onevision):
     with tp.apply(model, "fastv@1.0@llm:1"):
         assert torch.equal(model(**inputs).logits, reference)
     with tp.apply(model, "fastv@6@llm:1") as run:
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=3,
-            min_new_tokens=3,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 3)
         logits = teacher_forced_logits(model, inputs, generated.sequences[:, width : width + 2])
     layer_tokens = run.trace[0].layer_tokens
     assert layer_tokens[1:] == [layer_tokens[0] - (88 - 6)] * 2 and run.trace[0].stages[0].tokens_out == 6

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import sized_images, with_video
-from reference import teacher_forced_logits
+from reference import greedy_with_logits, teacher_forced_logits
 
 import tokenprune as tp
 
@@ -83,14 +83,7 @@ def test_batch_equals_single_prompts_and_decode_logits_equal_a_manual_loop(tiny_
     width = inputs["input_ids"].shape[1]
     with tp.apply(model, spec):
         batch = model(**inputs).logits[:, -1]
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 4)
         new = generated.sequences[:, width:]
         manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
         singles = [model(**tiny_qwen.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(QUESTIONS)]
@@ -141,14 +134,7 @@ def test_llm_stages_decode_like_a_manual_loop(tiny_qwen, spec):
     inputs = tiny_qwen.inputs(QUESTIONS, sized_images(EQUAL, seed=6))
     width = inputs["input_ids"].shape[1]
     with tp.apply(model, spec):
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 4)
         new = generated.sequences[:, width:]
         manual = teacher_forced_logits(model, inputs, new[:, :3], positions=False)
     for step, logits in enumerate(manual):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TinyQwen, build_tiny_qwen, sized_images
 from einops import rearrange
-from reference import teacher_forced_logits, topk_reference
+from reference import greedy_with_logits, teacher_forced_logits, topk_reference
 
 import tokenprune as tp
 from tokenprune.adapters.qwen_tower import QwenTower
@@ -195,14 +195,7 @@ def test_batch_equals_single_prompts_and_decode_equals_a_manual_loop(tiny_tower,
     width = inputs["input_ids"].shape[1]
     with tp.apply(model, spec):
         batch = model(**inputs).logits[:, -1]
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        generated = greedy_with_logits(model, inputs, 4)
         manual = teacher_forced_logits(model, inputs, generated.sequences[:, width:][:, :3], positions=False)
         singles = [model(**tiny_tower.inputs([q], [imgs[i]])).logits[0, -1] for i, q in enumerate(QUESTIONS)]
     for step, logits in enumerate(manual):
