@@ -392,6 +392,21 @@ class TinyGemma3:
         return dict(out)
 
 
+TINY_GEMMA3_VISION: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=4
+)
+"""Gemma 3's SigLIP tower: 3 blocks, 8x8 patches of 4 px."""
+TINY_GEMMA3_TEXT: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=8,
+)
+"""A 4-layer Gemma 3 LLM whose local layers slide a window of 8 tokens."""
 GEMMA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<start_of_image>", "<end_of_image>"]
 GEMMA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
 
@@ -418,18 +433,9 @@ def build_tiny_gemma3(root: Path, seed: int = 11) -> Path:
         padding_side="left",
         extra_special_tokens={"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=4
-    )
+    vision = SiglipVisionConfig(**TINY_GEMMA3_VISION)
     text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        sliding_window=8,
+        TINY_GEMMA3_TEXT,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         vocab_size=len(tok),
         pad_token_id=0,

@@ -20,6 +20,8 @@ from ..errors import InputError
 from ..testing import (
     OV_PINPOINTS,
     PINPOINTS,
+    TINY_GEMMA3_TEXT,
+    TINY_GEMMA3_VISION,
     TINY_MROPE,
     TINY_QWEN3_TEXT,
     TINY_QWEN3_VISION,
@@ -297,26 +299,8 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "tiny-gemma3": {
         "gemma3": dict(
-            vision=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=4,
-            ),
-            text=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                query_pre_attn_scalar=8,
-                sliding_window=8,
-                vocab_size=64,
-                max_position_embeddings=512,
-            ),
+            vision=TINY_GEMMA3_VISION,
+            text={**TINY_GEMMA3_TEXT, "vocab_size": 64, "max_position_embeddings": 512},
             tokens=16,
         ),
     },
