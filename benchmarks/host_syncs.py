@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tokenprune import apply
-from tokenprune.bench.archs import budgeted, build, image_tokens, inputs, is_qwen
+from tokenprune.bench.archs import budgeted, build, image_tokens, inputs, with_text_positions
 from tokenprune.bench.measure import oracle_route
 from tokenprune.versions import environment
 
@@ -67,11 +67,8 @@ def main() -> None:
     short = {**inputs(model, args.batch, oracle_k), "pixel_values": full["pixel_values"]}
 
     def generate(given: dict[str, torch.Tensor]) -> None:
-        if is_qwen(model) and "mm_token_type_ids" not in given:  # the oracle's prompt: text positions
-            ids = given["input_ids"]
-            given = {**given, "position_ids": torch.arange(ids.shape[1], device=ids.device).expand(3, len(ids), -1)}
         with torch.inference_mode():
-            model.generate(**given, max_new_tokens=1, do_sample=False)
+            model.generate(**with_text_positions(model, given), max_new_tokens=1, do_sample=False)
 
     cases: dict[str, tuple[Callable[[], AbstractContextManager[Any]], dict[str, torch.Tensor]]] = {
         "oracle": (lambda: oracle_route(model, oracle_k), short),

@@ -48,10 +48,7 @@ def main() -> None:
     rows = []
 
     def prefill(inputs: dict[str, torch.Tensor]) -> None:
-        if bench.is_qwen(model) and "mm_token_type_ids" not in inputs:  # the oracle's prompt: text positions
-            ids = inputs["input_ids"]
-            positions = torch.arange(ids.shape[1], device=ids.device).expand(3, ids.shape[0], -1)
-            inputs = {**inputs, "position_ids": positions}
+        inputs = bench.with_text_positions(model, inputs)
         with torch.inference_mode():
             if args.generate:
                 model.generate(**inputs, max_new_tokens=1, do_sample=False)

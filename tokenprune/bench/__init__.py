@@ -28,6 +28,7 @@ _HOME = {
             "is_next",
             "is_qwen",
             "load_checkpoint",
+            "with_text_positions",
         ),
         "archs",
     ),

@@ -467,6 +467,16 @@ def load_checkpoint(path: str, dtype: torch.dtype, device: str) -> Any:
     return model.to(device).eval()
 
 
+def with_text_positions(model: Any, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`given` with text-style M-RoPE position ids `[3, B, P]` when it is a Qwen oracle's prompt (its
+    `k` placeholders carry no `mm_token_type_ids`, see `inputs`), as a plain forward needs them;
+    otherwise `given` unchanged."""
+    if not is_qwen(model) or "mm_token_type_ids" in given:
+        return given
+    ids = given["input_ids"]
+    return {**given, "position_ids": torch.arange(ids.shape[1], device=ids.device).expand(3, len(ids), -1)}
+
+
 def inputs(model: Any, batch: int, image_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """`batch` prompts of TEXT_TOKENS words around one image of `image_tokens` placeholders (for
     LLaVA-NeXT, pixel values of the benchmark image's anyres crops and its `image_sizes`)."""
