@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
+
+from .forwards import observed, replaced_forwards
 
 Shape = tuple[int, tuple[int, ...], torch.dtype, torch.device, int]
 
@@ -59,21 +60,12 @@ class LastToken:
     @contextmanager
     def trimmed(self) -> Iterator[None]:
         """Inside, calls of the modules compute the last position only (see the module doc)."""
-        before = [module.__dict__.get("forward") for module in self.modules]
-        for index, module in enumerate(self.modules):
-            module.forward = self._wrap(index, module, module.forward)  # type: ignore[method-assign]
-        try:
+        with replaced_forwards(self.modules, lambda index, forward: self._wrap(index, self.modules[index], forward)):
             yield
-        finally:
-            for module, held in zip(self.modules, before, strict=True):
-                if held is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = held  # type: ignore[method-assign]
 
     def _wrap(self, index: int, module: nn.Module, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def last_only(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if args or kwargs or hidden.dim() < 3 or hidden.shape[-2] < 2 or _observed(module):
+            if args or kwargs or hidden.dim() < 3 or hidden.shape[-2] < 2 or observed(module):
                 return forward(hidden, *args, **kwargs)
             shape: Shape = (index, tuple(hidden.shape), hidden.dtype, hidden.device, torch.get_num_threads())
             exact = self.exact.get(shape)
@@ -90,10 +82,3 @@ class LastToken:
             return out
 
         return last_only
-
-
-def _observed(module: nn.Module) -> bool:
-    """Whether a hook would see the inputs or outputs of `module` or of anything inside it."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

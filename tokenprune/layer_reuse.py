@@ -26,11 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
 from .compat import cache_of
-
-Forward = Callable[..., Any]
+from .forwards import observed, replaced_forwards
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class LayerReuse:
 
             return recording
 
-        with _patched(self.units, wrap):
+        with replaced_forwards(self.units, wrap):
             yield
         if all(call is not None for call in calls) and self.keep(_nbytes(calls)):
             self._calls[batch] = calls
@@ -104,7 +102,11 @@ class LayerReuse:
             unit, call = self.units[index], calls[index]
 
             def reusing(*args: Any, **kwargs: Any) -> Any:
-                if call is not None and not _observed(unit) and _same_call(_inputs(args, kwargs), call.inputs):
+                if (
+                    call is not None
+                    and not observed(unit, own_pre_hooks=False)
+                    and _same_call(_inputs(args, kwargs), call.inputs)
+                ):
                     reused.calls += 1
                     reused.seconds += call.seconds
                     return call.output
@@ -112,39 +114,12 @@ class LayerReuse:
 
             return reusing
 
-        with _patched(self.units, wrap):
+        with replaced_forwards(self.units, wrap):
             yield reused
-
-
-@contextmanager
-def _patched(modules: Sequence[nn.Module], wrap: Callable[[int, Forward], Forward]) -> Iterator[None]:
-    """Each module's `forward` replaced by `wrap(index, forward)` inside (an instance attribute; on
-    exit, what the instance held before is put back; hooks still run around it)."""
-    before = [module.__dict__.get("forward") for module in modules]
-    for index, module in enumerate(modules):
-        module.forward = wrap(index, module.forward)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for module, held in zip(modules, before, strict=True):
-            if held is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = held  # type: ignore[method-assign]
 
 
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     return {str(i): a for i, a in enumerate(args)} | kwargs
-
-
-def _observed(layer: nn.Module) -> bool:
-    """Whether a hook would see the inside or the output of `layer` (its own pre-hooks, which run
-    before the call and whose result is what is compared, do not count)."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    if layer._forward_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
 
 
 HIDDEN = ("0", "hidden_states")
